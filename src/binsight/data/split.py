@@ -1,0 +1,91 @@
+"""Stratified train/val/test splits that do not move when the command is run again.
+
+Within each count class, images are ordered by a hash of (seed, id) and cut at the requested
+fractions. The outcome depends only on the seed and the set of ids: not on file order, not on the
+machine, not on the Python version, so a test set stays fixed across re-runs and re-downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from binsight.data.index import INDEX_FIELDS, load_index
+from binsight.errors import BinsightError
+from binsight.utils.io import atomic_write_csv, atomic_write_json
+
+SPLITS = ("train", "val", "test")
+SPLIT_DIR = "splits"
+
+
+class SplitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1 to leave training data")
+        return self
+
+
+def _rank(seed: int, image_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+
+
+def assign_splits(rows: list[dict[str, Any]], config: SplitConfig) -> dict[str, list[dict[str, Any]]]:
+    by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_class[str(row["count"])].append(row)
+    result: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    for members in by_class.values():
+        members = sorted(members, key=lambda r: _rank(config.seed, r["id"]))
+        n = len(members)
+        # A class too small to share still trains; every class of 3+ reaches val and test.
+        n_test = max(1, round(n * config.test_fraction)) if n >= 3 and config.test_fraction else 0
+        n_val = max(1, round(n * config.val_fraction)) if n >= 3 and config.val_fraction else 0
+        result["test"].extend(members[:n_test])
+        result["val"].extend(members[n_test : n_test + n_val])
+        result["train"].extend(members[n_test + n_val :])
+    for name in SPLITS:
+        result[name].sort(key=lambda r: (int(r["count"]), _rank(config.seed, r["id"])))
+    return result
+
+
+def fingerprint(rows: list[dict[str, Any]]) -> str:
+    """Identifies a split's content (ids and labels), for reports and the model registry."""
+    digest = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r["id"]):
+        digest.update(f"{row['id']}:{row['count']}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def write_splits(
+    data_dir: str | os.PathLike[str], config: SplitConfig, out_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    rows = load_index(data_dir)
+    if len(rows) < 3:
+        raise BinsightError(f"the index has {len(rows)} images; a split needs at least 3")
+    splits = assign_splits(rows, config)
+    out = Path(out_dir) if out_dir else Path(data_dir) / SPLIT_DIR
+    summary: dict[str, Any] = {"config": config.model_dump(), "splits": {}}
+    for name, members in splits.items():
+        atomic_write_csv(out / f"{name}.csv", members, INDEX_FIELDS)
+        counts: dict[str, int] = defaultdict(int)
+        for row in members:
+            counts[str(row["count"])] += 1
+        summary["splits"][name] = {
+            "images": len(members),
+            "fingerprint": fingerprint(members),
+            "per_class": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+        }
+    atomic_write_json(out / "split.json", summary)
+    return summary

@@ -1,0 +1,89 @@
+"""Shared fixtures: small synthetic datasets and a real S3 server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from binsight.data.synth import SynthConfig, generate_dataset
+
+os.environ.setdefault("BINSIGHT_PROGRESS", "0")
+# No test may reach AWS: fail fast on any credential or region lookup that would.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+BUCKET = "aft-vbi-pds"
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic ABID-layout dataset (never modified by tests: copy it first)."""
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root, SynthConfig(n_images=120, image_size=96, seed=7, workers=1))
+    return root
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def s3_client(endpoint: str):  # type: ignore[no-untyped-def]
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(signature_version=UNSIGNED),
+    )
+
+
+@pytest.fixture(scope="session")
+def abid_bucket(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A bucket laid out like aft-vbi-pds: 300 good bins, one truncated JPEG, one broken JSON."""
+    source = tmp_path_factory.mktemp("bucket-source")
+    generate_dataset(source, SynthConfig(n_images=300, image_size=64, seed=3, workers=2))
+    client = s3_client(moto_endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    # Like the real aft-vbi-pds: anyone may list and read, with no credentials.
+    client.put_bucket_policy(
+        Bucket=BUCKET,
+        Policy=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+                 "Resource": f"arn:aws:s3:::{BUCKET}/*"},
+                {"Effect": "Allow", "Principal": "*", "Action": "s3:ListBucket",
+                 "Resource": f"arn:aws:s3:::{BUCKET}"},
+            ],
+        }),
+    )
+    for image in sorted((source / "images").glob("*.jpg")):
+        client.put_object(Bucket=BUCKET, Key=f"bin-images/{image.name}", Body=image.read_bytes())
+    for meta in sorted((source / "metadata").glob("*.json")):
+        client.put_object(Bucket=BUCKET, Key=f"metadata/{meta.name}", Body=meta.read_bytes())
+    good = (source / "images" / "synth-000000.jpg").read_bytes()
+    client.put_object(Bucket=BUCKET, Key="bin-images/9001.jpg", Body=good[: len(good) // 2])
+    client.put_object(
+        Bucket=BUCKET,
+        Key="metadata/9001.json",
+        Body=b'{"BIN_FCSKU_DATA": {}, "EXPECTED_QUANTITY": 0, "image_fname": "9001.jpg"}',
+    )
+    client.put_object(Bucket=BUCKET, Key="bin-images/9002.jpg", Body=good)
+    client.put_object(Bucket=BUCKET, Key="metadata/9002.json", Body=b'{"EXPECTED_QUANTITY": 2,')
+    return {"endpoint": moto_endpoint, "source": source, "bucket": BUCKET}
