@@ -43,15 +43,20 @@ def main() -> None:
         n = 1000
         one = timed_synth(tmp_path / "synth1", n, workers=1)
         many = timed_synth(tmp_path / "synthN", n, workers=os.cpu_count() or 1)
-        print(f"synth 224px: {many:.0f} images/s with {os.cpu_count()} processes, "
-              f"{one:.0f} images/s with 1 (ratio {many / one:.2f}x); target >= 200 images/s")
+        print(
+            f"synth 224px: {many:.0f} images/s with {os.cpu_count()} processes, "
+            f"{one:.0f} images/s with 1 (ratio {many / one:.2f}x); target >= 200 images/s"
+        )
 
         # The S3 server runs in its own process, so that it does not share the client's GIL.
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         endpoint = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -60,15 +65,31 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="x", aws_secret_access_key="x",
-                              config=Config(signature_version=UNSIGNED))
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+            config=Config(signature_version=UNSIGNED),
+        )
         client.create_bucket(Bucket="aft-vbi-pds")
-        client.put_bucket_policy(Bucket="aft-vbi-pds", Policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
-                           "Resource": ["arn:aws:s3:::aft-vbi-pds", "arn:aws:s3:::aft-vbi-pds/*"]}],
-        }))
+        client.put_bucket_policy(
+            Bucket="aft-vbi-pds",
+            Policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": "*",
+                            "Action": ["s3:GetObject", "s3:ListBucket"],
+                            "Resource": ["arn:aws:s3:::aft-vbi-pds", "arn:aws:s3:::aft-vbi-pds/*"],
+                        }
+                    ],
+                }
+            ),
+        )
         source = tmp_path / "synthN"
         for image in (source / "images").glob("*.jpg"):
             client.put_object(Bucket="aft-vbi-pds", Key=f"bin-images/{image.name}", Body=image.read_bytes())
@@ -77,14 +98,19 @@ def main() -> None:
 
         rates = {}
         for workers in (1, 16):
-            report = download(DownloadConfig(out=tmp_path / f"dl{workers}", endpoint_url=endpoint,
-                                             workers=workers, limit=600))
+            report = download(
+                DownloadConfig(
+                    out=tmp_path / f"dl{workers}", endpoint_url=endpoint, workers=workers, limit=600
+                )
+            )
             assert report["downloaded"] == 600, report
             rates[workers] = report["images_per_second"]
         server.terminate()
         server.wait(timeout=10)
-        print(f"download from moto on 127.0.0.1: {rates[16]:.0f} images/s with 16 connections, "
-              f"{rates[1]:.0f} with 1 (ratio {rates[16] / rates[1]:.2f}x)")
+        print(
+            f"download from moto on 127.0.0.1: {rates[16]:.0f} images/s with 16 connections, "
+            f"{rates[1]:.0f} with 1 (ratio {rates[16] / rates[1]:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

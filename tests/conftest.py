@@ -63,15 +63,25 @@ def abid_bucket(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
     # Like the real aft-vbi-pds: anyone may list and read, with no credentials.
     client.put_bucket_policy(
         Bucket=BUCKET,
-        Policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
-                 "Resource": f"arn:aws:s3:::{BUCKET}/*"},
-                {"Effect": "Allow", "Principal": "*", "Action": "s3:ListBucket",
-                 "Resource": f"arn:aws:s3:::{BUCKET}"},
-            ],
-        }),
+        Policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": "*",
+                        "Action": "s3:GetObject",
+                        "Resource": f"arn:aws:s3:::{BUCKET}/*",
+                    },
+                    {
+                        "Effect": "Allow",
+                        "Principal": "*",
+                        "Action": "s3:ListBucket",
+                        "Resource": f"arn:aws:s3:::{BUCKET}",
+                    },
+                ],
+            }
+        ),
     )
     for image in sorted((source / "images").glob("*.jpg")):
         client.put_object(Bucket=BUCKET, Key=f"bin-images/{image.name}", Body=image.read_bytes())

@@ -68,8 +68,14 @@ def test_class_range_with_limit_and_corrupt_objects_reported(abid_bucket: dict, 
 
 def test_file_list_in_the_student_subset_format(abid_bucket: dict, tmp_path: Path) -> None:
     listing = tmp_path / "file_list.json"
-    listing.write_text(json.dumps({"1": ["data/metadata/synth-000004.json"],
-                                   "2": ["data/metadata/synth-000005.json", "metadata/9003.json"]}))
+    listing.write_text(
+        json.dumps(
+            {
+                "1": ["data/metadata/synth-000004.json"],
+                "2": ["data/metadata/synth-000005.json", "metadata/9003.json"],
+            }
+        )
+    )
     assert read_file_list(listing) == ["synth-000004", "synth-000005", "9003"]
     report = download(_config(abid_bucket, tmp_path / "out", file_list=listing))
     assert report["downloaded"] == 2
@@ -96,8 +102,20 @@ def test_cli_rejects_contradictory_selection(tmp_path: Path, capsys: pytest.Capt
 
 def test_killed_download_resumes_without_refetching(abid_bucket: dict, tmp_path: Path) -> None:
     out = tmp_path / "data"
-    command = [sys.executable, "-m", "binsight", "data", "download", str(out),
-               "--endpoint-url", abid_bucket["endpoint"], "--classes", "1-5", "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "binsight",
+        "data",
+        "download",
+        str(out),
+        "--endpoint-url",
+        abid_bucket["endpoint"],
+        "--classes",
+        "1-5",
+        "--workers",
+        "1",
+    ]
     env = dict(os.environ, BINSIGHT_PROGRESS="0")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

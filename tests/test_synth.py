@@ -62,8 +62,13 @@ def test_generation_resumes_and_is_worker_count_independent(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_images": 0}, {"image_size": 8}, {"max_count": 2, "class_weights": (1.0, 1.0)},
-     {"class_weights": (0, 0, 0, 0, 0, 0)}, {"unknown": 1}],
+    [
+        {"n_images": 0},
+        {"image_size": 8},
+        {"max_count": 2, "class_weights": (1.0, 1.0)},
+        {"class_weights": (0, 0, 0, 0, 0, 0)},
+        {"unknown": 1},
+    ],
 )
 def test_bad_config_is_rejected(kwargs: dict) -> None:
     with pytest.raises(ValidationError):

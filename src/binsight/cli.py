@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +117,85 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- training
+
+_TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "arch": (str, "backbone: resnet18/34/50, efficientnet_b0, mobilenet_v3_small/large, convnext_tiny"),
+    "head": (str, "classification, ordinal or regression"),
+    "weights": (Path, "ImageNet weights file (default: $TORCH_HOME/hub/checkpoints)"),
+    "num_classes": (int, "counts 0..N-1 (default: largest training count + 1)"),
+    "image_size": (int, "input side in pixels"),
+    "epochs": (int, "epochs to train"),
+    "batch_size": (int, "images per step per process"),
+    "optimizer": (str, "adamw or sgd"),
+    "lr": (float, "peak learning rate"),
+    "weight_decay": (float, "decoupled weight decay"),
+    "schedule": (str, "cosine, onecycle or constant"),
+    "warmup_epochs": (float, "linear warm-up length"),
+    "label_smoothing": (float, "classification label smoothing"),
+    "augment": (float, "augmentation strength (0 = none, 1 = default, 2 = strong)"),
+    "grad_clip": (float, "clip the gradient norm to this"),
+    "amp": (str, "mixed precision: auto, on, off"),
+    "channels_last": (str, "auto, on, off"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
+    "workers": (int, "data loader processes"),
+    "seed": (int, "random seed"),
+    "early_stopping": (int, "stop after N epochs without improvement"),
+    "select_metric": (str, "accuracy, mae, rmse or loss"),
+    "max_train_batches": (int, "cap steps per epoch (quick checks)"),
+    "profile_steps": (int, "profile N training steps with torch.profiler"),
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from binsight.training.config import load_config
+    from binsight.training.engine import train
+    from binsight.training.evaluate import evaluate
+
+    overrides: dict[str, object] = {name: getattr(args, name) for name in _TRAIN_FLAGS}
+    overrides.update(data=args.data, out=args.out)
+    if args.no_pretrained:
+        overrides["pretrained"] = False
+    if args.cache:
+        overrides["cache"] = True
+    config = load_config(args.config, overrides)
+    summary = train(config, fresh=args.fresh)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    best = summary["best"]
+    print(
+        f"train: best val {best['metric']} {best['value']:.4f} at epoch {best['epoch']} "
+        f"(majority-class accuracy {summary['majority_baseline_val_accuracy']:.3f}); run in {config.out}"
+    )
+    result = evaluate(Path(config.out) / "best.pt", split="val", workers=config.workers)
+    print(
+        f"val report: {Path(config.out) / 'eval-val' / 'report.html'} "
+        f"(accuracy {result['accuracy']:.3f}, MAE {result['mae']:.3f})"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from binsight.training.evaluate import evaluate
+
+    result = evaluate(
+        args.checkpoint,
+        data=args.data,
+        split=args.split,
+        out=args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+    )
+    print(
+        f"{args.split}: accuracy {result['accuracy']:.4f}  off-by-one {result['off_by_one_accuracy']:.4f}  "
+        f"MAE {result['mae']:.4f}  RMSE {result['rmse']:.4f}  ECE {result['ece']:.4f}  n={result['n']}"
+    )
+    out = args.out or Path(args.checkpoint).parent / f"eval-{args.split}"
+    print(f"metrics.json, confusion_matrix.png, curves.png and report.html in {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from binsight.demo import run_demo
 
@@ -141,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=1500, help="synthetic images to generate")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_cmd_demo)
+
+    train = verbs.add_parser("train", help="train a counting model (also under torchrun for DDP)")
+    train.add_argument("--data", default=None, help="dataset directory with splits/")
+    train.add_argument("--out", default=None, help="run directory (default runs/train)")
+    train.add_argument("--config", type=Path, default=None, help="JSON file of settings (flags override)")
+    train.add_argument("--no-pretrained", action="store_true", help="train from random initialisation")
+    train.add_argument("--cache", action="store_true", help="pre-resize images into a uint8 cache")
+    train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    for name, (kind, text) in _TRAIN_FLAGS.items():
+        train.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="metrics, confusion matrix and HTML report for a model")
+    evaluate.add_argument("checkpoint", help="best.pt or last.pt of a training run")
+    evaluate.add_argument("--data", default=None, help="dataset directory (default: the one trained on)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(handler=_cmd_evaluate)
 
     data = verbs.add_parser("data", help="download, index, split, describe or synthesize data")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="STEP")

@@ -65,6 +65,21 @@ def line_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str |
     save_figure(fig, path)
 
 
+def history_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
+    """Loss, accuracy and MAE per epoch from a training history (history.json's rows)."""
+    line_curves(
+        {
+            "loss": {"train": [h["train_loss"] for h in history], "val": [h["val_loss"] for h in history]},
+            "val accuracy": {
+                "exact": [h["val_accuracy"] for h in history],
+                "off by one": [h["val_off_by_one_accuracy"] for h in history],
+            },
+            "val MAE": {"mae": [h["val_mae"] for h in history]},
+        },
+        path,
+    )
+
+
 def confusion_matrix_plot(
     matrix: np.ndarray, labels: Sequence[str], path: str | os.PathLike[str], title: str
 ) -> None:

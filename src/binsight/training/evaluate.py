@@ -1,0 +1,146 @@
+"""`binsight evaluate`: a checkpoint on a split -> metrics.json, confusion matrix, curves, HTML report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from binsight.data.split import fingerprint
+from binsight.errors import BinsightError
+from binsight.models.factory import build_model
+from binsight.reporting.html import HtmlReport
+from binsight.training.checkpoint import load_checkpoint
+from binsight.training.config import TrainConfig
+from binsight.training.data import BinDataset, eval_transform, load_split, make_loader
+from binsight.training.distributed import DistContext
+from binsight.training.engine import Precision, predict, resolve_device
+from binsight.training.metrics import counting_metrics, majority_baseline
+from binsight.utils.io import atomic_write_json
+from binsight.utils.plots import confusion_matrix_plot, history_curves
+
+log = logging.getLogger(__name__)
+
+
+def load_model(checkpoint: dict[str, Any]) -> tuple[nn.Module, TrainConfig, int]:
+    """Rebuild the trained model from a checkpoint alone (no pretrained weights needed)."""
+    config = TrainConfig.model_validate(checkpoint["config"])
+    num_classes = int(checkpoint["num_classes"])
+    model = build_model(config.arch, config.head, num_classes, pretrained=False, dropout=config.dropout)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config, num_classes
+
+
+def evaluate(
+    checkpoint_path: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
+    split: str = "test",
+    out: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    device: str = "auto",
+) -> dict[str, Any]:
+    checkpoint = load_checkpoint(checkpoint_path)
+    model, config, num_classes = load_model(checkpoint)
+    data_dir = Path(data) if data else Path(config.data)
+    out_dir = Path(out) if out else Path(checkpoint_path).parent / f"eval-{split}"
+    context = DistContext()
+    torch_device = resolve_device(device, context)
+    model.to(torch_device)
+    rows = load_split(data_dir, split)
+    dataset = BinDataset(data_dir, rows, eval_transform(config.image_size), config.image_size, num_classes)
+    loader = make_loader(dataset, batch_size, False, workers, 0, False, torch_device.type == "cuda")
+    precision = Precision(config.model_copy(update={"amp": "auto"}), torch_device)
+    targets, probabilities, loss = predict(model, model.head, loader, torch_device, precision, context)
+    metrics = counting_metrics(targets, probabilities)
+    try:
+        train_targets = np.array([int(r["count"]) for r in load_split(data_dir, "train")])
+        baseline = majority_baseline(np.minimum(train_targets, num_classes - 1), targets)
+    except BinsightError:
+        baseline = None
+    result = {
+        "checkpoint": str(checkpoint_path),
+        "split": split,
+        "split_fingerprint": fingerprint(rows),
+        "loss": loss,
+        "majority_baseline_accuracy": baseline,
+        "arch": config.arch,
+        "head": config.head,
+        "epoch": checkpoint.get("epoch", -1) + 1,
+        **metrics,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", result)
+    labels = [str(k) for k in range(num_classes)]
+    labels[-1] = (
+        f"{num_classes - 1}+" if int(max(int(r["count"]) for r in rows)) >= num_classes else labels[-1]
+    )
+    confusion_matrix_plot(
+        np.asarray(metrics["confusion_matrix"]),
+        labels,
+        out_dir / "confusion_matrix.png",
+        f"{split}: accuracy {metrics['accuracy']:.3f}, n={metrics['n']}",
+    )
+    history = checkpoint.get("history", [])
+    if history:
+        history_curves(history, out_dir / "curves.png")
+    findings = _findings(Path(checkpoint_path).parent)
+    write_report(result, history, findings, out_dir)
+    return result
+
+
+def _findings(run_dir: Path) -> list[dict[str, Any]]:
+    last = run_dir / "last.pt"
+    if not last.exists():
+        return []
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    return list(state.get("monitors", {}).get("findings", []))
+
+
+def write_report(
+    result: dict[str, Any], history: list[dict[str, Any]], findings: list[dict[str, Any]], out_dir: Path
+) -> None:
+    report = HtmlReport(f"binsight evaluation: {result['arch']} / {result['head']} on {result['split']}")
+    report.paragraph(
+        f"Checkpoint {result['checkpoint']} (epoch {result['epoch']}), {result['n']} images, "
+        f"split fingerprint {result['split_fingerprint']}."
+    )
+    report.heading("Metrics")
+    rows = [
+        ("accuracy", result["accuracy"]),
+        ("off-by-one accuracy", result["off_by_one_accuracy"]),
+        ("MAE (objects)", result["mae"]),
+        ("RMSE (objects)", result["rmse"]),
+        ("expected calibration error", result["ece"]),
+        ("loss", result["loss"]),
+        ("majority-class accuracy (baseline)", result["majority_baseline_accuracy"]),
+    ]
+    report.table(["metric", "value"], rows)
+    baseline = result["majority_baseline_accuracy"]
+    if baseline is not None and result["accuracy"] <= baseline + 0.02:
+        report.paragraph("Accuracy is no better than always answering the most common count.", "warn")
+    report.heading("Per count")
+    report.table(
+        ["count", "support", "precision", "recall"],
+        [(k, v["support"], v["precision"], v["recall"]) for k, v in result["per_class"].items()],
+    )
+    report.figure(out_dir / "confusion_matrix.png", "Confusion matrix (rows: true count)")
+    report.figure(out_dir / "curves.png", "Training curves")
+    report.heading("Training monitors")
+    if findings:
+        for finding in findings:
+            report.paragraph(
+                f"{finding['rule']} (epoch {finding['epoch'] + 1}): {finding['message']}", "warn"
+            )
+    else:
+        report.paragraph("No monitor fired: no overfitting, stalled loss or bad gradients detected.", "ok")
+    if history:
+        report.heading("History")
+        keys = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_mae", "lr", "train_images_per_second"]
+        report.table(keys, [[h.get(k) for k in keys] for h in history])
+    report.write(out_dir / "report.html")

@@ -1,0 +1,69 @@
+"""Counting metrics, computed from integer predictions and per-class probabilities.
+
+Accuracy alone hides how wrong a count is, so RMSE, MAE and off-by-one accuracy come with it; ECE
+says whether the probabilities can be trusted, which the audit depends on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (targets, np.clip(predictions, 0, num_classes - 1)), 1)
+    return matrix
+
+
+def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """Weighted mean gap between confidence and accuracy over equal-width confidence bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for low, high in itertools.pairwise(edges):
+        members = (confidence > low) & (confidence <= high)
+        if members.any():
+            ece += members.mean() * abs(confidence[members].mean() - correct[members].mean())
+    return float(ece)
+
+
+def counting_metrics(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    targets = np.asarray(targets, dtype=np.int64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    num_classes = probabilities.shape[1]
+    predictions = probabilities.argmax(axis=1)
+    errors = predictions - targets
+    matrix = confusion_matrix(targets, predictions, num_classes)
+    true_per_class = matrix.sum(axis=1)
+    predicted_per_class = matrix.sum(axis=0)
+    diagonal = np.diag(matrix)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted_per_class > 0, diagonal / predicted_per_class, np.nan)
+        recall = np.where(true_per_class > 0, diagonal / true_per_class, np.nan)
+    return {
+        "n": int(targets.size),
+        "accuracy": float((errors == 0).mean()),
+        "off_by_one_accuracy": float((np.abs(errors) <= 1).mean()),
+        "mae": float(np.abs(errors).mean()),
+        "rmse": float(np.sqrt((errors.astype(np.float64) ** 2).mean())),
+        "ece": expected_calibration_error(probabilities, targets),
+        "per_class": {
+            str(k): {
+                "support": int(true_per_class[k]),
+                "precision": None if np.isnan(precision[k]) else float(precision[k]),
+                "recall": None if np.isnan(recall[k]) else float(recall[k]),
+            }
+            for k in range(num_classes)
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def majority_baseline(train_targets: np.ndarray, eval_targets: np.ndarray) -> float:
+    """Accuracy of always answering the most common training count: the bar any model must clear."""
+    majority = np.bincount(np.asarray(train_targets)).argmax()
+    return float((np.asarray(eval_targets) == majority).mean())

@@ -1,0 +1,260 @@
+"""Training end to end on synthetic bins: it learns, it resumes exactly, it fails clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from binsight.cli import main
+from binsight.data.index import build_index
+from binsight.data.split import SplitConfig, write_splits
+from binsight.data.synth import SynthConfig, generate_dataset
+from binsight.errors import BinsightError
+from binsight.models.backbones import build_backbone, weights_location
+from binsight.training import engine
+from binsight.training.checkpoint import load_checkpoint
+from binsight.training.config import TrainConfig, load_config
+from binsight.training.engine import train
+from binsight.training.evaluate import evaluate
+
+
+@pytest.fixture(scope="module")
+def bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bins") / "data"
+    generate_dataset(root, SynthConfig(n_images=600, image_size=64, seed=1, workers=2))
+    build_index(root)
+    write_splits(root, SplitConfig(val_fraction=0.15, test_fraction=0.15))
+    return root
+
+
+def tiny(bins: Path, out: Path, **changes: object) -> TrainConfig:
+    settings: dict[str, object] = dict(
+        data=bins,
+        out=out,
+        arch="resnet18",
+        head="regression",
+        pretrained=False,
+        image_size=64,
+        epochs=6,
+        batch_size=32,
+        lr=2e-3,
+        workers=0,
+        tensorboard=False,
+        early_stopping=None,
+        seed=0,
+    )
+    settings.update(changes)
+    return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_a_small_model_learns_to_count_and_is_reported(bins: Path, tmp_path: Path) -> None:
+    summary = train(tiny(bins, tmp_path / "run", tensorboard=True))
+    baseline = summary["majority_baseline_val_accuracy"]
+    assert summary["best"]["value"] >= baseline + 0.1, (summary["best"], baseline)
+    history = summary["history"]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert history[-1]["val_mae"] < 1.0
+    for name in ("best.pt", "last.pt", "history.json", "curves.png", "config.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+    result = evaluate(tmp_path / "run" / "best.pt", split="test", workers=0)
+    assert result["n"] == 90 and result["accuracy"] > result["majority_baseline_accuracy"]
+    out = tmp_path / "run" / "eval-test"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["accuracy"] == result["accuracy"] and len(saved["confusion_matrix"]) == 6
+    report = (out / "report.html").read_text()
+    assert "Confusion matrix" in report and "data:image/png;base64," in report
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(
+    bins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def config(out: Path, epochs: int) -> TrainConfig:
+        return tiny(
+            bins,
+            out,
+            head="classification",
+            image_size=32,
+            epochs=epochs,
+            max_train_batches=3,
+            optimizer="sgd",
+            schedule="cosine",
+            augment=1.0,
+        )
+
+    train(config(tmp_path / "straight", 2))
+
+    real_epoch = engine.train_one_epoch
+    calls = []
+
+    def killed_in_second_epoch(*args: object, **kwargs: object) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a preempted node does mid-epoch
+        return real_epoch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "resumed", 2))
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    train(config(tmp_path / "resumed", 2))
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 1
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+
+    with pytest.raises(BinsightError, match=r"different settings.*lr"):
+        train(config(tmp_path / "resumed", 3).model_copy(update={"lr": 0.5}))
+
+
+def test_profile_and_cache(bins: Path, tmp_path: Path) -> None:
+    train(
+        tiny(bins, tmp_path / "p", image_size=32, epochs=1, max_train_batches=4, profile_steps=2, cache=True)
+    )
+    summary = (tmp_path / "p" / "profile" / "summary.txt").read_text()
+    assert "data loading" in summary and "aten::" in summary
+    assert (tmp_path / "p" / "profile" / "trace.json").stat().st_size > 1000
+    assert list((bins / ".cache").glob("train-32px-*.npy"))
+
+
+def test_pretrained_weights_load_offline_or_fail_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(BinsightError, match=r"not found at .*resnet18-f37072fd\.pth") as info:
+        build_backbone("resnet18", pretrained=True)
+    assert "--no-pretrained" in str(info.value)
+
+    reference, _ = build_backbone("resnet18", pretrained=False)
+    target = weights_location("resnet18")
+    target.parent.mkdir(parents=True)
+    state = {k: v for k, v in reference.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)  # as ImageNet has
+    torch.save(state, target)
+    loaded, features = build_backbone("resnet18", pretrained=True)
+    assert features == 512
+    assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(BinsightError, match="does not match resnet18"):
+        build_backbone("resnet18", pretrained=True, weights_path=wrong)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"arch": "resnet9000"}, "arch 'resnet9000' is not one of"),
+        ({"lr": -1.0}, "lr"),
+        ({"head": "poisson"}, "head 'poisson'"),
+        ({"epochs": 0}, "epochs"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_config_is_a_clear_error(overrides: dict, message: str) -> None:
+    with pytest.raises(BinsightError, match=message):
+        load_config(None, {"data": "x", **overrides})
+
+
+def test_config_file_and_cli_errors(bins: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{lr: 1}")
+    assert main(["train", "--data", str(bins), "--config", str(broken)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "missing"), "--no-pretrained"]) == 2
+    assert "no train split" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "none.pt")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+    config = tmp_path / "good.json"
+    config.write_text(
+        json.dumps(
+            {
+                "arch": "mobilenet_v3_small",
+                "image_size": 32,
+                "epochs": 1,
+                "max_train_batches": 2,
+                "workers": 0,
+                "tensorboard": False,
+            }
+        )
+    )
+    code = main(
+        [
+            "train",
+            "--data",
+            str(bins),
+            "--out",
+            str(tmp_path / "cli"),
+            "--config",
+            str(config),
+            "--no-pretrained",
+            "--batch-size",
+            "16",
+        ]
+    )
+    assert code == 0
+    saved = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert saved["arch"] == "mobilenet_v3_small" and saved["batch_size"] == 16
+    assert (tmp_path / "cli" / "eval-val" / "report.html").exists()
+
+
+def test_ddp_with_two_cpu_processes(bins: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(bins, data, ignore=shutil.ignore_patterns(".cache"))
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "binsight",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-pretrained",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--max-train-batches",
+        "5",
+        "--device",
+        "cpu",
+        "--head",
+        "classification",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", BINSIGHT_PROGRESS="0")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "history.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["replicas_in_sync"] is True
+    assert summary["epochs_run"] == 2
+    # Validation was sharded over both ranks and gathered: every image counted exactly once.
+    best = load_checkpoint(out / "best.pt")
+    assert best["val_metrics"]["n"] == 90
+    assert sum(best["val_metrics"]["per_class"][k]["support"] for k in best["val_metrics"]["per_class"]) == 90
+    assert "val report" in done.stdout and done.stdout.count("train: best val") == 1
