@@ -97,3 +97,39 @@ def abid_bucket(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
     client.put_object(Bucket=BUCKET, Key="bin-images/9002.jpg", Body=good)
     client.put_object(Bucket=BUCKET, Key="metadata/9002.json", Body=b'{"EXPECTED_QUANTITY": 2,')
     return {"endpoint": moto_endpoint, "source": source, "bucket": BUCKET}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small indexed dataset, two quickly trained models (different seeds) and their ONNX exports."""
+    from binsight.data.index import build_index
+    from binsight.data.split import SplitConfig, write_splits
+    from binsight.serving.export import export
+    from binsight.training.config import TrainConfig
+    from binsight.training.engine import train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data"
+    generate_dataset(data, SynthConfig(n_images=160, image_size=64, seed=5, workers=2))
+    build_index(data)
+    write_splits(data, SplitConfig(val_fraction=0.2, test_fraction=0.2))
+    paths: dict[str, Path] = {"data": data}
+    for name, seed in (("a", 0), ("b", 1)):
+        config = TrainConfig(
+            data=data,
+            out=root / f"run-{name}",
+            arch="mobilenet_v3_small",
+            pretrained=False,
+            image_size=32,
+            epochs=1,
+            batch_size=16,
+            workers=0,
+            tensorboard=False,
+            seed=seed,
+            max_train_batches=3,
+        )
+        train(config)
+        paths[f"checkpoint_{name}"] = root / f"run-{name}" / "best.pt"
+        paths[f"onnx_{name}"] = root / f"model-{name}.onnx"
+        export(paths[f"checkpoint_{name}"], paths[f"onnx_{name}"], version=f"v-{name}")
+    return paths

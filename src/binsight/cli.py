@@ -196,6 +196,69 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serving
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from binsight.serving.export import export
+
+    report = export(
+        args.checkpoint, args.out, data=args.data, quantize=args.quantize == "int8", version=args.version
+    )
+    print(
+        f"export: {report['onnx']} ({report['bytes'] / 1e6:.1f} MB); ONNX Runtime matches PyTorch within "
+        f"{report['max_abs_diff_vs_pytorch']:.1e} on {report['verified_on']} images"
+    )
+    if "int8" in report:
+        q = report["int8"]
+        print(
+            f"int8: {q['onnx']} ({q['bytes'] / 1e6:.1f} MB); accuracy {q['int8_accuracy']:.4f} vs "
+            f"{q['fp32_accuracy']:.4f} in fp32 on {q['evaluated_on']} validation images "
+            f"(cost {100 * q['accuracy_cost']:+.2f} points)"
+        )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from binsight.serving.app import ServeConfig, serve
+
+    fields = (
+        "model",
+        "host",
+        "port",
+        "workers",
+        "ort_threads",
+        "max_batch_size",
+        "max_wait_ms",
+        "queue_size",
+        "max_body_bytes",
+        "max_image_pixels",
+        "reload_interval_s",
+        "capture_dir",
+        "capture_sample_rate",
+        "s3_endpoint_url",
+    )
+    values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    serve(ServeConfig(**values, s3_unsigned=args.s3_unsigned))
+    return 0
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from binsight.serving.loadtest import format_summary, run_load
+
+    folder = Path(args.images)
+    files = sorted(folder.glob("*.jpg"))[: args.max_images] if folder.is_dir() else [folder]
+    if not files or not files[0].is_file():
+        raise BinsightError(f"no .jpg images at {folder}", hint="point --images at a folder of bin photos")
+    bodies = [f.read_bytes() for f in files]
+    result = asyncio.run(run_load(args.url, bodies, args.duration, args.concurrency, args.rate))
+    summary = result.summary()
+    print(format_summary(summary))
+    return 0 if summary["ok"] else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from binsight.demo import run_demo
 
@@ -242,6 +305,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=2)
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    export = verbs.add_parser("export", help="checkpoint -> verified ONNX file (optionally int8)")
+    export.add_argument("checkpoint", help="best.pt of a training run")
+    export.add_argument("--out", required=True, help="ONNX file to write")
+    export.add_argument(
+        "--data", default=None, help="dataset for verification/calibration (default: trained on)"
+    )
+    export.add_argument("--quantize", choices=["int8"], default=None, help="also write MODEL.int8.onnx")
+    export.add_argument("--version", default=None, help="version string stored in the file")
+    export.set_defaults(handler=_cmd_export)
+
+    serve = verbs.add_parser("serve", help="HTTP counting endpoint (SageMaker-compatible)")
+    serve.add_argument("--model", required=True, type=Path, help="ONNX file from `binsight export`")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default 8080")
+    serve.add_argument("--workers", type=int, default=None, help="server processes")
+    serve.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime threads per process")
+    serve.add_argument("--max-batch-size", type=int, default=None)
+    serve.add_argument("--max-wait-ms", type=float, default=None, help="how long a request waits for a batch")
+    serve.add_argument("--queue-size", type=int, default=None, help="queued images before 503")
+    serve.add_argument("--max-body-bytes", type=int, default=None)
+    serve.add_argument("--max-image-pixels", type=int, default=None)
+    serve.add_argument(
+        "--reload-interval-s", type=float, default=None, help="model file poll period (0: off)"
+    )
+    serve.add_argument("--capture-dir", type=Path, default=None, help="write sampled requests as JSONL here")
+    serve.add_argument("--capture-sample-rate", type=float, default=None)
+    serve.add_argument("--s3-endpoint-url", default=None)
+    serve.add_argument("--s3-unsigned", action="store_true", help="anonymous reads for s3_uri inputs")
+    serve.set_defaults(handler=_cmd_serve)
+
+    load = verbs.add_parser("loadtest", help="drive an endpoint and report invocations/min and latency")
+    load.add_argument("url", help="e.g. http://127.0.0.1:8080/invocations")
+    load.add_argument("--images", required=True, help="folder of .jpg bin photos (or one file)")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds")
+    load.add_argument("--concurrency", type=int, default=8, help="clients in flight (closed loop)")
+    load.add_argument("--rate", type=float, default=None, help="requests/s (open loop) instead")
+    load.add_argument("--max-images", type=int, default=200)
+    load.set_defaults(handler=_cmd_loadtest)
 
     data = verbs.add_parser("data", help="download, index, split, describe or synthesize data")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="STEP")

@@ -69,8 +69,12 @@ class CountHead(nn.Module):
             above = torch.sigmoid(outputs)
             ones = torch.ones_like(above[:, :1])
             zeros = torch.zeros_like(above[:, :1])
-            # Cumulative running minimum keeps P(count > k) non-increasing in k.
-            above = torch.cummin(above, dim=1).values
+            # A running minimum keeps P(count > k) non-increasing in k. Unrolled (K is small) rather
+            # than torch.cummin, which ONNX cannot express.
+            columns = [above[:, 0]]
+            for k in range(1, above.shape[1]):
+                columns.append(torch.minimum(columns[-1], above[:, k]))
+            above = torch.stack(columns, dim=1)
             survival = torch.cat([ones, above, zeros], dim=1)
             return (survival[:, :-1] - survival[:, 1:]).clamp_min(0)
         classes = torch.arange(self.num_classes, device=outputs.device, dtype=outputs.dtype)

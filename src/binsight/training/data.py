@@ -13,7 +13,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,20 +22,11 @@ from torchvision.transforms import v2
 
 from binsight.data.split import SPLIT_DIR
 from binsight.errors import BinsightError
+from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_image, resize_square
 from binsight.utils.io import read_csv
 from binsight.utils.progress import track
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def decode_image(source: str | os.PathLike[str] | Any, size: int) -> Image.Image:
-    """An RGB image at least `size` on its short side, decoded at reduced scale where JPEG allows."""
-    image = Image.open(source)
-    image.draft("RGB", (size, size))
-    return image.convert("RGB")
 
 
 def train_transform(size: int, strength: float) -> v2.Compose:
@@ -61,12 +51,22 @@ def train_transform(size: int, strength: float) -> v2.Compose:
     )
 
 
+class SquareResize:
+    """A picklable transform (loader workers may be spawned) wrapping binsight.imaging.resize_square."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return resize_square(image, self.size)
+
+
 def eval_transform(size: int) -> v2.Compose:
-    # A plain resize, no centre crop: objects at the bin's edges count too.
+    # Pillow's resize, as the server does (binsight.imaging), so offline metrics hold in production.
     return v2.Compose(
         [
+            SquareResize(size),
             v2.ToImage(),
-            v2.Resize((size, size), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
@@ -149,7 +149,7 @@ def build_cache(paths: list[str], size: int, target: Path) -> np.ndarray:
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
 
     def fill(index: int) -> None:
-        image = decode_image(paths[index], size).resize((size, size), Image.Resampling.BILINEAR)
+        image = resize_square(decode_image(paths[index], size), size)
         array[index] = np.asarray(image)
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:

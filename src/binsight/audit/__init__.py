@@ -1,0 +1,1 @@
+"""Bin audit: does the photo agree with the recorded quantity?"""

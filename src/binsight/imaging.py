@@ -1,0 +1,61 @@
+"""Image decoding and model-input preparation shared by training, evaluation and the server.
+
+Evaluation and serving must see identical pixels, so both go through `decode_image` (JPEG draft mode)
+and a Pillow bilinear resize to the model's square input.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageTooLargeError(ValueError):
+    """More pixels than the configured limit (a decompression bomb, or just too big)."""
+
+
+def open_image(
+    source: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int | None = None
+) -> Image.Image:
+    """Open without decoding pixels; the pixel limit is checked from the header alone."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+    return image
+
+
+def draft_rgb(image: Image.Image, size: int) -> Image.Image:
+    """Decode to RGB at least `size` on its short side; JPEGs decode at 1/2, 1/4 or 1/8 scale when large."""
+    image.draft("RGB", (size, size))
+    return image.convert("RGB")
+
+
+def decode_image(
+    source: str | os.PathLike[str] | bytes | BinaryIO, size: int, max_pixels: int | None = None
+) -> Image.Image:
+    return draft_rgb(open_image(source, max_pixels), size)
+
+
+def resize_square(image: Image.Image, size: int) -> Image.Image:
+    # A plain resize, no centre crop: objects at the bin's edges count too.
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def to_model_input(
+    image: Image.Image,
+    size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> np.ndarray:
+    """CHW float32, normalised: what the exported model takes (one image of a batch)."""
+    pixels = np.asarray(resize_square(image, size), dtype=np.float32) * (1.0 / 255.0)
+    pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))

@@ -1,0 +1,88 @@
+"""Data capture: a sample of requests and predictions as JSON lines, for monitoring drift and quality.
+
+A response never waits for the disk: records go into a bounded in-memory queue drained by a writer
+thread; if the disk falls behind, records are dropped and counted rather than slowing requests. Files
+rotate by size, one series per process, so worker processes never interleave lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class DataCapture:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        sample_rate: float = 1.0,
+        max_file_bytes: int = 64 * 1024 * 1024,
+        max_files: int = 20,
+        queue_size: int = 10_000,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.sample_rate = sample_rate
+        self.max_file_bytes = max_file_bytes
+        self.max_files = max_files
+        self.dropped = 0
+        self.written = 0
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
+        self._random = random.Random()
+        self._thread = threading.Thread(target=self._drain, name="data-capture", daemon=True)
+        self._thread.start()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self.sample_rate < 1.0 and self._random.random() >= self.sample_rate:
+            return
+        try:
+            self._queue.put_nowait(entry)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _new_file(self) -> Path:
+        return (
+            self.directory
+            / f"capture-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**9:09d}.jsonl"
+        )
+
+    def _prune(self) -> None:
+        mine = sorted(self.directory.glob(f"capture-*-{os.getpid()}-*.jsonl"))
+        for old in mine[: max(0, len(mine) - self.max_files)]:
+            old.unlink(missing_ok=True)
+
+    def _drain(self) -> None:
+        path = self._new_file()
+        handle = path.open("a", encoding="utf-8")
+        try:
+            while True:
+                entry = self._queue.get()
+                if entry is None:
+                    return
+                try:
+                    handle.write(json.dumps(entry, separators=(",", ":")) + "\n")
+                    handle.flush()
+                    self.written += 1
+                    if handle.tell() >= self.max_file_bytes:
+                        handle.close()
+                        path = self._new_file()
+                        handle = path.open("a", encoding="utf-8")
+                        self._prune()
+                except OSError:
+                    self.dropped += 1
+                    log.exception("data capture could not write to %s", path)
+        finally:
+            handle.close()

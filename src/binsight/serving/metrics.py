@@ -1,0 +1,106 @@
+"""Prometheus metrics of a server process, or of all worker processes together.
+
+With several uvicorn workers, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by
+`serve`) writes each process's values to files and /metrics sums them, whichever worker answers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+KNOWN_ROUTES = {"/ping", "/invocations", "/v1/count", "/v1/model", "/metrics", "/", "/traffic", "/v1/traffic"}
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        # In multiprocess mode values live in files, not in a registry; otherwise each app (tests
+        # create many) gets its own registry so metrics never collide.
+        self.registry = None if self.multiprocess else CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter("binsight_requests", "HTTP requests", ["route", "status"], registry=registry)
+        self.errors = Counter(
+            "binsight_request_errors", "Failed requests by cause", ["route", "code"], registry=registry
+        )
+        self.latency = Histogram(
+            "binsight_request_latency_seconds",
+            "Request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "binsight_batch_size", "Images per model call", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.model_latency = Histogram(
+            "binsight_model_latency_seconds",
+            "Seconds per model call",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.images = Counter("binsight_images", "Images counted", registry=registry)
+        self.depth = Gauge(
+            "binsight_queue_depth",
+            "Images waiting for the model",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.reloads = Counter(
+            "binsight_model_reloads", "Model loads (first load and hot reloads)", registry=registry
+        )
+        self.reload_failures = Counter(
+            "binsight_model_reload_failures", "Failed hot reloads", registry=registry
+        )
+        self.info = Gauge(
+            "binsight_model_info",
+            "The loaded model version (value 1)",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self._version: str | None = None
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        route = route if route in KNOWN_ROUTES else "other"  # unbounded label values would leak memory
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def error(self, route: str, code: str) -> None:
+        self.errors.labels(route if route in KNOWN_ROUTES else "other", code).inc()
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.model_latency.observe(seconds)
+        self.images.inc(size)
+
+    def queue_depth(self, depth: int) -> None:
+        self.depth.set(depth)
+
+    def model_loaded(self, version: str) -> None:
+        if self._version is not None:
+            self.info.remove(self._version)
+        self.info.labels(version).set(1)
+        self._version = version
+        self.reloads.inc()
+
+    def reload_failed(self) -> None:
+        self.reload_failures.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

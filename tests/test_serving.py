@@ -1,0 +1,394 @@
+"""The HTTP endpoint, on a real uvicorn server bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from binsight.cli import main
+from binsight.imaging import decode_image, to_model_input
+from binsight.serving.app import ServeConfig, create_app
+from binsight.serving.background import BackgroundServer
+from binsight.serving.export import export
+from binsight.serving.loadtest import run_load
+from binsight.serving.runtime import OnnxCounter
+
+from .conftest import BUCKET
+
+
+def images(trained: dict[str, Path], n: int = 8) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((trained["data"] / "images").glob("*.jpg"))[:n]]
+
+
+def server(trained: dict[str, Path], **settings: object) -> BackgroundServer:
+    settings.setdefault("model", trained["onnx_a"])
+    settings.setdefault("reload_interval_s", 0)
+    return BackgroundServer(create_app(ServeConfig(**settings)))  # type: ignore[arg-type]
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + ("" if not sample.labels else json.dumps(sample.labels, sort_keys=True))
+            samples[key] = sample.value
+    return samples
+
+
+def test_export_is_verified_self_describing_and_quantizable(trained: dict[str, Path], tmp_path: Path) -> None:
+    counter = OnnxCounter(trained["onnx_a"])
+    info = counter.info
+    assert (info.image_size, info.classes[0], info.version, info.arch) == (32, 0, "v-a", "mobilenet_v3_small")
+    assert info.mean == pytest.approx((0.485, 0.456, 0.406))
+    probs = counter.predict(np.zeros((3, 3, 32, 32), np.float32))
+    assert probs.shape == (3, len(info.classes)) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+    report = export(trained["checkpoint_a"], tmp_path / "m.onnx", quantize=True)
+    assert report["max_abs_diff_vs_pytorch"] < 1e-4
+    int8 = report["int8"]
+    assert Path(int8["onnx"]).stat().st_size < 0.6 * report["bytes"]
+    n_val = len((trained["data"] / "splits" / "val.csv").read_text().splitlines()) - 1
+    assert int8["evaluated_on"] == n_val and 0 <= int8["int8_accuracy"] <= 1
+    assert OnnxCounter(int8["onnx"]).info.quantized
+
+
+def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dict) -> None:
+    jpeg = images(trained, 1)[0]
+    counter = OnnxCounter(trained["onnx_a"])
+    expected = counter.predict(to_model_input(decode_image(jpeg, 32), 32)[None])[0]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(png, "PNG")
+    b64 = base64.b64encode(jpeg).decode()
+    with server(trained, s3_endpoint_url=abid_bucket["endpoint"], s3_unsigned=True) as s:
+        assert httpx.get(f"{s.url}/ping").json() == {"status": "ok", "model_version": "v-a"}
+        assert httpx.get(f"{s.url}/v1/model").json()["image_size"] == 32
+        for content_type in ("image/jpeg", "application/x-image"):
+            body = httpx.post(
+                f"{s.url}/invocations", content=jpeg, headers={"content-type": content_type}
+            ).json()
+            assert body["count"] == int(np.argmax(expected))
+            assert [body["probabilities"][str(k)] for k in range(len(expected))] == pytest.approx(
+                expected, abs=1e-5
+            )
+            assert body["confidence"] == pytest.approx(expected.max(), abs=1e-5)
+            assert body["model_version"] == "v-a" and body["latency_ms"] > 0
+        from_png = httpx.post(
+            f"{s.url}/invocations", content=png.getvalue(), headers={"content-type": "image/png"}
+        )
+        assert from_png.status_code == 200 and "count" in from_png.json()
+
+        judged = httpx.post(f"{s.url}/invocations", json={"image": b64, "expected_count": 2}).json()
+        assert judged["expected_count"] == 2
+        assert judged["p_expected"] == pytest.approx(expected[2], abs=1e-5)
+        assert judged["verdict"] in {"ok", "review", "mismatch"} and judged["agrees"] == (
+            judged["count"] == 2
+        )
+
+        s3 = httpx.post(f"{s.url}/invocations", json={"s3_uri": f"s3://{BUCKET}/bin-images/synth-000001.jpg"})
+        assert s3.status_code == 200, s3.text
+        many = httpx.post(
+            f"{s.url}/v1/count",
+            json={
+                "instances": [
+                    {"image": b64},
+                    {"image": b64, "expected_count": 1},
+                    {"s3_uri": f"s3://{BUCKET}/bin-images/synth-000002.jpg"},
+                ]
+            },
+        )
+        predictions = many.json()["predictions"]
+        assert len(predictions) == 3 and predictions[0]["count"] == predictions[1]["count"]
+        assert "verdict" in predictions[1] and "verdict" not in predictions[0]
+        raw = httpx.post(
+            f"{s.url}/v1/count?expected_count=3", content=jpeg, headers={"content-type": "image/jpeg"}
+        )
+        assert raw.json()["predictions"][0]["expected_count"] == 3
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge image: the classic decompression-bomb probe."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    )
+
+
+def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(
+    trained: dict[str, Path], abid_bucket: dict
+) -> None:
+    jpeg = images(trained, 1)[0]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    cases = [
+        ("image/jpeg", b"hello, I am text", 400, "not_an_image"),
+        ("image/jpeg", jpeg[: len(jpeg) // 2], 400, "corrupt_image"),
+        ("image/jpeg", b"", 400, "empty_image"),
+        ("image/png", _png_header_only(30000, 30000), 413, "image_too_large"),
+        ("image/jpeg", b"\xff" * 300_000, 413, "body_too_large"),
+        ("text/plain", b"3 items", 415, "unsupported_media_type"),
+        ("application/json", b'{"image": "not base64!!"}', 400, "bad_base64"),
+        ("application/json", b"{broken", 400, "bad_json"),
+        ("application/json", b'{"s3_uri": "https://example/x.jpg"}', 400, "bad_s3_uri"),
+        (
+            "application/json",
+            json.dumps({"s3_uri": f"s3://{BUCKET}/bin-images/none.jpg"}).encode(),
+            404,
+            "s3_not_found",
+        ),
+        (
+            "application/json",
+            json.dumps({"image": base64.b64encode(jpeg).decode(), "expected_count": -1}).encode(),
+            400,
+            "bad_expected_count",
+        ),
+        (
+            "application/json",
+            json.dumps({"instances": [{"image": "AA=="}] * 9}).encode(),
+            413,
+            "too_many_images",
+        ),
+        ("application/json", b'{"instances": []}', 400, "bad_instances"),
+    ]
+    with server(
+        trained,
+        max_body_bytes=200_000,
+        max_images_per_request=8,
+        s3_endpoint_url=abid_bucket["endpoint"],
+        s3_unsigned=True,
+    ) as s:
+        for content_type, body, status, code in cases:
+            response = httpx.post(
+                f"{s.url}/invocations", content=body, headers={"content-type": content_type}
+            )
+            assert (response.status_code, response.json()["error"]["code"]) == (status, code), (
+                code,
+                response.text,
+            )
+            assert response.json()["error"]["message"]
+        assert httpx.get(f"{s.url}/ping").status_code == 200
+        assert (
+            httpx.post(
+                f"{s.url}/invocations", content=jpeg, headers={"content-type": "image/jpeg"}
+            ).status_code
+            == 200
+        )
+        errors = metric_samples(httpx.get(f"{s.url}/metrics").text)
+        assert errors['binsight_request_errors_total{"code": "corrupt_image", "route": "/invocations"}'] == 1
+
+    with server(trained, s3_endpoint_url=f"http://127.0.0.1:{dead_port}", s3_timeout_s=1) as s:
+        response = httpx.post(f"{s.url}/invocations", json={"s3_uri": "s3://b/k.jpg"}, timeout=30)
+        assert response.status_code == 502 and response.json()["error"]["code"] == "s3_unreachable"
+
+
+async def _burst(url: str, bodies: list[bytes]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(bodies))) as client:
+        return await asyncio.gather(
+            *(client.post(url, content=b, headers={"content-type": "image/jpeg"}) for b in bodies)
+        )
+
+
+def test_concurrent_requests_are_batched(trained: dict[str, Path]) -> None:
+    bodies = images(trained, 8) * 3
+    with server(trained, max_batch_size=16, max_wait_ms=200) as s:
+        responses = asyncio.run(_burst(f"{s.url}/invocations", bodies))
+        assert [r.status_code for r in responses] == [200] * 24
+        samples = metric_samples(httpx.get(f"{s.url}/metrics").text)
+    calls, images_seen = samples["binsight_batch_size_count"], samples["binsight_batch_size_sum"]
+    assert images_seen == 24
+    assert calls <= 6, f"24 concurrent images took {calls} model calls"
+    assert samples['binsight_batch_size_bucket{"le": "1.0"}'] < calls  # not all singletons
+
+
+def test_full_queue_answers_503_with_retry_after(trained: dict[str, Path]) -> None:
+    bodies = images(trained, 8) * 5
+    with server(trained, max_batch_size=1, max_wait_ms=0, queue_size=2) as s:
+        responses = asyncio.run(_burst(f"{s.url}/invocations", bodies))
+        statuses = Counter(r.status_code for r in responses)
+        assert statuses[503] > 0 and statuses[200] > 0 and set(statuses) == {200, 503}
+        rejected = next(r for r in responses if r.status_code == 503)
+        assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["code"] == "overloaded"
+        assert (
+            httpx.post(
+                f"{s.url}/invocations", content=bodies[0], headers={"content-type": "image/jpeg"}
+            ).status_code
+            == 200
+        )
+
+
+def test_hot_reload_under_load_loses_no_request(trained: dict[str, Path], tmp_path: Path) -> None:
+    live = tmp_path / "model.onnx"
+    shutil.copy(trained["onnx_a"], live)
+    bodies = images(trained, 8)
+
+    async def load(url: str) -> list[tuple[int, str | None]]:
+        outcomes: list[tuple[int, str | None]] = []
+        deadline = time.monotonic() + 4.0
+        swapped = False
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def worker(k: int) -> None:
+                nonlocal swapped
+                while time.monotonic() < deadline:
+                    r = await client.post(url, content=bodies[k % 8], headers={"content-type": "image/jpeg"})
+                    outcomes.append((r.status_code, r.json().get("model_version")))
+                    if not swapped and len(outcomes) > 40:
+                        swapped = True
+                        staged = tmp_path / "staged.onnx"
+                        shutil.copy(trained["onnx_b"], staged)
+                        os.replace(staged, live)  # how the registry promotes: an atomic rename
+
+            await asyncio.gather(*(worker(k) for k in range(8)))
+        return outcomes
+
+    with server(trained, model=live, reload_interval_s=0.1) as s:
+        outcomes = asyncio.run(load(f"{s.url}/invocations"))
+        assert httpx.get(f"{s.url}/ping").json()["model_version"] == "v-b"
+        samples = metric_samples(httpx.get(f"{s.url}/metrics").text)
+    statuses = Counter(status for status, _ in outcomes)
+    versions = Counter(version for _, version in outcomes)
+    assert statuses == {200: len(outcomes)}, statuses
+    assert versions["v-a"] > 0 and versions["v-b"] > 0
+    assert samples["binsight_model_reloads_total"] == 2
+    assert samples['binsight_model_info{"version": "v-b"}'] == 1
+
+
+def test_metrics_endpoint_is_valid_prometheus(trained: dict[str, Path]) -> None:
+    with server(trained) as s:
+        httpx.post(
+            f"{s.url}/invocations", content=images(trained, 1)[0], headers={"content-type": "image/jpeg"}
+        )
+        text = httpx.get(f"{s.url}/metrics").text
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {
+        "binsight_requests",
+        "binsight_request_latency_seconds",
+        "binsight_batch_size",
+        "binsight_queue_depth",
+        "binsight_model_info",
+        "binsight_images",
+    } <= names
+    samples = metric_samples(text)
+    assert samples['binsight_requests_total{"route": "/invocations", "status": "200"}'] == 1
+
+
+def test_data_capture_writes_rotated_jsonl(trained: dict[str, Path], tmp_path: Path) -> None:
+    bodies = images(trained, 8)
+    with server(
+        trained, capture_dir=tmp_path / "capture", capture_sample_rate=1.0, capture_max_file_bytes=2048
+    ) as s:
+        for body in bodies * 2:
+            httpx.post(
+                f"{s.url}/invocations?expected_count=2", content=body, headers={"content-type": "image/jpeg"}
+            )
+    files = sorted((tmp_path / "capture").glob("capture-*.jsonl"))
+    assert len(files) >= 2
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(records) == 16
+    import hashlib
+
+    assert {r["image_sha256"] for r in records} == {hashlib.sha256(b).hexdigest() for b in bodies}
+    first = records[0]
+    assert {"time", "count", "probabilities", "confidence", "latency_ms", "model_version", "verdict"} <= set(
+        first
+    )
+    assert first["expected_count"] == 2 and first["width"] == 64
+
+
+def test_loadtest_open_and_closed_loop(trained: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    bodies = images(trained, 4)
+    with server(trained) as s:
+        opened = asyncio.run(run_load(f"{s.url}/invocations", bodies, duration_s=1.5, rate=20)).summary()
+        assert 25 <= opened["requests"] <= 32 and opened["errors"] == 0
+        assert opened["latency_ms"]["p50"] <= opened["latency_ms"]["p99"]
+        code = main(
+            [
+                "loadtest",
+                f"{s.url}/invocations",
+                "--images",
+                str(trained["data"] / "images"),
+                "--duration",
+                "1",
+                "--concurrency",
+                "4",
+                "--max-images",
+                "10",
+            ]
+        )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "invocations/min" in out and "p95" in out
+
+
+def test_serve_cli_with_two_worker_processes(trained: dict[str, Path]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "binsight",
+        "serve",
+        "--model",
+        str(trained["onnx_a"]),
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--reload-interval-s",
+        "0",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        body = images(trained, 1)[0]
+        for _ in range(12):
+            assert (
+                httpx.post(
+                    f"{url}/invocations", content=body, headers={"content-type": "image/jpeg"}
+                ).status_code
+                == 200
+            )
+        samples = metric_samples(httpx.get(f"{url}/metrics").text)
+        assert samples["binsight_images_total"] == 12  # summed over both worker processes
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--model", str(tmp_path / "none.onnx")]) == 2
+    assert "cannot read model" in capsys.readouterr().err
