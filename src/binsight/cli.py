@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -38,6 +39,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         image_size=args.size,
         max_count=args.max_count,
         seed=args.seed,
+        start_index=args.start_index,
         **({"workers": args.workers} if args.workers else {}),
     )
     started = time.perf_counter()
@@ -259,6 +261,187 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
+# ---------------------------------------------------------------- MLOps
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BinsightError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _pair(text: str, kind: type) -> tuple:
+    low, _, high = text.partition(":") if ":" in text else text.partition("-")
+    try:
+        return kind(low), kind(high or low)
+    except ValueError:
+        raise BinsightError(f"{text!r} is not a range like LOW:HIGH") from None
+
+
+def _json_object(text: str, flag: str) -> dict[str, object]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BinsightError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BinsightError(f"{flag} must be a JSON object of settings")
+    return value
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from binsight.tuning.study import TuneConfig, tune
+
+    values: dict[str, object] = {
+        "data": args.data,
+        "out": args.out,
+        "study_name": args.study_name,
+        "storage": args.storage,
+        "n_trials": args.n_trials,
+        "timeout_s": args.timeout,
+        "metric": args.metric,
+        "pruner": args.pruner,
+        "base_config": args.config,
+        "seed": args.seed,
+    }
+    if args.lr:
+        values["lr"] = _pair(args.lr, float)
+    if args.epochs:
+        values["epochs"] = _pair(args.epochs, int)
+    if args.batch_sizes:
+        values["batch_sizes"] = _ints(args.batch_sizes)
+    if args.archs:
+        values["archs"] = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if args.augment:
+        values["augment"] = _pair(args.augment, float)
+    if args.fixed:
+        values["fixed"] = _json_object(args.fixed, "--fixed")
+    summary = tune(TuneConfig(**{k: v for k, v in values.items() if v is not None}))
+    print(f"tune: {summary['trials']} trials {summary['states']} in {summary['storage']}")
+    if "best_value" in summary:
+        print(
+            f"best {args.metric} {summary['best_value']:.4f} (trial {summary['best_trial']}): "
+            f"{summary['best_params']}\nbest config: {summary['best_config']} (binsight train --config ...)"
+        )
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from binsight.registry import Registry
+
+    registry = Registry(args.registry, args.s3_endpoint_url)
+    if args.action == "list":
+        aliases = registry.aliases()
+        print(f"{'version':<8} {'created':<26} {'accuracy':>9} {'mae':>7}  aliases")
+        for name in registry.versions():
+            version = registry.get(name)
+            tags = ", ".join(a for a, v in aliases.items() if v == name)
+            accuracy, mae = (version.metrics.get(k, float("nan")) for k in ("accuracy", "mae"))
+            print(f"{name:<8} {version.meta.get('created', ''):<26} {accuracy:>9.4f} {mae:>7.3f}  {tags}")
+    elif args.action == "show":
+        version = registry.get(registry.resolve(args.target))
+        print(
+            json.dumps(
+                {"version": version.name, "meta": version.meta, "metrics": version.metrics},
+                indent=2,
+                default=str,
+            )
+        )
+    elif args.action == "promote":
+        record = registry.set_alias(
+            args.alias, registry.resolve(args.target), args.reason or "manual promote"
+        )
+        print(f"{args.alias} -> {record['version']}")
+    else:
+        record = registry.rollback(args.alias)
+        print(f"{args.alias} rolled back to {record['version']}")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from binsight.pipeline.retrain import Pipeline, PipelineConfig
+
+    overrides: dict[str, object] = {}
+    if args.no_pretrained:
+        overrides["pretrained"] = False
+    if args.train_json:
+        overrides.update(_json_object(args.train_json, "--train-json"))
+    values = {
+        "data": args.data,
+        "registry": args.registry,
+        "work_dir": args.work_dir,
+        "run_id": args.run_id,
+        "new_data": args.new_data,
+        "s3_endpoint_url": args.s3_endpoint_url,
+        "train_config": args.config,
+        "train_overrides": overrides,
+        "metric": args.metric,
+        "margin": args.margin,
+        "tolerance": args.tolerance,
+        "alias": args.alias,
+    }
+    result = Pipeline(PipelineConfig(**{k: v for k, v in values.items() if v is not None})).run()
+    promote, decision = result["promote"], result["decide"]
+    print(
+        f"pipeline {result['run_id']}: candidate {result['register']['version']} "
+        f"{'promoted' if promote['promoted'] else 'not promoted'} ({decision['reason']}); "
+        f"production is {promote['production']}"
+    )
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from binsight.audit.audit import ImageLoader, audit, evaluate_audit, read_bins, write_audit
+    from binsight.audit.verdict import VerdictThresholds
+    from binsight.serving.runtime import OnnxCounter
+
+    if (args.model is None) == (args.registry is None):
+        raise BinsightError("give --model FILE.onnx or --registry URL (with --alias)")
+    if args.model is not None:
+        counter = OnnxCounter(args.model)
+    else:
+        import tempfile
+
+        from binsight.registry import Registry
+
+        registry = Registry(args.registry, args.s3_endpoint_url)
+        version = registry.resolve(args.alias)
+        path = registry.fetch(version, "model.onnx", Path(tempfile.mkdtemp()) / f"{version}.onnx")
+        counter = OnnxCounter(path, version=version)
+    try:
+        thresholds = VerdictThresholds(args.ok_above, args.mismatch_below)
+    except ValueError as exc:
+        raise BinsightError(str(exc)) from None
+    out = Path(args.out)
+    if args.evaluate:
+        if args.data is None:
+            raise BinsightError("--evaluate needs --data (a dataset with splits)")
+        result = evaluate_audit(
+            counter, Path(args.data), args.split, out, args.error_rate, args.seed, thresholds
+        )
+        print(
+            f"audit evaluation on {result['bins']} bins with {result['simulated_errors']} simulated errors:"
+        )
+        for budget, caught in result["caught_at_budget"].items():
+            print(
+                f"  re-check {budget:>4} of bins -> catch {100 * caught['errors_caught']:5.1f}% of errors "
+                f"(random: {100 * caught['random_review_would_catch']:.0f}%)"
+            )
+        print(f"curve and report in {out}")
+        return 0
+    if args.bins is None:
+        raise BinsightError("give a CSV of bins to audit, or --evaluate --data DIR")
+    bins, rejected = read_bins(Path(args.bins))
+    loader = ImageLoader(args.s3_endpoint_url, args.s3_unsigned)
+    results = audit(counter, bins, thresholds, loader)
+    summary = write_audit(results, rejected, out, counter, loader)
+    print(
+        f"audit: {summary['bins']} bins {summary['verdicts']}; ranked list in {out / 'audit.csv'}, "
+        f"report in {out / 'report.html'}"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from binsight.demo import run_demo
 
@@ -317,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_cmd_export)
 
     serve = verbs.add_parser("serve", help="HTTP counting endpoint (SageMaker-compatible)")
-    serve.add_argument("--model", required=True, type=Path, help="ONNX file from `binsight export`")
+    serve.add_argument("--model", type=Path, default=None, help="ONNX file from `binsight export`")
+    serve.add_argument("--registry", default=None, help="or follow a registry alias (folder or s3://)")
+    serve.add_argument("--alias", default=None, help="registry alias to serve (default production)")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="default 8080")
     serve.add_argument("--workers", type=int, default=None, help="server processes")
@@ -345,6 +530,75 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-images", type=int, default=200)
     load.set_defaults(handler=_cmd_loadtest)
 
+    tune = verbs.add_parser("tune", help="Optuna hyperparameter search (parallel workers share a study)")
+    tune.add_argument("--data", required=True, help="dataset directory with splits/")
+    tune.add_argument("--out", default=None, help="study folder (default runs/tune)")
+    tune.add_argument("--study-name", default=None)
+    tune.add_argument(
+        "--storage", default=None, help="Optuna RDB URL or journal:PATH (default sqlite in --out)"
+    )
+    tune.add_argument("--n-trials", type=int, default=None, help="finished trials in the whole study")
+    tune.add_argument("--timeout", type=float, default=None, help="seconds this worker may search")
+    tune.add_argument("--metric", choices=["accuracy", "mae"], default="accuracy")
+    tune.add_argument("--pruner", choices=["median", "hyperband", "none"], default=None)
+    tune.add_argument("--lr", default=None, help="log range LOW:HIGH (default 1e-4:1e-1)")
+    tune.add_argument("--epochs", default=None, help="range LOW:HIGH")
+    tune.add_argument("--batch-sizes", default=None, help="e.g. 64,128,256")
+    tune.add_argument("--archs", default=None, help="e.g. resnet18,mobilenet_v3_large")
+    tune.add_argument("--augment", default=None, help="range LOW:HIGH of augmentation strength")
+    tune.add_argument("--config", type=Path, default=None, help="JSON training config for the rest")
+    tune.add_argument(
+        "--fixed", default=None, help="JSON of fixed training settings, e.g. '{\"image_size\": 128}'"
+    )
+    tune.add_argument("--seed", type=int, default=None)
+    tune.set_defaults(handler=_cmd_tune)
+
+    models = verbs.add_parser("models", help="model registry: list, show, promote, rollback")
+    models.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    models.add_argument("target", nargs="?", default="production", help="version (v0003) or alias")
+    models.add_argument("--registry", required=True, help="folder or s3://bucket/prefix")
+    models.add_argument("--alias", default="production", help="alias to move (promote/rollback)")
+    models.add_argument("--reason", default=None)
+    models.add_argument("--s3-endpoint-url", default=None)
+    models.set_defaults(handler=_cmd_models)
+
+    pipe = verbs.add_parser("pipeline", help="retrain, compare with production, promote if better")
+    pipe.add_argument("--data", required=True, help="dataset directory (ABID layout)")
+    pipe.add_argument("--registry", required=True, help="folder or s3://bucket/prefix")
+    pipe.add_argument("--work-dir", type=Path, default=None, help="default runs/pipeline")
+    pipe.add_argument("--run-id", default=None, help="re-use to finish a crashed run")
+    pipe.add_argument("--new-data", default=None, help="folder or s3://bucket/prefix of new images")
+    pipe.add_argument("--s3-endpoint-url", default=None)
+    pipe.add_argument("--config", type=Path, default=None, help="training config JSON (e.g. tune's best)")
+    pipe.add_argument("--train-json", default=None, help="training overrides as JSON")
+    pipe.add_argument("--no-pretrained", action="store_true")
+    pipe.add_argument("--metric", choices=["accuracy", "off_by_one_accuracy", "mae", "rmse"], default=None)
+    pipe.add_argument("--margin", type=float, default=None, help="required gain on --metric")
+    pipe.add_argument("--tolerance", type=float, default=None, help="allowed loss on the other metrics")
+    pipe.add_argument("--alias", default=None, help="alias to promote (default production)")
+    pipe.set_defaults(handler=_cmd_pipeline)
+
+    aud = verbs.add_parser("audit", help="flag bins whose photo disagrees with the recorded quantity")
+    aud.add_argument(
+        "bins", nargs="?", default=None, help="CSV with image (path or s3://) and recorded_quantity"
+    )
+    aud.add_argument("--model", type=Path, default=None, help="ONNX model file")
+    aud.add_argument("--registry", default=None, help="or a registry, with --alias")
+    aud.add_argument("--alias", default="production")
+    aud.add_argument("--out", default="runs/audit", help="output folder")
+    aud.add_argument("--ok-above", type=float, default=0.5, help="P(recorded) above which a bin is ok")
+    aud.add_argument(
+        "--mismatch-below", type=float, default=0.1, help="P(recorded) below which it mismatches"
+    )
+    aud.add_argument("--s3-endpoint-url", default=None)
+    aud.add_argument("--s3-unsigned", action="store_true")
+    aud.add_argument("--evaluate", action="store_true", help="simulate inventory errors on labelled data")
+    aud.add_argument("--data", default=None, help="dataset with splits (for --evaluate)")
+    aud.add_argument("--split", default="test")
+    aud.add_argument("--error-rate", type=float, default=0.1, help="share of records to corrupt")
+    aud.add_argument("--seed", type=int, default=0)
+    aud.set_defaults(handler=_cmd_audit)
+
     data = verbs.add_parser("data", help="download, index, split, describe or synthesize data")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="STEP")
 
@@ -354,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=224, help="image side in pixels")
     synth.add_argument("--max-count", type=int, default=5, help="largest object count")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--start-index", type=int, default=0, help="first image index (to add more later)")
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth.set_defaults(handler=_cmd_data_synth)
 

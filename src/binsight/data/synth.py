@@ -44,6 +44,7 @@ class SynthConfig(BaseModel):
         None, description="relative frequency of counts 0..max_count (default: ABID-like)"
     )
     seed: int = 0
+    start_index: int = Field(0, ge=0, description="first image index (ids continue a previous batch)")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
     @model_validator(mode="after")
@@ -344,7 +345,8 @@ def generate_dataset(root: str | os.PathLike[str], config: SynthConfig) -> int:
     Path(root, IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     Path(root, METADATA_DIR).mkdir(parents=True, exist_ok=True)
     config_json = config.model_dump_json()
-    jobs = [(str(root), config.seed, index, config_json) for index in range(config.n_images)]
+    indices = range(config.start_index, config.start_index + config.n_images)
+    jobs = [(str(root), config.seed, index, config_json) for index in indices]
     written = 0
     with bar(len(jobs), "synth", unit="img") as progress:
         if config.workers == 1:

@@ -22,26 +22,32 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.audit.verdict import VerdictThresholds, judge
+from binsight.errors import BinsightError
 from binsight.imaging import ImageTooLargeError, draft_rgb, open_image, to_model_input
 from binsight.serving.batching import DynamicBatcher, QueueFullError
 from binsight.serving.capture import DataCapture
 from binsight.serving.metrics import ServerMetrics
 from binsight.serving.runtime import OnnxCounter
+from binsight.serving.web import static_file, traffic_summary
+
+if TYPE_CHECKING:
+    from binsight.registry import AliasSource
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,10 @@ CONFIG_ENV = "BINSIGHT_SERVE_CONFIG"
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: Path = Field(description="ONNX file from `binsight export`")
+    model: Path | None = Field(None, description="ONNX file from `binsight export`")
+    registry: str | None = Field(None, description="model registry (folder or s3://) to follow instead")
+    alias: str = Field("production", description="registry alias to serve and follow")
+    registry_cache: Path | None = Field(None, description="where registry models are fetched to")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model")
@@ -75,6 +84,20 @@ class ServeConfig(BaseModel):
     ok_above: float = Field(0.5, ge=0.0, le=1.0)
     mismatch_below: float = Field(0.1, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _one_model_source(self) -> ServeConfig:
+        if (self.model is None) == (self.registry is None):
+            raise ValueError("give either model (an ONNX file) or registry (with alias)")
+        return self
+
+    def source(self) -> FileSource | AliasSource:
+        if self.model is not None:
+            return FileSource(self.model)
+        from binsight.registry import AliasSource, Registry
+
+        cache = self.registry_cache or Path(tempfile.gettempdir()) / "binsight-registry-cache"
+        return AliasSource(Registry(self.registry), self.alias, cache)  # type: ignore[arg-type]
+
     def threads_per_worker(self) -> int:
         return self.ort_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
@@ -95,12 +118,21 @@ class Prepared:
     size_bytes: int
 
 
-def _model_signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+class FileSource:
+    """A model file; it changes when its inode, size or mtime does (an atomic replace changes all)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def local_path(self, signature: object) -> Path:
+        return self.path
 
 
 class CountingService:
@@ -110,8 +142,9 @@ class CountingService:
         self.config = config
         self.metrics = metrics
         self.thresholds = VerdictThresholds(config.ok_above, config.mismatch_below)
-        self.counter = OnnxCounter(config.model, threads=config.threads_per_worker())
-        self._signature = _model_signature(config.model)
+        self.source = config.source()
+        self._signature = self.source.signature()
+        self.counter = self._load(self._signature)
         self.metrics.model_loaded(self.counter.info.version)
         self.batcher = DynamicBatcher(
             lambda model, batch: model.predict(batch),
@@ -146,33 +179,39 @@ class CountingService:
 
     # ------------------------------------------------------------------ hot reload
 
+    def _load(self, signature: Any) -> OnnxCounter:
+        if signature is None:
+            raise BinsightError(f"the model at {self.config.model or self.config.registry} is missing")
+        version = signature if isinstance(signature, str) else None  # a registry version name
+        return OnnxCounter(
+            self.source.local_path(signature), self.config.threads_per_worker(), version=version
+        )
+
     async def _watch_model(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.reload_interval_s)
-            signature = _model_signature(self.config.model)
-            if signature is None or signature == self._signature:
+            try:
+                signature = await loop.run_in_executor(None, self.source.signature)
+            except Exception as exc:  # the registry may be briefly unreachable; keep serving
+                log.warning("could not check the model source: %s", exc)
                 continue
-            await self.reload(signature)
+            if signature is not None and signature != self._signature:
+                await self.reload(signature)
 
-    async def reload(self, signature: tuple[int, int, int] | None = None) -> bool:
-        """Load the model file again and swap it in; requests already prepared finish on the old one."""
+    async def reload(self, signature: Any) -> bool:
+        """Load the new model and swap it in; requests already prepared finish on the old one."""
         loop = asyncio.get_running_loop()
         try:
-            fresh = await loop.run_in_executor(
-                None, lambda: OnnxCounter(self.config.model, threads=self.config.threads_per_worker())
-            )
+            fresh = await loop.run_in_executor(None, self._load, signature)
         except Exception as exc:  # keep serving the old model; a half-written file may be retried
-            log.error(
-                "model reload from %s failed, keeping %s: %s",
-                self.config.model,
-                self.counter.info.version,
-                exc,
-            )
+            log.error("model reload failed, keeping %s: %s", self.counter.info.version, exc)
             self.metrics.reload_failed()
+            self._signature = signature  # do not retry the same broken model every poll
             return False
         previous = self.counter.info.version
         self.counter = fresh
-        self._signature = signature or _model_signature(self.config.model)
+        self._signature = signature
         self.metrics.model_loaded(fresh.info.version)
         log.info("model reloaded: %s -> %s", previous, fresh.info.version)
         return True
@@ -393,7 +432,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         state["service"] = service
         log.info(
             "serving %s (version %s, %s px) with batches of up to %d, %d ORT threads",
-            config.model,
+            service.counter.path,
             service.counter.info.version,
             service.counter.info.image_size,
             config.max_batch_size,
@@ -442,7 +481,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def model_info() -> dict[str, Any]:
         service = state["service"]
         info = service.counter.info
-        return {**info.__dict__, "path": str(service.config.model), "max_batch_size": config.max_batch_size}
+        return {**info.__dict__, "path": str(service.counter.path), "max_batch_size": config.max_batch_size}
 
     @app.post("/invocations")
     async def invocations(request: Request) -> JSONResponse:
@@ -453,6 +492,24 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def count(request: Request) -> JSONResponse:
         predictions, _ = await _predict_request(state["service"], request)
         return JSONResponse({"predictions": predictions})
+
+    pages = {name: static_file(name) for name in ("index.html", "traffic.html", "style.css")}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return pages["index.html"]
+
+    @app.get("/traffic", response_class=HTMLResponse)
+    async def traffic_page() -> str:
+        return pages["traffic.html"]
+
+    @app.get("/static/style.css")
+    async def stylesheet() -> Response:
+        return Response(pages["style.css"], media_type="text/css")
+
+    @app.get("/v1/traffic")
+    async def traffic() -> dict[str, Any]:
+        return await asyncio.get_running_loop().run_in_executor(None, traffic_summary, config.capture_dir)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -472,7 +529,8 @@ def serve(config: ServeConfig) -> None:
 
     import uvicorn
 
-    OnnxCounter(config.model)  # fail here, with a clear message, rather than in every worker
+    source = config.source()
+    OnnxCounter(source.local_path(source.signature()))  # fail here, clearly, rather than in every worker
     if config.workers == 1:
         uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
         return

@@ -20,7 +20,17 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-KNOWN_ROUTES = {"/ping", "/invocations", "/v1/count", "/v1/model", "/metrics", "/", "/traffic", "/v1/traffic"}
+KNOWN_ROUTES = {
+    "/ping",
+    "/invocations",
+    "/v1/count",
+    "/v1/model",
+    "/metrics",
+    "/",
+    "/traffic",
+    "/v1/traffic",
+    "/static/style.css",
+}
 
 
 class ServerMetrics:

@@ -6,6 +6,7 @@ server needs the file and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,7 +54,9 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
 class OnnxCounter:
     """One loaded model. Thread-safe: ONNX Runtime sessions may be run from several threads."""
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], threads: int | None = None, version: str | None = None
+    ) -> None:
         self.path = Path(path)
         try:
             data = self.path.read_bytes()
@@ -70,6 +73,8 @@ class OnnxCounter:
             raise BinsightError(f"{self.path} is not a loadable ONNX model: {exc}") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.info = read_info(metadata, hashlib.sha256(data).hexdigest())
+        if version:  # a registry version name outranks what the file says
+            self.info = dataclasses.replace(self.info, version=version)
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

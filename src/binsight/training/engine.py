@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,8 +303,14 @@ def _write_profile_summary(profiler: Any, out: Path, epoch_stats: dict[str, floa
     log.info("profile summary in %s", out / "profile" / "summary.txt")
 
 
-def train(config: TrainConfig, fresh: bool = False) -> dict[str, Any]:
-    """Train, validate every epoch, keep the best model; returns the run summary."""
+def train(
+    config: TrainConfig, fresh: bool = False, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Train, validate every epoch, keep the best model; returns the run summary.
+
+    `on_epoch_end` sees each epoch's record after its checkpoint is saved; an exception it raises (a
+    tuner pruning the trial, say) ends training there.
+    """
     device_kind = (
         "cuda"
         if (config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
@@ -314,12 +320,17 @@ def train(config: TrainConfig, fresh: bool = False) -> dict[str, Any]:
     if not context.is_main:
         logging.getLogger("binsight").setLevel(logging.WARNING)  # one voice in the log, not N
     try:
-        return _train(config, context, fresh)
+        return _train(config, context, fresh, on_epoch_end)
     finally:
         shutdown_distributed(context)
 
 
-def _train(config: TrainConfig, context: DistContext, fresh: bool) -> dict[str, Any]:
+def _train(
+    config: TrainConfig,
+    context: DistContext,
+    fresh: bool,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     device = resolve_device(config.device, context)
     out = Path(config.out)
     data_dir = Path(config.data)
@@ -517,6 +528,8 @@ def _train(config: TrainConfig, context: DistContext, fresh: bool) -> dict[str, 
                     if key != "epoch" and isinstance(number, float) and math.isfinite(number):
                         writer.add_scalar(key.replace("_", "/", 1), number, epoch + 1)
                 writer.flush()
+        if on_epoch_end is not None:
+            on_epoch_end(record)
 
     # DDP keeps replicas identical by construction; a mismatch means a rank diverged (e.g. a bug that
     # skipped an all-reduce) and the saved model is not what every rank trained.

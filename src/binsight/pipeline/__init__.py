@@ -1,0 +1,1 @@
+"""Retrain, compare with production on a fixed test split, promote only if better."""

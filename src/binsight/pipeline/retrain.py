@@ -1,0 +1,266 @@
+"""`binsight pipeline`: ingest new data, retrain, evaluate candidate and production on the same test
+split, register the candidate, and promote it only if it is better.
+
+Each step records its outcome in ``WORK/RUN_ID/state.json`` and is skipped when re-run with the same
+run id, so a pipeline killed at any point is finished by running the same command again (training
+itself resumes from its last checkpoint). Servers following the registry alias pick up a promoted
+model by hot reload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from binsight.data import IMAGES_DIR, METADATA_DIR
+from binsight.data.index import build_index
+from binsight.data.split import SplitConfig, fingerprint, write_splits
+from binsight.errors import BinsightError
+from binsight.registry import Registry
+from binsight.reporting.html import HtmlReport
+from binsight.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+HIGHER_IS_BETTER = {"accuracy": True, "off_by_one_accuracy": True, "mae": False, "rmse": False}
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="dataset directory (ABID layout); re-indexed and split each run")
+    registry: str = Field(description="model registry: a folder or s3://bucket/prefix")
+    work_dir: Path = Path("runs/pipeline")
+    run_id: str | None = Field(None, description="re-use to resume a crashed run (default: a timestamp)")
+    new_data: str | None = Field(None, description="folder or s3://bucket/prefix with new images + metadata")
+    s3_endpoint_url: str | None = None
+    train_config: Path | None = Field(None, description="JSON training config (e.g. from `binsight tune`)")
+    train_overrides: dict[str, Any] = Field(default_factory=dict)
+    metric: Literal["accuracy", "off_by_one_accuracy", "mae", "rmse"] = "accuracy"
+    margin: float = Field(0.005, ge=0.0, description="how much better the candidate must be on `metric`")
+    tolerance: float = Field(0.02, ge=0.0, description="how much worse it may be on the other metrics")
+    alias: str = "production"
+    split_seed: int = 0
+
+
+def _ingest_folder(source: Path, data: Path) -> int:
+    added = 0
+    for folder, suffix in ((IMAGES_DIR, ".jpg"), (METADATA_DIR, ".json")):
+        (data / folder).mkdir(parents=True, exist_ok=True)
+        for path in sorted((source / folder).glob(f"*{suffix}")):
+            target = data / folder / path.name
+            if not target.exists():
+                partial = target.with_name(f".{target.name}.part")
+                shutil.copyfile(path, partial)
+                partial.replace(target)
+                added += folder == IMAGES_DIR
+    return added
+
+
+def ingest(config: PipelineConfig) -> dict[str, Any]:
+    added = 0
+    if config.new_data:
+        if config.new_data.startswith("s3://"):
+            from binsight.data.download import DownloadConfig, download
+
+            bucket, _, prefix = config.new_data[5:].partition("/")
+            prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+            report = download(
+                DownloadConfig(
+                    out=config.data,
+                    bucket=bucket,
+                    endpoint_url=config.s3_endpoint_url,
+                    images_prefix=f"{prefix}{IMAGES_DIR}/",
+                    metadata_prefix=f"{prefix}{METADATA_DIR}/",
+                )
+            )
+            added = report["downloaded"]
+        else:
+            source = Path(config.new_data)
+            if not (source / IMAGES_DIR).is_dir():
+                raise BinsightError(
+                    f"{source} has no {IMAGES_DIR}/ folder", hint="new data must use the ABID layout"
+                )
+            added = _ingest_folder(source, config.data)
+    index = build_index(config.data)
+    summary = write_splits(config.data, SplitConfig(seed=config.split_seed))
+    return {
+        "added_images": added,
+        "indexed": len(index.rows),
+        "skipped": len(index.skipped),
+        "data_fingerprint": fingerprint(index.rows),
+        "test_fingerprint": summary["splits"]["test"]["fingerprint"],
+    }
+
+
+def compare(
+    candidate: dict[str, float],
+    production: dict[str, float] | None,
+    metric: str,
+    margin: float,
+    tolerance: float,
+) -> dict[str, Any]:
+    """Promote when the candidate beats production on `metric` by `margin` and is not worse than
+    `tolerance` on any other metric."""
+    if production is None:
+        return {"promote": True, "reason": "no production model yet"}
+    sign = 1 if HIGHER_IS_BETTER[metric] else -1
+    gain = sign * (candidate[metric] - production[metric])
+    if gain < margin:
+        return {"promote": False, "reason": f"{metric} gain {gain:+.4f} is below the margin {margin}"}
+    for other, higher in HIGHER_IS_BETTER.items():
+        if other == metric:
+            continue
+        loss = (production[other] - candidate[other]) * (1 if higher else -1)
+        if loss > tolerance:
+            return {"promote": False, "reason": f"{other} is worse by {loss:.4f} (tolerance {tolerance})"}
+    return {"promote": True, "reason": f"{metric} improves by {gain:+.4f}"}
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S")
+        self.dir = config.work_dir / self.run_id
+        self.state_path = self.dir / "state.json"
+        self.state: dict[str, Any] = (
+            json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        )
+        self.registry = Registry(config.registry, config.s3_endpoint_url)
+
+    def step(self, name: str, action: Callable[[], Any]) -> Any:
+        if name in self.state:
+            log.info("pipeline %s: %s already done", self.run_id, name)
+            return self.state[name]
+        log.info("pipeline %s: %s", self.run_id, name)
+        self.state[name] = action()
+        atomic_write_json(self.state_path, self.state)
+        return self.state[name]
+
+    def _train(self) -> dict[str, Any]:
+        from binsight.training.config import load_config
+        from binsight.training.engine import train
+
+        overrides = {**self.config.train_overrides, "data": self.config.data, "out": self.dir / "train"}
+        summary = train(load_config(self.config.train_config, overrides))
+        return {"checkpoint": str(self.dir / "train" / "best.pt"), "best": summary["best"]}
+
+    def _export(self) -> dict[str, Any]:
+        from binsight.serving.export import export
+
+        report = export(self.dir / "train" / "best.pt", self.dir / "model.onnx", data=self.config.data)
+        return {"onnx": report["onnx"], "max_abs_diff_vs_pytorch": report["max_abs_diff_vs_pytorch"]}
+
+    def _evaluate(self) -> dict[str, Any]:
+        from binsight.training.evaluate import evaluate
+
+        keys = ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "n", "split_fingerprint")
+        candidate = evaluate(
+            self.dir / "train" / "best.pt",
+            data=self.config.data,
+            split="test",
+            out=self.dir / "eval-candidate",
+            workers=0,
+        )
+        result: dict[str, Any] = {
+            "candidate": {k: candidate[k] for k in keys},
+            "production": None,
+            "production_version": None,
+        }
+        current = self.registry.alias(self.config.alias)
+        if current is not None:
+            version = current["version"]
+            checkpoint = self.registry.fetch(version, "model.pt", self.dir / "production" / "model.pt")
+            production = evaluate(
+                checkpoint, data=self.config.data, split="test", out=self.dir / "eval-production", workers=0
+            )
+            result["production"] = {k: production[k] for k in keys}
+            result["production_version"] = version
+        return result
+
+    def _register(self) -> dict[str, Any]:
+        evaluation = self.state["evaluate"]
+        checkpoint = Path(self.state["train"]["checkpoint"])
+        import torch
+
+        config = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]
+        version = self.registry.register(
+            checkpoint,
+            Path(self.state["export"]["onnx"]),
+            evaluation["candidate"],
+            {
+                "run_id": self.run_id,
+                "config": config,
+                "data_fingerprint": self.state["ingest"]["data_fingerprint"],
+                "test_fingerprint": self.state["ingest"]["test_fingerprint"],
+                "pipeline_dir": str(self.dir),
+            },
+        )
+        self.registry.set_alias("candidate", version, f"pipeline run {self.run_id}")
+        return {"version": version}
+
+    def _promote(self) -> dict[str, Any]:
+        decision = self.state["decide"]
+        version = self.state["register"]["version"]
+        if not decision["promote"]:
+            return {"promoted": False, "production": self.state["evaluate"]["production_version"]}
+        self.registry.set_alias(self.config.alias, version, decision["reason"])
+        return {"promoted": True, "production": version}
+
+    def run(self) -> dict[str, Any]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.step("ingest", lambda: ingest(self.config))
+        self.step("train", self._train)
+        self.step("export", self._export)
+        evaluation = self.step("evaluate", self._evaluate)
+        self.step(
+            "decide",
+            lambda: compare(
+                evaluation["candidate"],
+                evaluation["production"],
+                self.config.metric,
+                self.config.margin,
+                self.config.tolerance,
+            ),
+        )
+        self.step("register", self._register)
+        self.step("promote", self._promote)
+        self._report()
+        return {"run_id": self.run_id, **self.state}
+
+    def _report(self) -> None:
+        evaluation, decision = self.state["evaluate"], self.state["decide"]
+        report = HtmlReport(f"binsight pipeline {self.run_id}")
+        verdict = "promoted" if self.state["promote"]["promoted"] else "not promoted"
+        report.paragraph(
+            f"Candidate {self.state['register']['version']} {verdict}: {decision['reason']}.",
+            "ok" if self.state["promote"]["promoted"] else "warn",
+        )
+        production = evaluation["production"] or {}
+        rows = [
+            (k, evaluation["candidate"][k], production.get(k))
+            for k in ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "n")
+        ]
+        report.table(
+            ["metric (test split)", "candidate", f"production {evaluation['production_version'] or '–'}"],
+            rows,
+        )
+        ingest_state = self.state["ingest"]
+        report.paragraph(
+            f"Data: {ingest_state['indexed']} images ({ingest_state['added_images']} new), "
+            f"test split fingerprint {ingest_state['test_fingerprint']}."
+        )
+        report.figure(self.dir / "eval-candidate" / "confusion_matrix.png", "Candidate confusion matrix")
+        report.figure(self.dir / "eval-production" / "confusion_matrix.png", "Production confusion matrix")
+        report.write(self.dir / "comparison.html")
+        atomic_write_json(
+            self.dir / "comparison.json",
+            {"evaluation": evaluation, "decision": decision, "promote": self.state["promote"]},
+        )

@@ -1,0 +1,61 @@
+"""The server's own pages: count a dropped bin photo (`/`), and watch captured traffic (`/traffic`).
+
+Plain HTML and a little JavaScript, no build step and nothing fetched from elsewhere, so the pages work
+on a warehouse network with no internet. `/v1/traffic` aggregates the data-capture files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+STATIC = resources.files("binsight.serving") / "static"
+
+
+def static_file(name: str) -> str:
+    return (STATIC / name).read_text(encoding="utf-8")
+
+
+def _tail_lines(path: Path, limit: int) -> list[str]:
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - 512 * limit))
+        lines = handle.read().decode("utf-8", "replace").splitlines()
+    return lines[-limit:] if size <= 512 * limit else lines[1:][-limit:]  # first may be cut
+
+
+def traffic_summary(capture_dir: Path | None, limit: int = 5000, recent: int = 25) -> dict[str, Any]:
+    """Predicted-count distribution per minute over the newest captured records (all processes)."""
+    if capture_dir is None:
+        return {"enabled": False}
+    records: list[dict[str, Any]] = []
+    files = sorted(capture_dir.glob("capture-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(files):
+        for line in reversed(_tail_lines(path, limit)):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+        if len(records) >= limit:
+            break
+    records.sort(key=lambda r: r.get("time", ""))
+    records = records[-limit:]
+    buckets: dict[str, Counter[str]] = defaultdict(Counter)
+    for record in records:
+        buckets[record.get("time", "")[:16]][str(record.get("count"))] += 1
+    classes = sorted({str(r.get("count")) for r in records}, key=lambda c: int(c) if c.isdigit() else 1 << 30)
+    return {
+        "enabled": True,
+        "total": len(records),
+        "classes": classes,
+        "by_count": dict(Counter(str(r.get("count")) for r in records)),
+        "by_verdict": dict(Counter(r.get("verdict", "no record given") for r in records)),
+        "buckets": [
+            {"start": start, "n": sum(c.values()), "counts": dict(c)} for start, c in sorted(buckets.items())
+        ],
+        "recent": records[-recent:][::-1],
+    }

@@ -1,0 +1,255 @@
+"""`binsight tune`: an Optuna study over learning rate, batch size, epochs, backbone and augmentation.
+
+Trials report validation metrics every epoch, so the pruner (median or Hyperband) stops hopeless
+ones early. The study lives in shared storage: SQLite by default, any Optuna RDB URL (PostgreSQL,
+MySQL) or an append-only journal file, so any number of workers, on any number of machines, run the
+same command and share one study. The study is bounded by finished trials in total, so re-running a
+killed worker resumes the search rather than restarting it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from binsight.errors import BinsightError
+from binsight.reporting.html import HtmlReport
+from binsight.training.config import TrainConfig, load_config
+from binsight.utils.io import atomic_write_csv, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class TuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    out: Path = Path("runs/tune")
+    study_name: str = "binsight"
+    storage: str | None = Field(None, description="Optuna RDB URL or journal:PATH (default sqlite in out/)")
+    n_trials: int = Field(20, ge=1, description="finished trials in the whole study, all workers together")
+    timeout_s: float | None = Field(None, gt=0)
+    metric: Literal["accuracy", "mae"] = "accuracy"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    lr: tuple[float, float] = (1e-4, 1e-1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [64, 128, 256])
+    epochs: tuple[int, int] = (3, 15)
+    archs: list[str] = Field(default_factory=lambda: ["resnet18", "mobilenet_v3_large", "efficientnet_b0"])
+    augment: tuple[float, float] = (0.0, 2.0)
+    base_config: Path | None = Field(None, description="JSON training config for everything not searched")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="training settings fixed for every trial")
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneConfig:
+        if not 0 < self.lr[0] <= self.lr[1]:
+            raise ValueError("lr range must be positive and increasing")
+        if not 1 <= self.epochs[0] <= self.epochs[1]:
+            raise ValueError("epochs range must be increasing and at least 1")
+        if not self.batch_sizes or not self.archs:
+            raise ValueError("batch_sizes and archs need at least one value each")
+        return self
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    # A worker that dies leaves its trial RUNNING; heartbeats let the others mark it failed and retry it.
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=30,
+        grace_period=120,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+    )
+
+
+def _pruner(kind: str) -> optuna.pruners.BasePruner:
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+def trial_config(trial: optuna.Trial, config: TuneConfig) -> TrainConfig:
+    sampled = {
+        "lr": trial.suggest_float("lr", *config.lr, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", config.batch_sizes),
+        "epochs": trial.suggest_int("epochs", *config.epochs),
+        "arch": trial.suggest_categorical("arch", config.archs),
+        "augment": trial.suggest_float("augment", *config.augment),
+    }
+    overrides = {
+        **config.fixed,
+        **sampled,
+        "data": config.data,
+        "out": config.out / "trials" / f"trial-{trial.number:04d}",
+        "select_metric": config.metric,
+        "early_stopping": None,
+    }
+    return load_config(config.base_config, overrides)
+
+
+def objective(config: TuneConfig) -> Any:
+    from binsight.training.engine import train
+
+    def run(trial: optuna.Trial) -> float:
+        train_config = trial_config(trial, config)
+        trial.set_user_attr("out", str(train_config.out))
+        key = "val_accuracy" if config.metric == "accuracy" else "val_mae"
+
+        def report(record: dict[str, Any]) -> None:
+            trial.report(record[key], record["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {record['epoch']}: {key} {record[key]:.4f}")
+
+        summary = train(train_config, on_epoch_end=report)
+        return float(summary["best"]["value"])
+
+    return run
+
+
+def _open_study(config: TuneConfig) -> optuna.Study:
+    """Create or join the study. Workers started together race to create a fresh database's schema;
+    the loser sees a constraint error and simply joins once the winner is done."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(6):
+        try:
+            return optuna.create_study(
+                study_name=config.study_name,
+                storage=make_storage(config.storage_url()),
+                direction="maximize" if config.metric == "accuracy" else "minimize",
+                sampler=optuna.samplers.TPESampler(
+                    seed=None if config.seed is None else config.seed + os.getpid(), n_startup_trials=5
+                ),
+                pruner=_pruner(config.pruner),
+                load_if_exists=True,
+            )
+        except (SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as exc:
+            if attempt == 5:
+                raise BinsightError(f"cannot open the study in {config.storage_url()}: {exc}") from None
+            time.sleep(0.3 + random.random())
+        except (ValueError, ImportError) as exc:
+            raise BinsightError(f"cannot open the study storage {config.storage_url()}: {exc}") from None
+    raise AssertionError("unreachable")
+
+
+def tune(config: TuneConfig) -> dict[str, Any]:
+    config.out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(config)
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=done))
+    if remaining > 0:
+        study.optimize(
+            objective(config),
+            timeout=config.timeout_s,
+            callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=done)],
+            catch=(BinsightError,),
+        )
+    return write_results(study, config)
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        seconds = (
+            (trial.datetime_complete - trial.datetime_start).total_seconds()
+            if trial.datetime_complete
+            else None
+        )
+        rows.append(
+            {
+                "number": trial.number,
+                "state": trial.state.name,
+                "value": trial.value,
+                "epochs_reported": len(trial.intermediate_values),
+                "seconds": seconds,
+                **{f"param_{k}": v for k, v in trial.params.items()},
+            }
+        )
+    return rows
+
+
+def write_results(study: optuna.Study, config: TuneConfig) -> dict[str, Any]:
+    rows = trial_rows(study)
+    columns = sorted(
+        {c for row in rows for c in row}, key=lambda c: (not c.startswith(("number", "state", "value")), c)
+    )
+    atomic_write_csv(config.out / "results.csv", rows, columns)
+    states = dict(Counter(row["state"] for row in rows))
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    summary: dict[str, Any] = {
+        "study": study.study_name,
+        "storage": config.storage_url(),
+        "trials": len(rows),
+        "states": states,
+    }
+    if not completed:
+        atomic_write_json(config.out / "summary.json", summary)
+        return summary
+    best = study.best_trial
+    best_config = trial_config(optuna.trial.FixedTrial(best.params, best.number), config)
+    best_config = best_config.model_copy(update={"out": config.out / "best-model"})
+    atomic_write_text(config.out / "best_config.json", best_config.model_dump_json(indent=2))
+    summary.update(
+        best_value=best.value,
+        best_params=best.params,
+        best_trial=best.number,
+        best_config=str(config.out / "best_config.json"),
+    )
+    atomic_write_json(config.out / "summary.json", summary)
+    _report(study, config, summary)
+    return summary
+
+
+def _report(study: optuna.Study, config: TuneConfig, summary: dict[str, Any]) -> None:
+    import warnings
+
+    from optuna.visualization import matplotlib as optuna_plots
+
+    from binsight.utils.plots import save_figure
+
+    report = HtmlReport(f"binsight tune: {study.study_name}")
+    report.paragraph(
+        f"{summary['trials']} trials ({summary['states']}); best {config.metric} "
+        f"{summary['best_value']:.4f} (trial {summary['best_trial']}) with {summary['best_params']}."
+    )
+    report.paragraph(f"Train it: binsight train --config {summary['best_config']}")
+    plots = {
+        "optimization_history": optuna_plots.plot_optimization_history,
+        "intermediate_values": optuna_plots.plot_intermediate_values,
+        "slice": optuna_plots.plot_slice,
+        "param_importances": optuna_plots.plot_param_importances,
+    }
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                axes = plot(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            save_figure(figure, config.out / f"{name}.png")
+            report.figure(config.out / f"{name}.png", name.replace("_", " "))
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances need 2+ trials
+            log.info("skipped the %s plot: %s", name, exc)
+    rows = trial_rows(study)
+    columns = list(rows[0]) if rows else []
+    report.table(columns, [[row[c] for c in columns] for row in rows])
+    report.write(config.out / "report.html")

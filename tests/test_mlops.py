@@ -1,0 +1,366 @@
+"""Registry, retrain-and-promote pipeline, audit, hyperparameter search and the web page."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import optuna
+import pytest
+
+from binsight.audit.audit import catch_curve, simulate_errors
+from binsight.cli import main
+from binsight.data.synth import SynthConfig, generate_dataset
+from binsight.errors import BinsightError
+from binsight.pipeline.retrain import Pipeline, PipelineConfig, compare
+from binsight.registry import Registry
+from binsight.serving.app import ServeConfig, create_app
+from binsight.serving.background import BackgroundServer
+from binsight.training.config import load_config
+from binsight.utils.io import read_csv
+
+from .conftest import s3_client
+
+
+def register_both(registry: Registry, trained: dict[str, Path]) -> list[str]:
+    return [
+        registry.register(
+            trained[f"checkpoint_{n}"], trained[f"onnx_{n}"], {"accuracy": 0.5, "mae": 0.7}, {"note": n}
+        )
+        for n in ("a", "b")
+    ]
+
+
+def test_local_registry_versions_aliases_and_rollback(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    assert register_both(registry, trained) == ["v0001", "v0002"]
+    version = registry.get("v0002")
+    assert version.meta["note"] == "b" and version.meta["version"] == "v0002" and "created" in version.meta
+    assert (tmp_path / "registry/versions/v0002/model.onnx").read_bytes() == trained["onnx_b"].read_bytes()
+    registry.set_alias("production", "v0001")
+    registry.set_alias("production", "v0002")
+    assert registry.resolve("production") == "v0002"
+    assert registry.rollback("production")["version"] == "v0001"
+    with pytest.raises(BinsightError, match="no earlier version"):
+        registry.rollback("production")
+    with pytest.raises(BinsightError, match="no version 'v0009'"):
+        registry.set_alias("production", "v0009")
+    with pytest.raises(BinsightError, match="no alias 'staging'"):
+        registry.resolve("staging")
+
+    assert main(["models", "promote", "v0002", "--registry", str(tmp_path / "registry")]) == 0
+    assert main(["models", "list", "--registry", str(tmp_path / "registry")]) == 0
+    listing = capsys.readouterr().out
+    assert "v0001" in listing and "v0002" in listing and "production" in listing
+    assert main(["models", "rollback", "--registry", str(tmp_path / "registry")]) == 0
+    assert "rolled back to v0001" in capsys.readouterr().out
+
+
+def test_s3_registry_same_scheme(
+    trained: dict[str, Path], abid_bucket: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    s3_client(abid_bucket["endpoint"]).create_bucket(Bucket="models")
+    registry = Registry("s3://models/binsight", endpoint_url=abid_bucket["endpoint"])
+    assert register_both(registry, trained) == ["v0001", "v0002"]
+    registry.set_alias("production", "v0002")
+    again = Registry("s3://models/binsight", endpoint_url=abid_bucket["endpoint"])
+    assert again.versions() == ["v0001", "v0002"] and again.aliases() == {"production": "v0002"}
+    fetched = again.fetch("v0002", "model.onnx", tmp_path / "m.onnx")
+    assert fetched.read_bytes() == trained["onnx_b"].read_bytes()
+
+
+def test_server_follows_a_registry_alias(trained: dict[str, Path], tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    register_both(registry, trained)
+    registry.set_alias("production", "v0001")
+    config = ServeConfig(
+        registry=str(tmp_path / "registry"), registry_cache=tmp_path / "cache", reload_interval_s=0.1
+    )
+    with BackgroundServer(create_app(config)) as server:
+        assert httpx.get(f"{server.url}/ping").json()["model_version"] == "v0001"
+        registry.set_alias("production", "v0002")
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/ping").json()["model_version"] != "v0002":
+            assert time.monotonic() < deadline, "the server did not follow the alias"
+            time.sleep(0.1)
+        body = next((trained["data"] / "images").glob("*.jpg")).read_bytes()
+        answer = httpx.post(f"{server.url}/invocations", content=body, headers={"content-type": "image/jpeg"})
+        assert answer.json()["model_version"] == "v0002"
+
+
+def test_compare_promotes_only_a_real_improvement() -> None:
+    production = {"accuracy": 0.60, "off_by_one_accuracy": 0.90, "mae": 0.50, "rmse": 0.80}
+    better = {**production, "accuracy": 0.63}
+    assert compare(better, production, "accuracy", 0.01, 0.02)["promote"] is True
+    assert compare(better, production, "accuracy", 0.05, 0.02)["promote"] is False
+    worse_elsewhere = {**better, "mae": 0.60}
+    decision = compare(worse_elsewhere, production, "accuracy", 0.01, 0.02)
+    assert decision["promote"] is False and "mae" in decision["reason"]
+    lower_mae = {**production, "mae": 0.40}
+    assert compare(lower_mae, production, "mae", 0.05, 0.02)["promote"] is True
+    assert compare(better, None, "accuracy", 0.01, 0.02) == {
+        "promote": True,
+        "reason": "no production model yet",
+    }
+
+
+def test_pipeline_registers_promotes_resumes_and_ingests(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data, ignore=shutil.ignore_patterns("splits", "index.csv", ".cache"))
+    weak = {
+        "arch": "mobilenet_v3_small",
+        "pretrained": False,
+        "image_size": 32,
+        "epochs": 1,
+        "batch_size": 16,
+        "workers": 0,
+        "tensorboard": False,
+        "max_train_batches": 2,
+        "seed": 0,
+    }
+    base = dict(
+        data=data, registry=str(tmp_path / "registry"), work_dir=tmp_path / "work", train_overrides=weak
+    )
+
+    def broken_promote(self: Pipeline) -> dict:
+        raise RuntimeError("killed between register and promote")
+
+    monkeypatch.setattr(Pipeline, "_promote", broken_promote)
+    with pytest.raises(RuntimeError):
+        Pipeline(PipelineConfig(**base, run_id="first")).run()
+    monkeypatch.undo()
+    first = Pipeline(PipelineConfig(**base, run_id="first")).run()  # the same command, run again
+    registry = Registry(tmp_path / "registry")
+    assert registry.versions() == ["v0001"]  # registered once, not twice
+    assert first["promote"] == {"promoted": True, "production": "v0001"}
+    assert registry.resolve("production") == "v0001" and registry.resolve("candidate") == "v0001"
+    assert (tmp_path / "work/first/comparison.html").exists()
+
+    new = tmp_path / "new"
+    generate_dataset(new, SynthConfig(n_images=20, image_size=64, seed=9, start_index=5000, workers=1))
+    second = Pipeline(PipelineConfig(**base, run_id="second", new_data=str(new))).run()
+    assert second["ingest"]["added_images"] == 20 and second["ingest"]["indexed"] == 180
+    # Same recipe, same seed: the candidate is no better, so production stays.
+    assert second["evaluate"]["production_version"] == "v0001"
+    assert second["promote"]["promoted"] is False and registry.resolve("production") == "v0001"
+    assert registry.resolve("candidate") == "v0002"
+    saved = json.loads((tmp_path / "work/second/comparison.json").read_text())
+    assert saved["evaluation"]["candidate"]["n"] == saved["evaluation"]["production"]["n"]
+
+
+def test_audit_csv_ranks_bins_and_reports(
+    trained: dict[str, Path], tmp_path: Path, abid_bucket: dict
+) -> None:
+    images = sorted((trained["data"] / "images").glob("*.jpg"))[:6]
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    with open(folder / "bins.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "recorded_quantity"])
+        writer.writerows([(image.name, 3) for image in images])
+        writer.writerow(["missing.jpg", 2])
+        writer.writerow([images[0].name, "two"])
+        writer.writerow(["s3://aft-vbi-pds/bin-images/synth-000003.jpg", 1])
+    out = tmp_path / "audit"
+    code = main(
+        [
+            "audit",
+            str(folder / "bins.csv"),
+            "--model",
+            str(trained["onnx_a"]),
+            "--out",
+            str(out),
+            "--s3-endpoint-url",
+            abid_bucket["endpoint"],
+            "--s3-unsigned",
+        ]
+    )
+    assert code == 0
+    rows = read_csv(out / "audit.csv")
+    assert len(rows) == 8
+    assert [int(r["rank"]) for r in rows] == list(range(1, 9))
+    scored = [r for r in rows if r["verdict"] != "error"]
+    wrong = [float(r["p_record_wrong"]) for r in scored]
+    assert wrong == sorted(wrong, reverse=True)
+    for row in scored:
+        assert row["verdict"] in {"ok", "review", "mismatch"}
+        assert float(row["p_recorded"]) == pytest.approx(1 - float(row["p_record_wrong"]), abs=1e-5)
+    assert rows[-1]["verdict"] == "error" and "missing.jpg" in rows[-1]["image"]
+    assert any(r["image"].startswith("s3://") for r in scored)
+    summary = json.loads((out / "audit.json").read_text())
+    assert len(summary["rejected_rows"]) == 1 and summary["bins"] == 8
+    report = (out / "report.html").read_text()
+    flagged = sum(r["verdict"] in {"review", "mismatch"} for r in rows)
+    assert report.count("data:image/jpeg;base64,") == flagged
+
+
+def test_simulated_errors_and_catch_curve() -> None:
+    truth = np.random.default_rng(0).integers(0, 6, 1000)
+    recorded, is_error = simulate_errors(truth, 0.1, 6, seed=1)
+    assert is_error.sum() == 100
+    assert np.all(recorded[is_error] != truth[is_error]) and np.all(recorded[~is_error] == truth[~is_error])
+    assert np.all((recorded >= 0) & (recorded < 6)) and np.all(np.abs(recorded - truth) <= 2)
+    # A perfect scorer catches every error within a budget equal to the error rate; a constant one
+    # is no better than chance.
+    fraction, caught = catch_curve(is_error.astype(float), is_error)
+    assert caught[99] == 1.0 and fraction[99] == pytest.approx(0.1)
+    _, blind = catch_curve(np.zeros(1000), is_error)
+    assert blind[199] == pytest.approx(is_error[:200].mean() * 200 / 100)
+
+
+def test_audit_evaluation_writes_budgets_and_curve(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(
+        [
+            "audit",
+            "--evaluate",
+            "--model",
+            str(trained["onnx_a"]),
+            "--data",
+            str(trained["data"]),
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path),
+            "--error-rate",
+            "0.2",
+        ]
+    )
+    assert code == 0
+    result = json.loads((tmp_path / "audit_evaluation.json").read_text())
+    assert set(result["caught_at_budget"]) == {"5%", "10%", "20%"}
+    caught = [result["caught_at_budget"][k]["errors_caught"] for k in ("5%", "10%", "20%")]
+    assert caught == sorted(caught) and all(0 <= c <= 1 for c in caught)
+    assert result["simulated_errors"] == round(0.2 * result["bins"])
+    assert (tmp_path / "catch_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "re-check" in capsys.readouterr().out
+
+
+def test_tune_with_two_parallel_workers_sharing_one_study(trained: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    fixed = json.dumps(
+        {"image_size": 32, "workers": 0, "max_train_batches": 2, "pretrained": False, "tensorboard": False}
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "binsight",
+        "tune",
+        "--data",
+        str(trained["data"]),
+        "--out",
+        str(out),
+        "--n-trials",
+        "4",
+        "--archs",
+        "mobilenet_v3_small",
+        "--batch-sizes",
+        "8,16",
+        "--epochs",
+        "1:2",
+        "--lr",
+        "1e-4:1e-2",
+        "--fixed",
+        fixed,
+        "--pruner",
+        "median",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", BINSIGHT_PROGRESS="0")
+    out.mkdir()
+    workers = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr.decode()[-3000:]
+    study = optuna.load_study(study_name="binsight", storage=f"sqlite:///{out / 'study.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) >= 4
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == len(study.trials) and {"number", "state", "value", "param_lr"} <= set(rows[0])
+    best = load_config(out / "best_config.json", {})
+    assert best.arch == "mobilenet_v3_small" and best.image_size == 32 and best.lr == study.best_params["lr"]
+    assert (out / "report.html").exists() and (out / "optimization_history.png").exists()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"), reason="Debian chromium not installed"
+)
+def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    photo, other_photo = sorted((trained["data"] / "images").glob("*.jpg"))[:2]
+    config = ServeConfig(
+        model=trained["onnx_a"],
+        capture_dir=tmp_path / "capture",
+        capture_sample_rate=1.0,
+        reload_interval_s=0,
+    )
+    with BackgroundServer(create_app(config)) as server, sync_playwright() as playwright:
+        expected = httpx.post(
+            f"{server.url}/v1/count?expected_count=2",
+            content=photo.read_bytes(),
+            headers={"content-type": "image/jpeg"},
+        ).json()["predictions"][0]
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('v-a')")
+            page.fill("#expected", "2")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("#result:not([hidden])")
+            assert page.text_content("#count") == str(expected["count"])
+            assert page.text_content("#verdict") == expected["verdict"]
+            assert page.locator("#bars .bar").count() == len(expected["probabilities"])
+            page.set_input_files("#file", str(other_photo))  # a second upload for the traffic view
+            page.wait_for_function("document.getElementById('preview').src.startsWith('blob:')")
+
+            page.goto(f"{server.url}/traffic")
+            page.wait_for_selector("#total")
+            deadline = time.monotonic() + 10
+            while page.text_content("#total") != "3":  # the API call and the two page uploads
+                assert time.monotonic() < deadline, page.text_content("#summary")
+                page.reload()
+                page.wait_for_selector("#total")
+            assert page.locator("#chart .col").count() >= 1
+            assert page.locator("#recent tr").count() == 3
+            page.screenshot(path=str(tmp_path / "traffic.png"))
+        finally:
+            browser.close()
