@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) -> None:
+    from binsight.audit.audit import evaluate_audit
     from binsight.models.backbones import weights_location
+    from binsight.serving.export import export
+    from binsight.serving.runtime import OnnxCounter
     from binsight.training.config import TrainConfig
     from binsight.training.engine import train
     from binsight.training.evaluate import evaluate
@@ -23,13 +26,13 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
     data_dir = out / "data"
     started = time.perf_counter()
     written = generate_dataset(data_dir, SynthConfig(n_images=n_images, seed=seed))
-    print(f"[1/6] synthesized {written} bin photos in {time.perf_counter() - started:.1f}s -> {data_dir}")
+    print(f"[1/8] synthesized {written} bin photos in {time.perf_counter() - started:.1f}s -> {data_dir}")
     index = build_index(data_dir)
-    print(f"[2/6] indexed {len(index.rows)} images ({len(index.skipped)} skipped)")
+    print(f"[2/8] indexed {len(index.rows)} images ({len(index.skipped)} skipped)")
     summary = write_splits(data_dir, SplitConfig(seed=seed))
-    print("[3/6] split: " + ", ".join(f"{k} {v['images']}" for k, v in summary["splits"].items()))
+    print("[3/8] split: " + ", ".join(f"{k} {v['images']}" for k, v in summary["splits"].items()))
     stats = dataset_stats(data_dir, out / "stats")
-    print("[4/6] dataset statistics:\n" + format_stats(stats))
+    print("[4/8] dataset statistics:\n" + format_stats(stats))
 
     # ImageNet weights help a lot, but the demo must run offline: use them only if already cached.
     pretrained = weights_location("resnet18").is_file()
@@ -45,7 +48,7 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
         seed=seed,
     )
     print(
-        f"[5/6] training resnet18 ({'ImageNet weights' if pretrained else 'from scratch'}) "
+        f"[5/8] training resnet18 ({'ImageNet weights' if pretrained else 'from scratch'}) "
         f"for {epochs} epochs on CPU..."
     )
     result = train(config)
@@ -56,7 +59,31 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
     )
     metrics = evaluate(out / "model" / "best.pt", split="test")
     print(
-        f"[6/6] test: accuracy {metrics['accuracy']:.3f}, off-by-one {metrics['off_by_one_accuracy']:.3f}, "
+        f"[6/8] test: accuracy {metrics['accuracy']:.3f}, off-by-one {metrics['off_by_one_accuracy']:.3f}, "
         f"MAE {metrics['mae']:.3f}, RMSE {metrics['rmse']:.3f}, ECE {metrics['ece']:.3f}"
     )
-    print(f"done in {time.perf_counter() - started:.0f}s. Open {out / 'model' / 'eval-test' / 'report.html'}")
+    onnx = export(out / "model" / "best.pt", out / "model.onnx", quantize=True)
+    int8 = onnx["int8"]
+    print(
+        f"[7/8] exported {onnx['onnx']} "
+        f"(ONNX Runtime vs PyTorch max diff {onnx['max_abs_diff_vs_pytorch']:.1e}); "
+        f"int8: accuracy {int8['int8_accuracy']:.3f} vs {int8['fp32_accuracy']:.3f} fp32"
+    )
+    audit = evaluate_audit(
+        OnnxCounter(out / "model.onnx"), data_dir, "test", out / "audit", error_rate=0.1, seed=seed
+    )
+    caught = ", ".join(
+        f"{100 * v['errors_caught']:.0f}% at {k}" for k, v in audit["caught_at_budget"].items()
+    )
+    print(
+        f"[8/8] audit: {audit['simulated_errors']} wrong records hidden among {audit['bins']} bins; "
+        f"re-checking the most suspicious bins catches {caught} of bins re-checked"
+    )
+    print(
+        f"done in {time.perf_counter() - started:.0f}s. "
+        f"Reports: {out / 'model' / 'eval-test' / 'report.html'}, {out / 'audit' / 'report.html'}"
+    )
+    print(
+        f"Serve it: .venv/bin/binsight serve --model {out / 'model.onnx'} --capture-dir {out / 'capture'} "
+        "and open http://127.0.0.1:8080/"
+    )
