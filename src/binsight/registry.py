@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -77,8 +76,8 @@ class LocalStore:
         source = self.root / key
         if not source.exists():
             raise BinsightError(f"{source} is missing from the registry")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
+        # Atomic: worker processes of one server may fetch the same version at the same moment.
+        atomic_write_bytes(path, source.read_bytes())
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix
@@ -191,7 +190,8 @@ class Registry:
 
     def register(self, checkpoint: Path, onnx: Path, metrics: dict[str, Any], meta: dict[str, Any]) -> str:
         """Add a version; artifacts first, meta.json last, so a version is visible only when complete."""
-        number = int(self.versions()[-1][1:]) + 1 if self.versions() else 1
+        existing = self.versions()
+        number = int(existing[-1][1:]) + 1 if existing else 1
         while not self.store.create(f"versions/v{number:04d}/.claim", b""):
             number += 1
         name = f"v{number:04d}"

@@ -123,6 +123,11 @@ def parse_metadata(raw: bytes | str, image_id: str) -> BinRecord:
     return BinRecord(image_id=image_id, count=count, quantity_sum=quantity_sum, items=tuple(items))
 
 
+def image_id_order(image_id: str) -> tuple[int, int | str]:
+    """ABID ids are integers; sort them as numbers (2 before 10), and any other ids after them."""
+    return (0, int(image_id)) if image_id.isdigit() else (1, image_id)
+
+
 def item_to_metadata(item: Item) -> dict[str, object]:
     """The inverse of the per-item parsing, used by the synthetic generator to write ABID-shaped files."""
     entry: dict[str, object] = {"asin": item.asin, "name": item.name, "quantity": item.quantity}

@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.data import IMAGES_DIR, METADATA_DIR
-from binsight.data.abid import MetadataError, parse_metadata
+from binsight.data.abid import MetadataError, image_id_order, parse_metadata
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from binsight.utils.progress import bar
@@ -128,10 +128,6 @@ def read_file_list(path: Path) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _natural_key(image_id: str) -> tuple[int, int | str]:
-    return (0, int(image_id)) if image_id.isdigit() else (1, image_id)
-
-
 def make_client(config: DownloadConfig) -> Any:
     """An unsigned client: ABID is public, and no credentials must be needed (or leaked)."""
     return boto3.session.Session().client(
@@ -196,7 +192,7 @@ def list_ids(client: Any, config: DownloadConfig, cache: Path) -> list[str]:
             keys = [obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(".json")]
             ids.extend(_id_from_key(key) for key in keys)
             progress.update(len(keys))
-    ids.sort(key=_natural_key)
+    ids.sort(key=image_id_order)
     atomic_write_text(listing, "\n".join(ids) + "\n")
     return ids
 

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from binsight.data import IMAGES_DIR, METADATA_DIR
-from binsight.data.abid import MetadataError, parse_metadata
+from binsight.data.abid import MetadataError, image_id_order, parse_metadata
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 from binsight.utils.progress import track
@@ -107,10 +107,6 @@ def _index_row(root: Path, image_id: str) -> dict[str, Any] | str:
     }
 
 
-def _sort_key(image_id: str) -> tuple[int, int | str]:
-    return (0, int(image_id)) if image_id.isdigit() else (1, image_id)
-
-
 def build_index(root: str | os.PathLike[str], workers: int | None = None) -> IndexResult:
     root = Path(root)
     images_dir, meta_dir = root / IMAGES_DIR, root / METADATA_DIR
@@ -121,7 +117,7 @@ def build_index(root: str | os.PathLike[str], workers: int | None = None) -> Ind
         )
     image_ids = {p.stem for p in images_dir.glob("*.jpg")} if images_dir.is_dir() else set()
     meta_ids = {p.stem for p in meta_dir.glob("*.json")} if meta_dir.is_dir() else set()
-    ids = sorted(image_ids | meta_ids, key=_sort_key)
+    ids = sorted(image_ids | meta_ids, key=image_id_order)
     if not ids:
         raise BinsightError(f"{root} holds no images or metadata", hint="download or synthesize data first")
 

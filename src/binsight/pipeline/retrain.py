@@ -188,9 +188,7 @@ class Pipeline:
     def _register(self) -> dict[str, Any]:
         evaluation = self.state["evaluate"]
         checkpoint = Path(self.state["train"]["checkpoint"])
-        import torch
-
-        config = torch.load(checkpoint, map_location="cpu", weights_only=False)["config"]
+        config = json.loads((checkpoint.parent / "config.json").read_text())
         version = self.registry.register(
             checkpoint,
             Path(self.state["export"]["onnx"]),

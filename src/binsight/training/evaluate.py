@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from binsight.data.split import fingerprint
@@ -95,11 +95,11 @@ def evaluate(
 
 
 def _findings(run_dir: Path) -> list[dict[str, Any]]:
-    last = run_dir / "last.pt"
-    if not last.exists():
+    """The monitors' findings, from the run summary that training writes next to its checkpoints."""
+    summary = run_dir / "history.json"
+    if not summary.exists():
         return []
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    return list(state.get("monitors", {}).get("findings", []))
+    return list(json.loads(summary.read_text()).get("findings", []))
 
 
 def write_report(
