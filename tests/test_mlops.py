@@ -213,6 +213,35 @@ def test_audit_csv_ranks_bins_and_reports(
     flagged = sum(r["verdict"] in {"review", "mismatch"} for r in rows)
     assert report.count("data:image/jpeg;base64,") == flagged
 
+    budgeted = tmp_path / "budgeted"
+    assert (
+        main(
+            [
+                "audit",
+                str(folder / "bins.csv"),
+                "--model",
+                str(trained["onnx_a"]),
+                "--out",
+                str(budgeted),
+                "--s3-endpoint-url",
+                abid_bucket["endpoint"],
+                "--s3-unsigned",
+                "--review-budget",
+                "0.25",
+            ]
+        )
+        == 0
+    )
+    ranked = read_csv(budgeted / "audit.csv")
+    verdicts = [r["verdict"] for r in ranked]
+    assert all(v in {"review", "mismatch"} for v in verdicts[:2])  # ceil(0.25 x 7 scored bins) = 2
+    assert verdicts[2:7] == ["ok"] * 5 and verdicts[7] == "error"
+    assert [r["image"] for r in ranked] == [r["image"] for r in rows]  # same ranking, fewer flags
+    assert (
+        main(["audit", str(folder / "bins.csv"), "--model", str(trained["onnx_a"]), "--review-budget", "0"])
+        == 2
+    )
+
 
 def test_simulated_errors_and_catch_curve() -> None:
     truth = np.random.default_rng(0).integers(0, 6, 1000)

@@ -433,7 +433,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         raise BinsightError("give a CSV of bins to audit, or --evaluate --data DIR")
     bins, rejected = read_bins(Path(args.bins))
     loader = ImageLoader(args.s3_endpoint_url, args.s3_unsigned)
-    results = audit(counter, bins, thresholds, loader)
+    if args.review_budget is not None and not 0 < args.review_budget <= 1:
+        raise BinsightError("--review-budget is a share of bins, above 0 and at most 1 (e.g. 0.1)")
+    results = audit(counter, bins, thresholds, loader, review_budget=args.review_budget)
     summary = write_audit(results, rejected, out, counter, loader)
     print(
         f"audit: {summary['bins']} bins {summary['verdicts']}; ranked list in {out / 'audit.csv'}, "
@@ -589,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--ok-above", type=float, default=0.5, help="P(recorded) above which a bin is ok")
     aud.add_argument(
         "--mismatch-below", type=float, default=0.1, help="P(recorded) below which it mismatches"
+    )
+    aud.add_argument(
+        "--review-budget",
+        type=float,
+        default=None,
+        help="flag exactly this share of bins, the most suspicious (e.g. 0.1)",
     )
     aud.add_argument("--s3-endpoint-url", default=None)
     aud.add_argument("--s3-unsigned", action="store_true")

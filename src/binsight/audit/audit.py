@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from binsight.audit.verdict import MISMATCH, REVIEW, VerdictThresholds, judge, p_of_count
+from binsight.audit.verdict import MISMATCH, OK, REVIEW, VerdictThresholds, judge, p_of_count
 from binsight.errors import BinsightError
 from binsight.imaging import decode_image, to_model_input
 from binsight.reporting.html import HtmlReport, image_data_uri
@@ -147,7 +148,11 @@ def audit(
     thresholds: VerdictThresholds,
     loader: ImageLoader,
     batch_size: int = 32,
+    review_budget: float | None = None,
 ) -> list[dict[str, Any]]:
+    """Judge every bin and rank by P(record wrong). With `review_budget` (a share of bins), exactly the
+    most suspicious share is flagged, whatever the thresholds say, so the list matches the people
+    available to re-check it; the thresholds then only split flagged bins into mismatch and review."""
     probabilities, problems = predict_sources(counter, [b.image for b in bins], loader, batch_size)
     results = []
     for entry, probs, problem in zip(bins, probabilities, problems, strict=True):
@@ -177,6 +182,14 @@ def audit(
         )
     # Most suspicious first; unreadable photos go last (they need a person, but for another reason).
     results.sort(key=lambda r: -1.0 if r["p_record_wrong"] is None else r["p_record_wrong"], reverse=True)
+    scored = [row for row in results if row["p_record_wrong"] is not None]
+    if review_budget is not None:
+        flagged = math.ceil(review_budget * len(scored))
+        for position, row in enumerate(scored):
+            if position >= flagged:
+                row["verdict"] = OK
+            elif row["verdict"] == OK:
+                row["verdict"] = REVIEW
     for rank, row in enumerate(results, start=1):
         row["rank"] = rank
     return results
