@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import pytest
 from binsight.cli import main
 from binsight.data.download import DownloadConfig, download, read_file_list
 from binsight.errors import BinsightError
+
+from .conftest import unused_loopback_port
 
 
 def _config(bucket: dict, out: Path, **kwargs) -> DownloadConfig:
@@ -85,9 +86,7 @@ def test_file_list_in_the_student_subset_format(abid_bucket: dict, tmp_path: Pat
 def test_bad_bucket_and_unreachable_endpoint_are_clear_errors(abid_bucket: dict, tmp_path: Path) -> None:
     with pytest.raises(BinsightError, match="does not exist"):
         download(DownloadConfig(out=tmp_path, endpoint_url=abid_bucket["endpoint"], bucket="nope"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
+    closed_port = unused_loopback_port()
     with pytest.raises(BinsightError, match="cannot reach"):
         download(DownloadConfig(out=tmp_path, endpoint_url=f"http://127.0.0.1:{closed_port}", retries=0))
 

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from binsight.serving.export import export
 from binsight.serving.loadtest import run_load
 from binsight.serving.runtime import OnnxCounter
 
-from .conftest import BUCKET
+from .conftest import BUCKET, unused_loopback_port
 
 
 def images(trained: dict[str, Path], n: int = 8) -> list[bytes]:
@@ -140,9 +139,7 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(
     trained: dict[str, Path], abid_bucket: dict
 ) -> None:
     jpeg = images(trained, 1)[0]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dead_port = sock.getsockname()[1]
+    dead_port = unused_loopback_port()
     cases = [
         ("image/jpeg", b"hello, I am text", 400, "not_an_image"),
         ("image/jpeg", jpeg[: len(jpeg) // 2], 400, "corrupt_image"),
@@ -344,9 +341,7 @@ def test_loadtest_open_and_closed_loop(trained: dict[str, Path], capsys: pytest.
 
 
 def test_serve_cli_with_two_worker_processes(trained: dict[str, Path]) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = unused_loopback_port()
     command = [
         sys.executable,
         "-m",
