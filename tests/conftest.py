@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
@@ -48,6 +49,10 @@ def unused_loopback_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def post_jpeg(url: str, body: bytes) -> httpx.Response:
+    return httpx.post(url, content=body, headers={"content-type": "image/jpeg"})
 
 
 def s3_client(endpoint: str):  # type: ignore[no-untyped-def]

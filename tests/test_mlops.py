@@ -27,7 +27,7 @@ from binsight.serving.background import BackgroundServer
 from binsight.training.config import load_config
 from binsight.utils.io import read_csv
 
-from .conftest import s3_client
+from .conftest import post_jpeg, s3_client
 
 
 def register_both(registry: Registry, trained: dict[str, Path]) -> list[str]:
@@ -100,7 +100,7 @@ def test_server_follows_a_registry_alias(trained: dict[str, Path], tmp_path: Pat
             assert time.monotonic() < deadline, "the server did not follow the alias"
             time.sleep(0.1)
         body = next((trained["data"] / "images").glob("*.jpg")).read_bytes()
-        answer = httpx.post(f"{server.url}/invocations", content=body, headers={"content-type": "image/jpeg"})
+        answer = post_jpeg(f"{server.url}/invocations", body)
         assert answer.json()["model_version"] == "v0002"
 
 
@@ -351,11 +351,9 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
         reload_interval_s=0,
     )
     with BackgroundServer(create_app(config)) as server, sync_playwright() as playwright:
-        expected = httpx.post(
-            f"{server.url}/v1/count?expected_count=2",
-            content=photo.read_bytes(),
-            headers={"content-type": "image/jpeg"},
-        ).json()["predictions"][0]
+        expected = post_jpeg(f"{server.url}/v1/count?expected_count=2", photo.read_bytes()).json()[
+            "predictions"
+        ][0]
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM),
             args=[

@@ -30,7 +30,7 @@ from binsight.serving.export import export
 from binsight.serving.loadtest import run_load
 from binsight.serving.runtime import OnnxCounter
 
-from .conftest import BUCKET, unused_loopback_port
+from .conftest import BUCKET, post_jpeg, unused_loopback_port
 
 
 def images(trained: dict[str, Path], n: int = 8) -> list[bytes]:
@@ -116,9 +116,7 @@ def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dic
         predictions = many.json()["predictions"]
         assert len(predictions) == 3 and predictions[0]["count"] == predictions[1]["count"]
         assert "verdict" in predictions[1] and "verdict" not in predictions[0]
-        raw = httpx.post(
-            f"{s.url}/v1/count?expected_count=3", content=jpeg, headers={"content-type": "image/jpeg"}
-        )
+        raw = post_jpeg(f"{s.url}/v1/count?expected_count=3", jpeg)
         assert raw.json()["predictions"][0]["expected_count"] == 3
 
 
@@ -187,12 +185,7 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(
             )
             assert response.json()["error"]["message"]
         assert httpx.get(f"{s.url}/ping").status_code == 200
-        assert (
-            httpx.post(
-                f"{s.url}/invocations", content=jpeg, headers={"content-type": "image/jpeg"}
-            ).status_code
-            == 200
-        )
+        assert post_jpeg(f"{s.url}/invocations", jpeg).status_code == 200
         errors = metric_samples(httpx.get(f"{s.url}/metrics").text)
         assert errors['binsight_request_errors_total{"code": "corrupt_image", "route": "/invocations"}'] == 1
 
@@ -228,12 +221,7 @@ def test_full_queue_answers_503_with_retry_after(trained: dict[str, Path]) -> No
         assert statuses[503] > 0 and statuses[200] > 0 and set(statuses) == {200, 503}
         rejected = next(r for r in responses if r.status_code == 503)
         assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["code"] == "overloaded"
-        assert (
-            httpx.post(
-                f"{s.url}/invocations", content=bodies[0], headers={"content-type": "image/jpeg"}
-            ).status_code
-            == 200
-        )
+        assert post_jpeg(f"{s.url}/invocations", bodies[0]).status_code == 200
 
 
 def test_hot_reload_under_load_loses_no_request(trained: dict[str, Path], tmp_path: Path) -> None:
@@ -275,9 +263,7 @@ def test_hot_reload_under_load_loses_no_request(trained: dict[str, Path], tmp_pa
 
 def test_metrics_endpoint_is_valid_prometheus(trained: dict[str, Path]) -> None:
     with server(trained) as s:
-        httpx.post(
-            f"{s.url}/invocations", content=images(trained, 1)[0], headers={"content-type": "image/jpeg"}
-        )
+        post_jpeg(f"{s.url}/invocations", images(trained, 1)[0])
         text = httpx.get(f"{s.url}/metrics").text
     names = {family.name for family in text_string_to_metric_families(text)}
     assert {
@@ -298,9 +284,7 @@ def test_data_capture_writes_rotated_jsonl(trained: dict[str, Path], tmp_path: P
         trained, capture_dir=tmp_path / "capture", capture_sample_rate=1.0, capture_max_file_bytes=2048
     ) as s:
         for body in bodies * 2:
-            httpx.post(
-                f"{s.url}/invocations?expected_count=2", content=body, headers={"content-type": "image/jpeg"}
-            )
+            post_jpeg(f"{s.url}/invocations?expected_count=2", body)
     files = sorted((tmp_path / "capture").glob("capture-*.jsonl"))
     assert len(files) >= 2
     records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
@@ -371,12 +355,7 @@ def test_serve_cli_with_two_worker_processes(trained: dict[str, Path]) -> None:
             time.sleep(0.2)
         body = images(trained, 1)[0]
         for _ in range(12):
-            assert (
-                httpx.post(
-                    f"{url}/invocations", content=body, headers={"content-type": "image/jpeg"}
-                ).status_code
-                == 200
-            )
+            assert post_jpeg(f"{url}/invocations", body).status_code == 200
         samples = metric_samples(httpx.get(f"{url}/metrics").text)
         assert samples["binsight_images_total"] == 12  # summed over both worker processes
     finally:
