@@ -311,12 +311,8 @@ def train(
     `on_epoch_end` sees each epoch's record after its checkpoint is saved; an exception it raises (a
     tuner pruning the trial, say) ends training there.
     """
-    device_kind = (
-        "cuda"
-        if (config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
-        else "cpu"
-    )
-    context = init_distributed(device_kind)
+    # The backend (NCCL or Gloo) depends only on the device type, known before the process group.
+    context = init_distributed(resolve_device(config.device, DistContext()).type)
     if not context.is_main:
         logging.getLogger("binsight").setLevel(logging.WARNING)  # one voice in the log, not N
     try:
