@@ -391,3 +391,16 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
             page.screenshot(path=str(tmp_path / "traffic.png"))
         finally:
             browser.close()
+
+
+def test_audit_report_escapes_hostile_file_names(trained: dict[str, Path], tmp_path: Path) -> None:
+    image = sorted((trained["data"] / "images").glob("*.jpg"))[0]
+    hostile = "<svg onload=alert(document.domain)>.jpg"
+    shutil.copy(image, tmp_path / hostile)
+    (tmp_path / "bins.csv").write_text(f"image,recorded_quantity\n{hostile},3\n")
+    out = tmp_path / "audit"
+    args = ["audit", str(tmp_path / "bins.csv"), "--model", str(trained["onnx_a"]), "--out", str(out)]
+    assert main([*args, "--review-budget", "1.0"]) == 0
+    report = (out / "report.html").read_text()
+    assert "&lt;svg onload=alert(document.domain)&gt;.jpg" in report
+    assert "<svg" not in report

@@ -23,12 +23,14 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from binsight.cli import main
+from binsight.errors import BinsightError
 from binsight.imaging import decode_image, to_model_input
+from binsight.serving import runtime
 from binsight.serving.app import ServeConfig, create_app
 from binsight.serving.background import BackgroundServer
 from binsight.serving.export import export
 from binsight.serving.loadtest import run_load
-from binsight.serving.runtime import OnnxCounter
+from binsight.serving.runtime import OnnxCounter, load_counter
 
 from .conftest import BUCKET, post_jpeg, unused_loopback_port
 
@@ -40,6 +42,8 @@ def images(trained: dict[str, Path], n: int = 8) -> list[bytes]:
 def server(trained: dict[str, Path], **settings: object) -> BackgroundServer:
     settings.setdefault("model", trained["onnx_a"])
     settings.setdefault("reload_interval_s", 0)
+    # Exact comparisons below are against ONNX Runtime fp32; other engines have a test of their own.
+    settings.setdefault("backend", "onnxruntime")
     return BackgroundServer(create_app(ServeConfig(**settings)))  # type: ignore[arg-type]
 
 
@@ -67,6 +71,29 @@ def test_export_is_verified_self_describing_and_quantizable(trained: dict[str, P
     n_val = len((trained["data"] / "splits" / "val.csv").read_text().splitlines()) - 1
     assert int8["evaluated_on"] == n_val and 0 <= int8["int8_accuracy"] <= 1
     assert OnnxCounter(int8["onnx"]).info.quantized
+
+
+def test_engines_agree_and_the_choice_is_explained(
+    trained: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    reference = load_counter(trained["onnx_a"], backend="onnxruntime").predict(batch)
+    openvino = load_counter(trained["onnx_a"], backend="openvino", precision="fp32")
+    assert (openvino.runtime.backend, openvino.runtime.precision) == ("openvino", "fp32")
+    np.testing.assert_allclose(openvino.predict(batch), reference, atol=1e-4)
+    bf16 = load_counter(trained["onnx_a"], backend="openvino", precision="bf16")
+    assert np.abs(bf16.predict(batch) - reference).max() < 0.05  # bf16 keeps 8 bits of mantissa
+
+    monkeypatch.setattr(runtime, "cpu_features", lambda: {"avx512f", "avx512_vnni"})
+    plain = runtime.choose_runtime("auto", "auto")
+    assert (plain.backend, plain.precision) == ("openvino", "fp32") and "no native bf16" in plain.reason
+    monkeypatch.setattr(runtime, "cpu_features", lambda: {"avx512f", "amx_bf16", "amx_int8"})
+    assert runtime.choose_runtime("auto", "auto").precision == "bf16"
+    with pytest.raises(BinsightError, match="no bf16 path"):
+        runtime.choose_runtime("onnxruntime", "bf16")
+    with server(trained, backend="openvino", precision="fp32") as s:
+        described = httpx.get(f"{s.url}/v1/model").json()["runtime"]
+    assert described == {"backend": "openvino", "precision": "fp32", "reason": "asked for"}
 
 
 def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dict) -> None:

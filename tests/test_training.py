@@ -127,7 +127,7 @@ def test_profile_and_cache(bins: Path, tmp_path: Path) -> None:
     summary = (tmp_path / "p" / "profile" / "summary.txt").read_text()
     assert "data loading" in summary and "aten::" in summary
     assert (tmp_path / "p" / "profile" / "trace.json").stat().st_size > 1000
-    assert list((bins / ".cache").glob("train-32px-*.npy"))
+    assert list((bins / ".cache").glob("train-32x32px-*.npy"))
 
 
 def test_pretrained_weights_load_offline_or_fail_clearly(
@@ -157,7 +157,7 @@ def test_pretrained_weights_load_offline_or_fail_clearly(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"arch": "resnet9000"}, "arch 'resnet9000' is not one of"),
+        ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'"),
         ({"lr": -1.0}, "lr"),
         ({"head": "poisson"}, "head 'poisson'"),
         ({"epochs": 0}, "epochs"),

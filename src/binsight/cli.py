@@ -86,10 +86,10 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 def _cmd_data_index(args: argparse.Namespace) -> int:
     from binsight.data.index import build_index
 
-    result = build_index(args.data, workers=args.workers)
+    result = build_index(args.data, workers=args.workers, out=args.out, labels=args.labels)
     mismatches = sum(int(r["quantity_mismatch"]) for r in result.rows)
     print(
-        f"index: {len(result.rows)} images indexed, {len(result.skipped)} skipped, "
+        f"index ({result.layout} layout): {len(result.rows)} images indexed, {len(result.skipped)} skipped, "
         f"{mismatches} with EXPECTED_QUANTITY != sum of item quantities -> {result.path}"
     )
     for skipped in result.skipped[:10]:
@@ -122,11 +122,22 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- training
 
 _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
-    "arch": (str, "backbone: resnet18/34/50, efficientnet_b0, mobilenet_v3_small/large, convnext_tiny"),
+    "arch": (
+        str,
+        "backbone: efficientnet_lite0/1/2 (weights installed), resnet18/34/50, efficientnet_b0, "
+        "mobilenet_v3_small/large, convnext_tiny, or timm:NAME",
+    ),
     "head": (str, "classification, ordinal or regression"),
-    "weights": (Path, "ImageNet weights file (default: $TORCH_HOME/hub/checkpoints)"),
-    "num_classes": (int, "counts 0..N-1 (default: largest training count + 1)"),
-    "image_size": (int, "input side in pixels"),
+    "weights": (Path, "ImageNet weights file (default: packaged, or $TORCH_HOME/hub/checkpoints)"),
+    "num_classes": (int, "classes 0..N-1, the last meaning N-1 or more (default: largest count + 1)"),
+    "image_size": (int, "input height in pixels"),
+    "image_width": (int, "input width in pixels (default: the height, a square input)"),
+    "normalization": (str, "pixel mean/std: backbone (its own) or imagenet"),
+    "backbone_lr_scale": (float, "backbone learning rate as a fraction of the head's"),
+    "neighbour_smoothing": (float, "classification: share of the target moved to adjacent counts"),
+    "flip": (str, "random flips: none, h or hv"),
+    "dropout": (float, "dropout before the head"),
+    "momentum": (float, "SGD momentum"),
     "epochs": (int, "epochs to train"),
     "batch_size": (int, "images per step per process"),
     "optimizer": (str, "adamw or sgd"),
@@ -160,7 +171,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides["pretrained"] = False
     if args.cache:
         overrides["cache"] = True
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, recipe=args.recipe)
     summary = train(config, fresh=args.fresh)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -226,10 +237,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     fields = (
         "model",
+        "registry",
+        "alias",
         "host",
         "port",
         "workers",
-        "ort_threads",
+        "threads",
+        "backend",
+        "precision",
         "max_batch_size",
         "max_wait_ms",
         "queue_size",
@@ -393,12 +408,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from binsight.audit.audit import ImageLoader, audit, evaluate_audit, read_bins, write_audit
     from binsight.audit.verdict import VerdictThresholds
-    from binsight.serving.runtime import OnnxCounter
+    from binsight.serving.runtime import load_counter
 
     if (args.model is None) == (args.registry is None):
         raise BinsightError("give --model FILE.onnx or --registry URL (with --alias)")
     if args.model is not None:
-        counter = OnnxCounter(args.model)
+        counter = load_counter(args.model)
     else:
         import tempfile
 
@@ -407,7 +422,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         registry = Registry(args.registry, args.s3_endpoint_url)
         version = registry.resolve(args.alias)
         path = registry.fetch(version, "model.onnx", Path(tempfile.mkdtemp()) / f"{version}.onnx")
-        counter = OnnxCounter(path, version=version)
+        counter = load_counter(path, version=version)
     try:
         thresholds = VerdictThresholds(args.ok_above, args.mismatch_below)
     except ValueError as exc:
@@ -473,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train a counting model (also under torchrun for DDP)")
     train.add_argument("--data", default=None, help="dataset directory with splits/")
     train.add_argument("--out", default=None, help="run directory (default runs/train)")
+    train.add_argument(
+        "--recipe",
+        default=None,
+        help="a named, measured set of settings (abid: real ABID photos; see docs/recipes.md); "
+        "--config and flags override it",
+    )
     train.add_argument("--config", type=Path, default=None, help="JSON file of settings (flags override)")
     train.add_argument("--no-pretrained", action="store_true", help="train from random initialisation")
     train.add_argument("--cache", action="store_true", help="pre-resize images into a uint8 cache")
@@ -508,7 +529,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="default 8080")
     serve.add_argument("--workers", type=int, default=None, help="server processes")
-    serve.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime threads per process")
+    serve.add_argument("--threads", type=int, default=None, help="inference threads per process")
+    serve.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "openvino"),
+        default=None,
+        help="inference engine (auto: OpenVINO on x86 where installed, else ONNX Runtime)",
+    )
+    serve.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="float precision (auto: bf16 where the CPU has AMX or AVX512-BF16); an int8 model runs in int8",
+    )
     serve.add_argument("--max-batch-size", type=int, default=None)
     serve.add_argument("--max-wait-ms", type=float, default=None, help="how long a request waits for a batch")
     serve.add_argument("--queue-size", type=int, default=None, help="queued images before 503")
@@ -651,7 +684,13 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(handler=_cmd_data_download)
 
     index = data_verbs.add_parser("index", help="build index.csv from a dataset directory")
-    index.add_argument("data", help="dataset directory")
+    index.add_argument(
+        "data", help="photo folder: bucket layout, <count>/<id>.jpg folders, or images/ with labels.csv"
+    )
+    index.add_argument("--labels", type=Path, default=None, help="CSV of id,count (default: DATA/labels.csv)")
+    index.add_argument(
+        "--out", type=Path, default=None, help="where index.csv (and then splits/) go (default: DATA)"
+    )
     index.add_argument("--workers", type=int, default=None)
     index.set_defaults(handler=_cmd_data_index)
 

@@ -16,10 +16,9 @@ log = logging.getLogger(__name__)
 
 def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) -> None:
     from binsight.audit.audit import evaluate_audit
-    from binsight.models.backbones import weights_location
     from binsight.serving.export import export
-    from binsight.serving.runtime import OnnxCounter
-    from binsight.training.config import TrainConfig
+    from binsight.serving.runtime import load_counter
+    from binsight.training.config import load_config
     from binsight.training.engine import train
     from binsight.training.evaluate import evaluate
 
@@ -34,23 +33,14 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
     stats = dataset_stats(data_dir, out / "stats")
     print("[4/8] dataset statistics:\n" + format_stats(stats))
 
-    # ImageNet weights help a lot, but the demo must run offline: use them only if already cached.
-    pretrained = weights_location("resnet18").is_file()
-    config = TrainConfig(
-        data=data_dir,
-        out=out / "model",
-        arch="resnet18",
-        pretrained=pretrained,
-        image_size=96,
-        epochs=epochs,
-        batch_size=32,
-        lr=2e-3,
-        seed=seed,
+    # The packaged ImageNet weights: offline, and a head start that the synthetic bins share with
+    # real ones. The abid recipe's settings at a small input, so the demo stays a couple of minutes.
+    config = load_config(
+        None,
+        {"data": data_dir, "out": out / "model", "image_size": 128, "epochs": epochs, "seed": seed},
+        recipe="abid",
     )
-    print(
-        f"[5/8] training resnet18 ({'ImageNet weights' if pretrained else 'from scratch'}) "
-        f"for {epochs} epochs on CPU..."
-    )
+    print(f"[5/8] fine-tuning {config.arch} (ImageNet weights) for {epochs} epochs on CPU...")
     result = train(config)
     best = result["best"]
     print(
@@ -70,7 +60,7 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
         f"int8: accuracy {int8['int8_accuracy']:.3f} vs {int8['fp32_accuracy']:.3f} fp32"
     )
     audit = evaluate_audit(
-        OnnxCounter(out / "model.onnx"), data_dir, "test", out / "audit", error_rate=0.1, seed=seed
+        load_counter(out / "model.onnx"), data_dir, "test", out / "audit", error_rate=0.1, seed=seed
     )
     caught = ", ".join(
         f"{100 * v['errors_caught']:.0f}% at {k}" for k, v in audit["caught_at_budget"].items()

@@ -1,7 +1,8 @@
 """Image decoding and model-input preparation shared by training, evaluation and the server.
 
 Evaluation and serving must see identical pixels, so both go through `decode_image` (JPEG draft mode)
-and a Pillow bilinear resize to the model's square input.
+and a Pillow bilinear resize to the model's input size. Inputs need not be square: a size is either
+one side (a square) or (height, width), the order tensors use.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+Size = int | tuple[int, int]
+
+
+def as_hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class ImageTooLargeError(ValueError):
@@ -32,30 +40,37 @@ def open_image(
     return image
 
 
-def draft_rgb(image: Image.Image, size: int) -> Image.Image:
-    """Decode to RGB at least `size` on its short side; JPEGs decode at 1/2, 1/4 or 1/8 scale when large."""
-    image.draft("RGB", (size, size))
+def draft_rgb(image: Image.Image, size: Size) -> Image.Image:
+    """Decode to RGB with each side at least the target's, whatever the photo's aspect; JPEGs decode at
+    1/2, 1/4 or 1/8 scale when that still leaves enough pixels."""
+    height, width = as_hw(size)
+    # draft() picks the smallest scale at which both sides stay >= the requested box: exactly what a
+    # squash-resize to (width, height) needs.
+    image.draft("RGB", (width, height))
     return image.convert("RGB")
 
 
 def decode_image(
-    source: str | os.PathLike[str] | bytes | BinaryIO, size: int, max_pixels: int | None = None
+    source: str | os.PathLike[str] | bytes | BinaryIO, size: Size, max_pixels: int | None = None
 ) -> Image.Image:
     return draft_rgb(open_image(source, max_pixels), size)
 
 
-def resize_square(image: Image.Image, size: int) -> Image.Image:
+def resize_to(image: Image.Image, size: Size) -> Image.Image:
     # A plain resize, no centre crop: objects at the bin's edges count too.
-    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR)
+    height, width = as_hw(size)
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BILINEAR)
 
 
 def to_model_input(
     image: Image.Image,
-    size: int,
+    size: Size,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> np.ndarray:
     """CHW float32, normalised: what the exported model takes (one image of a batch)."""
-    pixels = np.asarray(resize_square(image, size), dtype=np.float32) * (1.0 / 255.0)
+    pixels = np.asarray(resize_to(image, size), dtype=np.float32) * (1.0 / 255.0)
     pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))

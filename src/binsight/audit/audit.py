@@ -9,6 +9,7 @@ at review budgets of 5, 10 and 20% of bins.
 
 from __future__ import annotations
 
+import html
 import io
 import logging
 import math
@@ -26,7 +27,7 @@ from binsight.audit.verdict import MISMATCH, OK, REVIEW, VerdictThresholds, judg
 from binsight.errors import BinsightError
 from binsight.imaging import decode_image, to_model_input
 from binsight.reporting.html import HtmlReport, image_data_uri
-from binsight.serving.runtime import OnnxCounter
+from binsight.serving.runtime import LoadedModel
 from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 from binsight.utils.progress import bar
 
@@ -108,7 +109,7 @@ class ImageLoader:
 
 
 def predict_sources(
-    counter: OnnxCounter,
+    counter: LoadedModel,
     sources: list[str],
     loader: ImageLoader,
     batch_size: int = 32,
@@ -121,8 +122,8 @@ def predict_sources(
 
     def prepare(index: int) -> np.ndarray | None:
         try:
-            image = decode_image(loader(sources[index]), info.image_size)
-            return to_model_input(image, info.image_size, info.mean, info.std)
+            image = decode_image(loader(sources[index]), info.input_hw)
+            return to_model_input(image, info.input_hw, info.mean, info.std)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             problems[index] = f"unreadable image: {exc}"
             return None
@@ -143,7 +144,7 @@ def predict_sources(
 
 
 def audit(
-    counter: OnnxCounter,
+    counter: LoadedModel,
     bins: list[BinEntry],
     thresholds: VerdictThresholds,
     loader: ImageLoader,
@@ -210,7 +211,7 @@ def write_audit(
     results: list[dict[str, Any]],
     rejected: list[dict[str, str]],
     out: Path,
-    counter: OnnxCounter,
+    counter: LoadedModel,
     loader: ImageLoader,
     max_thumbnails: int = 60,
 ) -> dict[str, Any]:
@@ -235,11 +236,14 @@ def write_audit(
     for row in flagged:
         uri = _thumbnail(row["image"], loader)
         picture = f'<img src="{uri}" alt="bin photo">' if uri else "<em>no preview</em>"
+        # File names and recorded values come from the user's CSV: escaped, or a hostile name runs script.
+        caption = (
+            f"#{row['rank']} {row['verdict']}: recorded {row['recorded_quantity']}, photo shows "
+            f"{row['predicted_count']} (P(record right) {row['p_recorded']:.2f})"
+        )
         cells.append(
-            f"<figure>{picture}<figcaption>#{row['rank']} {row['verdict']}: recorded "
-            f"{row['recorded_quantity']}, photo shows {row['predicted_count']} "
-            f"(P(record right) {row['p_recorded']:.2f})<br><small>{Path(row['image']).name}</small>"
-            "</figcaption></figure>"
+            f"<figure>{picture}<figcaption>{html.escape(caption)}<br>"
+            f"<small>{html.escape(Path(row['image']).name)}</small></figcaption></figure>"
         )
     report.raw('<div class="thumbs">' + "".join(cells) + "</div>")
     report.write(out / "report.html")
@@ -273,7 +277,7 @@ def catch_curve(scores: np.ndarray, is_error: np.ndarray) -> tuple[np.ndarray, n
 
 
 def evaluate_audit(
-    counter: OnnxCounter,
+    counter: LoadedModel,
     data_dir: Path,
     split: str,
     out: Path,

@@ -1,4 +1,5 @@
-"""The dataset index: one row per usable photo, built by reading every image and metadata file.
+"""The dataset index: one row per usable photo, built by reading every image and metadata file, in
+any of the layouts `binsight.data.layouts` recognises.
 
 Broken files are skipped and listed in ``index_report.json``, never fatal: one bad JPEG among 500k
 must not stop the index.
@@ -17,8 +18,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.data.abid import MetadataError, image_id_order, parse_metadata
+from binsight.data.layouts import Entry, Layout, discover
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 from binsight.utils.progress import track
@@ -45,6 +46,7 @@ class IndexResult:
     rows: list[dict[str, Any]]
     skipped: list[dict[str, str]]
     path: Path
+    layout: Layout
 
 
 def _inspect_image(path: Path) -> tuple[int, int]:
@@ -63,33 +65,37 @@ def _inspect_image(path: Path) -> tuple[int, int]:
         raise ValueError(f"corrupt image: {exc}") from None
 
 
-def _index_row(root: Path, image_id: str) -> dict[str, Any] | str:
-    image_path = root / IMAGES_DIR / f"{image_id}.jpg"
-    meta_path = root / METADATA_DIR / f"{image_id}.json"
+def _index_row(entry: Entry, base: Path) -> dict[str, Any] | str:
+    record = None
+    if entry.metadata is not None:
+        try:
+            record = parse_metadata(entry.metadata.read_bytes(), entry.image_id)
+        except FileNotFoundError:
+            return "metadata file missing"
+        except MetadataError as exc:
+            if entry.count is None:
+                return f"bad metadata: {exc}"
+            # The labels file gives the count; a broken optional metadata file only loses item details.
     try:
-        record = parse_metadata(meta_path.read_bytes(), image_id)
-    except FileNotFoundError:
-        return "metadata file missing"
-    except MetadataError as exc:
-        return f"bad metadata: {exc}"
-    try:
-        width, height = _inspect_image(image_path)
+        width, height = _inspect_image(entry.image)
     except FileNotFoundError:
         return "image file missing"
     except ValueError as exc:
         return str(exc)
+    count = entry.count if entry.count is not None else record.count if record else 0
+    items = record.items if record else ()
     return {
-        "id": image_id,
-        "image": f"{IMAGES_DIR}/{image_id}.jpg",
-        "count": record.count,
-        "quantity_sum": record.quantity_sum,
-        "quantity_mismatch": int(record.quantity_mismatch),
+        "id": entry.image_id,
+        "image": Path(os.path.relpath(entry.image, base)).as_posix(),
+        "count": count,
+        "quantity_sum": record.quantity_sum if record else "",
+        "quantity_mismatch": int(record is not None and count != record.quantity_sum),
         "width": width,
         "height": height,
-        "bytes": image_path.stat().st_size,
-        "n_products": len(record.items),
-        "total_weight_lb": record.total_weight_lb if record.total_weight_lb is not None else "",
-        "max_dimension_in": record.max_dimension_in if record.max_dimension_in is not None else "",
+        "bytes": entry.image.stat().st_size,
+        "n_products": len(items) if record else "",
+        "total_weight_lb": record.total_weight_lb if record and record.total_weight_lb is not None else "",
+        "max_dimension_in": record.max_dimension_in if record and record.max_dimension_in is not None else "",
         "items": json.dumps(
             [
                 {
@@ -100,50 +106,55 @@ def _index_row(root: Path, image_id: str) -> dict[str, Any] | str:
                     "height_in": i.height_in,
                     "weight_lb": i.weight_lb,
                 }
-                for i in record.items
+                for i in items
             ],
             separators=(",", ":"),
         ),
     }
 
 
-def build_index(root: str | os.PathLike[str], workers: int | None = None) -> IndexResult:
+def build_index(
+    root: str | os.PathLike[str],
+    workers: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    labels: str | os.PathLike[str] | None = None,
+) -> IndexResult:
+    """Index the photos under `root` in whichever layout it has; the index (and later the splits) go to
+    `out`, default `root` itself, with image paths relative to it (a read-only photo folder works)."""
     root = Path(root)
-    images_dir, meta_dir = root / IMAGES_DIR, root / METADATA_DIR
-    if not images_dir.is_dir() and not meta_dir.is_dir():
-        raise BinsightError(
-            f"{root} is not a dataset directory (no {IMAGES_DIR}/ or {METADATA_DIR}/ inside)",
-            hint="run `binsight data download` or `binsight data synth` first",
-        )
-    image_ids = {p.stem for p in images_dir.glob("*.jpg")} if images_dir.is_dir() else set()
-    meta_ids = {p.stem for p in meta_dir.glob("*.json")} if meta_dir.is_dir() else set()
-    ids = sorted(image_ids | meta_ids, key=image_id_order)
-    if not ids:
+    base = Path(out) if out else root
+    found = discover(root, Path(labels) if labels else None)
+    entries = sorted(found.entries, key=lambda e: image_id_order(e.image_id))
+    if not entries and not found.problems:
         raise BinsightError(f"{root} holds no images or metadata", hint="download or synthesize data first")
 
     rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = [{"id": i, "problem": p} for i, p in found.problems]
+    base.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
-        results = pool.map(lambda i: _index_row(root, i), ids)
-        for image_id, result in track(zip(ids, results, strict=True), len(ids), "indexing", "img"):
+        results = pool.map(lambda entry: _index_row(entry, base), entries)
+        for entry, result in track(zip(entries, results, strict=True), len(entries), "indexing", "img"):
             if isinstance(result, str):
-                skipped.append({"id": image_id, "problem": result})
+                skipped.append({"id": entry.image_id, "problem": result})
             else:
                 rows.append(result)
-    index_path = root / INDEX_FILE
+    skipped.sort(key=lambda s: image_id_order(s["id"]))
+    index_path = base / INDEX_FILE
     atomic_write_csv(index_path, rows, INDEX_FIELDS)
     mismatches = [r["id"] for r in rows if r["quantity_mismatch"]]
     atomic_write_json(
-        root / "index_report.json",
+        base / "index_report.json",
         {
+            "layout": found.layout,
+            "source": str(root),
             "indexed": len(rows),
             "skipped": skipped,
-            "skipped_by_problem": dict(Counter(s["problem"].split(":")[0] for s in skipped)),
+            "skipped_by_problem": dict(Counter(s["problem"].split(":")[0].split(" (")[0] for s in skipped)),
             "quantity_mismatches": len(mismatches),
             "quantity_mismatch_ids": mismatches[:1000],
         },
     )
-    return IndexResult(rows=rows, skipped=skipped, path=index_path)
+    return IndexResult(rows=rows, skipped=skipped, path=index_path, layout=found.layout)
 
 
 def load_index(path: str | os.PathLike[str]) -> list[dict[str, str]]:

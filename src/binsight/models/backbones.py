@@ -1,8 +1,14 @@
-"""torchvision backbones, their ImageNet weights loaded offline, and the feature width each produces.
+"""Backbones, their ImageNet weights loaded offline, the input normalisation they were trained with,
+and the feature width each produces.
 
-Weights never come from the network at run time: they are read from an explicit file or from the
-torch hub cache (``$TORCH_HOME/hub/checkpoints/<canonical file name>``), the place torchvision itself
-would have saved them. A missing file is a clear error that says where to put it.
+Three sources:
+- ``efficientnet_lite0/1/2`` (timm): weights installed with binsight from the package registry.
+- torchvision models: weights read from ``--weights FILE`` or the torch hub cache
+  (``$TORCH_HOME/hub/checkpoints/<canonical file name>``), where torchvision itself would have saved them.
+- ``timm:<name>``: any timm model; weights from ``--weights FILE`` or timm's own pretrained loading
+  (its Hugging Face cache), for users who have it.
+
+A missing weight file is a clear error that says where to put it, never a silent download.
 """
 
 from __future__ import annotations
@@ -12,15 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 from torchvision import models as tvm
 
 from binsight.errors import BinsightError
+from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD
+from binsight.models.lite import LITE_MEAN, LITE_STD, LITE_WEIGHTS, load_lite_weights
+
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
-class Backbone:
+class TorchvisionBackbone:
     build: Callable[..., nn.Module]
     weights: tvm.WeightsEnum
     classifier_attr: str  # the ImageNet head replaced by an identity
@@ -30,33 +41,60 @@ class Backbone:
         return os.path.basename(self.weights.url)
 
 
-BACKBONES: dict[str, Backbone] = {
-    "resnet18": Backbone(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc"),
-    "resnet34": Backbone(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "fc"),
-    "resnet50": Backbone(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, "fc"),
-    "efficientnet_b0": Backbone(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, "classifier"),
-    "mobilenet_v3_small": Backbone(
+TORCHVISION_BACKBONES: dict[str, TorchvisionBackbone] = {
+    "resnet18": TorchvisionBackbone(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "fc"),
+    "resnet34": TorchvisionBackbone(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "fc"),
+    "resnet50": TorchvisionBackbone(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, "fc"),
+    "efficientnet_b0": TorchvisionBackbone(
+        tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, "classifier"
+    ),
+    "mobilenet_v3_small": TorchvisionBackbone(
         tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, "classifier"
     ),
-    "mobilenet_v3_large": Backbone(
+    "mobilenet_v3_large": TorchvisionBackbone(
         tvm.mobilenet_v3_large, tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2, "classifier"
     ),
-    "convnext_tiny": Backbone(tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, "classifier"),
+    "convnext_tiny": TorchvisionBackbone(
+        tvm.convnext_tiny, tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, "classifier"
+    ),
 }
+
+# Every named backbone; `timm:<name>` is accepted besides these.
+BACKBONES: tuple[str, ...] = (*LITE_WEIGHTS, *TORCHVISION_BACKBONES)
+
+
+def check_arch(arch: str) -> None:
+    if arch in BACKBONES:
+        return
+    if arch.startswith(TIMM_PREFIX) and timm.is_model(arch.removeprefix(TIMM_PREFIX)):
+        return
+    raise BinsightError(
+        f"unknown architecture {arch!r}",
+        hint=f"choose one of {', '.join(BACKBONES)}, or timm:<model name> for any timm model",
+    )
+
+
+def normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the backbone's ImageNet weights expect, on pixels scaled to [0, 1]."""
+    check_arch(arch)
+    if arch in LITE_WEIGHTS:
+        return LITE_MEAN, LITE_STD
+    if arch.startswith(TIMM_PREFIX):
+        config = timm.get_pretrained_cfg(arch.removeprefix(TIMM_PREFIX))
+        if config is not None and config.mean and config.std:
+            return tuple(config.mean), tuple(config.std)
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def weights_location(arch: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONES[arch].weights_file
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_BACKBONES[arch].weights_file
 
 
-def _load_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BinsightError(
-            f"cannot read pretrained weights {path}: {exc}",
-            hint=f"replace it with {BACKBONES[arch].weights.url}",
-        ) from None
+        raise BinsightError(f"cannot read pretrained weights {path}: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -64,43 +102,67 @@ def _load_state_dict(path: Path, arch: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_backbone(
-    arch: str, pretrained: bool, weights_path: str | os.PathLike[str] | None = None
-) -> tuple[nn.Module, int]:
-    """The feature extractor (ImageNet classifier removed) and its output width."""
-    if arch not in BACKBONES:
-        raise BinsightError(f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(BACKBONES)}")
-    spec = BACKBONES[arch]
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        problem = (
+            f"{len(missing)} missing and {len(unexpected)} unexpected keys" if missing or unexpected else ""
+        )
+    except RuntimeError as exc:  # right names, wrong shapes
+        problem = str(exc).splitlines()[-1].strip()
+    if problem:
+        raise BinsightError(f"{source} does not match {arch}: {problem}")
+
+
+def _torchvision_backbone(arch: str, pretrained: bool, weights_path: Path | None) -> tuple[nn.Module, int]:
+    spec = TORCHVISION_BACKBONES[arch]
     model = spec.build(weights=None)
     if pretrained or weights_path:
-        path = Path(weights_path) if weights_path else weights_location(arch)
+        path = weights_path or weights_location(arch)
         if not path.is_file():
             raise BinsightError(
                 f"ImageNet weights for {arch} not found at {path}",
                 hint=f"download {spec.weights.url} to that path (or set TORCH_HOME, or pass "
                 "--weights FILE), or train from scratch with --no-pretrained",
             )
-        try:
-            missing, unexpected = model.load_state_dict(_load_state_dict(path, arch), strict=False)
-            problem = (
-                f"{len(missing)} missing and {len(unexpected)} unexpected keys"
-                if missing or unexpected
-                else ""
-            )
-        except RuntimeError as exc:  # right names, wrong shapes
-            problem = str(exc).splitlines()[-1].strip()
-        if problem:
-            raise BinsightError(
-                f"{path} does not match {arch}: {problem}", hint=f"use the file from {spec.weights.url}"
-            )
+        _load_strict(model, _read_state_dict(path), str(path), arch)
     head = getattr(model, spec.classifier_attr)
     if isinstance(head, nn.Sequential):
         # Keep the pre-classifier layers (MobileNetV3's hidden FC, ConvNeXt's LayerNorm+flatten).
         last_linear = [m for m in head if isinstance(m, nn.Linear)][-1]
         layers = [m for m in head if m is not last_linear and not isinstance(m, nn.Dropout)]
-        features = last_linear.in_features
         setattr(model, spec.classifier_attr, nn.Sequential(*layers))
+        return model, last_linear.in_features
+    setattr(model, spec.classifier_attr, nn.Identity())
+    return model, head.in_features
+
+
+def _timm_backbone(arch: str, pretrained: bool, weights_path: Path | None) -> tuple[nn.Module, int]:
+    if arch in LITE_WEIGHTS:
+        model = timm.create_model(f"tf_{arch}", pretrained=False)
+        if pretrained or weights_path:
+            _load_strict(model, load_lite_weights(arch, weights_path), str(weights_path or arch), arch)
     else:
-        features = head.in_features
-        setattr(model, spec.classifier_attr, nn.Identity())
-    return model, features
+        name = arch.removeprefix(TIMM_PREFIX)
+        try:
+            model = timm.create_model(name, pretrained=pretrained and weights_path is None)
+        except Exception as exc:  # timm's hub loading: offline, gated, or no such weights
+            raise BinsightError(
+                f"cannot load timm's pretrained weights for {name}: {exc}",
+                hint="pass --weights FILE (a timm state dict), or --no-pretrained",
+            ) from None
+        if weights_path:
+            _load_strict(model, _read_state_dict(weights_path), str(weights_path), arch)
+    model.reset_classifier(0)  # pooled features out
+    return model, int(model.num_features)
+
+
+def build_backbone(
+    arch: str, pretrained: bool, weights_path: str | os.PathLike[str] | None = None
+) -> tuple[nn.Module, int]:
+    """The feature extractor (ImageNet classifier removed) and its output width."""
+    check_arch(arch)
+    path = Path(weights_path) if weights_path else None
+    if arch in TORCHVISION_BACKBONES:
+        return _torchvision_backbone(arch, pretrained, path)
+    return _timm_backbone(arch, pretrained, path)

@@ -20,6 +20,16 @@ HEADS = ("classification", "ordinal", "regression")
 REGRESSION_SIGMA = 0.5
 
 
+def neighbour_targets(targets: torch.Tensor, num_classes: int, share: float) -> torch.Tensor:
+    """One-hot targets with `share` of the mass split over the counts one above and one below."""
+    soft = F.one_hot(targets, num_classes).float()
+    below = F.one_hot((targets - 1).clamp_min(0), num_classes).float() * (targets > 0)[:, None]
+    above = F.one_hot((targets + 1).clamp_max(num_classes - 1), num_classes).float()
+    above = above * (targets < num_classes - 1)[:, None]
+    neighbours = below + above
+    return soft * (1 - share) + share * neighbours / neighbours.sum(dim=1, keepdim=True)
+
+
 class CountHead(nn.Module):
     def __init__(self, kind: str, in_features: int, num_classes: int, dropout: float = 0.2) -> None:
         super().__init__()
@@ -36,6 +46,23 @@ class CountHead(nn.Module):
         else:
             self.fc = nn.Linear(in_features, 1)
 
+    @torch.no_grad()
+    def start_from_prior(self, class_counts: torch.Tensor) -> None:
+        """Start an ordinal or regression head at the training data's base rates.
+
+        Adam moves a parameter by about the learning rate per step, so thresholds initialised at
+        evenly spaced values need thousands of steps to reach the data's (P(count > 0) is near 1 in
+        ABID, a logit of ~5): on 1.4k real photos an ordinal head was still at its initial thresholds
+        after 3 epochs and answered "6+" for nearly every bin. Classification needs no help: its
+        softmax biases start equal, and the first steps set them.
+        """
+        frequency = (class_counts.double() + 1) / (class_counts.sum() + self.num_classes)  # add-one
+        if self.kind == "ordinal":
+            survival = (1 - frequency.cumsum(0)[:-1]).clamp(1e-4, 1 - 1e-4)
+            self.thresholds.copy_(torch.logit(survival).float())
+        elif self.kind == "regression":
+            self.fc.bias.fill_(float((frequency * torch.arange(self.num_classes)).sum()))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.fc(self.dropout(torch.flatten(features, 1)))
         if self.kind == "ordinal":
@@ -48,9 +75,19 @@ class CountHead(nn.Module):
         targets: torch.Tensor,
         label_smoothing: float = 0.0,
         reduction: str = "mean",
+        neighbour_smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """Training loss; with reduction="none", one value per image."""
-        if self.kind == "classification":
+        """Training loss; with reduction="none", one value per image.
+
+        `neighbour_smoothing` (classification) moves that share of each target to the adjacent counts:
+        calling 4 a 5 is a smaller mistake than calling it a 1, and the loss then says so.
+        """
+        if self.kind == "classification" and neighbour_smoothing > 0:
+            soft = neighbour_targets(targets, self.num_classes, neighbour_smoothing).to(outputs.dtype)
+            if label_smoothing > 0:
+                soft = soft * (1 - label_smoothing) + label_smoothing / self.num_classes
+            per_image = -(soft * F.log_softmax(outputs, dim=1)).sum(dim=1)
+        elif self.kind == "classification":
             per_image = F.cross_entropy(outputs, targets, label_smoothing=label_smoothing, reduction="none")
         elif self.kind == "ordinal":
             levels = torch.arange(self.num_classes - 1, device=targets.device)

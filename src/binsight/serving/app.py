@@ -43,7 +43,7 @@ from binsight.imaging import ImageTooLargeError, draft_rgb, open_image, to_model
 from binsight.serving.batching import DynamicBatcher, QueueFullError
 from binsight.serving.capture import DataCapture
 from binsight.serving.metrics import ServerMetrics
-from binsight.serving.runtime import OnnxCounter
+from binsight.serving.runtime import Backend, LoadedModel, Precision, load_counter
 from binsight.serving.web import static_file, traffic_summary
 
 if TYPE_CHECKING:
@@ -65,9 +65,11 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model")
-    ort_threads: int | None = Field(
-        None, ge=1, description="ONNX Runtime threads per process (default cores/workers)"
+    threads: int | None = Field(
+        None, ge=1, description="inference threads per process (default cores/workers)"
     )
+    backend: Backend = Field("auto", description="auto, onnxruntime or openvino (auto: see choose_runtime)")
+    precision: Precision = Field("auto", description="auto, fp32 or bf16; an int8 model file runs in int8")
     max_batch_size: int = Field(16, ge=1, le=512)
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
     queue_size: int = Field(256, ge=1)
@@ -99,7 +101,7 @@ class ServeConfig(BaseModel):
         return AliasSource(Registry(self.registry), self.alias, cache)  # type: ignore[arg-type]
 
     def threads_per_worker(self) -> int:
-        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
 
 
 class RequestError(Exception):
@@ -110,7 +112,7 @@ class RequestError(Exception):
 
 @dataclass
 class Prepared:
-    model: OnnxCounter
+    model: LoadedModel
     pixels: np.ndarray
     width: int
     height: int
@@ -179,12 +181,16 @@ class CountingService:
 
     # ------------------------------------------------------------------ hot reload
 
-    def _load(self, signature: Any) -> OnnxCounter:
+    def _load(self, signature: Any) -> LoadedModel:
         if signature is None:
             raise BinsightError(f"the model at {self.config.model or self.config.registry} is missing")
         version = signature if isinstance(signature, str) else None  # a registry version name
-        return OnnxCounter(
-            self.source.local_path(signature), self.config.threads_per_worker(), version=version
+        return load_counter(
+            self.source.local_path(signature),
+            self.config.threads_per_worker(),
+            version=version,
+            backend=self.config.backend,
+            precision=self.config.precision,
         )
 
     async def _watch_model(self) -> None:
@@ -222,7 +228,7 @@ class CountingService:
         if not data:
             raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
         model = self.counter
-        size = model.info.image_size
+        size = model.info.input_hw
         try:
             image = open_image(data, max_pixels=self.config.max_image_pixels)
             width, height = image.size
@@ -431,10 +437,13 @@ def create_app(config: ServeConfig) -> FastAPI:
         await service.start()
         state["service"] = service
         log.info(
-            "serving %s (version %s, %s px) with batches of up to %d, %d ORT threads",
+            "serving %s (version %s, %s px) on %s %s (%s) with batches of up to %d, %d threads",
             service.counter.path,
             service.counter.info.version,
-            service.counter.info.image_size,
+            "x".join(map(str, service.counter.info.input_hw)),
+            service.counter.runtime.backend,
+            service.counter.runtime.precision,
+            service.counter.runtime.reason,
             config.max_batch_size,
             config.threads_per_worker(),
         )
@@ -481,7 +490,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def model_info() -> dict[str, Any]:
         service = state["service"]
         info = service.counter.info
-        return {**info.__dict__, "path": str(service.counter.path), "max_batch_size": config.max_batch_size}
+        return {
+            **info.__dict__,
+            "path": str(service.counter.path),
+            "max_batch_size": config.max_batch_size,
+            "runtime": service.counter.runtime.__dict__,
+        }
 
     @app.post("/invocations")
     async def invocations(request: Request) -> JSONResponse:
@@ -530,7 +544,8 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     source = config.source()
-    OnnxCounter(source.local_path(source.signature()))  # fail here, clearly, rather than in every worker
+    # Fail here, clearly, rather than in every worker.
+    load_counter(source.local_path(source.signature()), 1, backend=config.backend, precision=config.precision)
     if config.workers == 1:
         uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
         return

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from binsight.errors import BinsightError
-from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD
+from binsight.imaging import Size, as_hw
 from binsight.serving.runtime import META_PREFIX, OnnxCounter
 from binsight.training.checkpoint import load_checkpoint
+from binsight.training.config import TrainConfig
 from binsight.training.data import BinDataset, eval_transform, load_split
 from binsight.training.evaluate import load_model
 from binsight.training.metrics import counting_metrics
@@ -41,13 +42,13 @@ class ProbabilityModel(nn.Module):
         return self.model.head.probabilities(self.model(images))
 
 
-def _to_onnx_bytes(model: nn.Module, size: int) -> bytes:
+def _to_onnx_bytes(model: nn.Module, size: Size) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         torch.onnx.export(
             ProbabilityModel(model).eval(),
-            (torch.zeros(1, 3, size, size),),
+            (torch.zeros(1, 3, *as_hw(size)),),
             buffer,
             input_names=["images"],
             output_names=["probabilities"],
@@ -68,12 +69,13 @@ def _with_metadata(onnx_bytes: bytes, metadata: dict[str, str]) -> bytes:
 
 
 def _sample_inputs(
-    data_dir: Path, split: str, size: int, num_classes: int, limit: int
+    data_dir: Path, split: str, config: TrainConfig, num_classes: int, limit: int
 ) -> tuple[np.ndarray, np.ndarray]:
     rows = load_split(data_dir, split)[:limit]
-    dataset = BinDataset(data_dir, rows, eval_transform(size), size, num_classes)
+    size = config.input_hw
+    dataset = BinDataset(data_dir, rows, eval_transform(size, *config.mean_std), size, num_classes)
     images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
-    return images, dataset.targets[: len(images)]
+    return images, dataset.counts[: len(images)]
 
 
 def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
@@ -118,11 +120,13 @@ def export(
     checkpoint = load_checkpoint(checkpoint_path)
     model, config, num_classes = load_model(checkpoint)
     data_dir = Path(data) if data else Path(config.data)
-    size = config.image_size
+    size = config.input_hw
+    mean, std = config.mean_std
     metadata = {
-        "image_size": str(size),
-        "mean": json.dumps(IMAGENET_MEAN),
-        "std": json.dumps(IMAGENET_STD),
+        "image_size": str(size[0]),
+        "image_width": str(size[1]),
+        "mean": json.dumps(mean),
+        "std": json.dumps(std),
         "classes": json.dumps(list(range(num_classes))),
         "arch": config.arch,
         "head": config.head,
@@ -138,11 +142,11 @@ def export(
     # Verify on real images when the data is at hand, else on random inputs.
     try:
         samples, targets = _sample_inputs(
-            data_dir, "val", size, num_classes, max(verify_images, quant_eval_images)
+            data_dir, "val", config, num_classes, max(verify_images, quant_eval_images)
         )
     except BinsightError:
         samples, targets = (
-            np.random.default_rng(0).normal(size=(verify_images, 3, size, size)).astype(np.float32),
+            np.random.default_rng(0).normal(size=(verify_images, 3, *size)).astype(np.float32),
             None,
         )
     check = samples[:verify_images]
@@ -161,7 +165,7 @@ def export(
         "bytes": len(onnx_bytes),
         "max_abs_diff_vs_pytorch": max_diff,
         "verified_on": len(check),
-        "image_size": size,
+        "image_size": list(size),
         "classes": num_classes,
     }
     log.info(

@@ -1,7 +1,9 @@
-"""An exported counting model in ONNX Runtime, with everything needed to use it read from the file.
+"""An exported counting model in a CPU runtime, with everything needed to use it read from the file.
 
 The ONNX file's metadata carries the input size, normalisation, class list and provenance, so a
-server needs the file and nothing else.
+server needs the file and nothing else. Two engines run it: ONNX Runtime (portable: any CPU, ARM,
+GPUs through its providers) and OpenVINO (fastest on x86: bf16 on AMX/AVX512-BF16, int8 on VNNI/AMX).
+`load_counter` picks one from what the CPU offers unless told.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from binsight.errors import BinsightError
@@ -23,7 +28,8 @@ META_PREFIX = "binsight."
 
 @dataclass(frozen=True)
 class ModelInfo:
-    image_size: int
+    image_size: int  # input height
+    image_width: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[int, ...]
@@ -32,11 +38,18 @@ class ModelInfo:
     version: str
     quantized: bool
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.image_size, self.image_width
+
 
 def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
     try:
+        height = int(metadata[META_PREFIX + "image_size"])
         return ModelInfo(
-            image_size=int(metadata[META_PREFIX + "image_size"]),
+            image_size=height,
+            # Files exported before non-square inputs existed have square inputs.
+            image_width=int(metadata.get(META_PREFIX + "image_width") or height),
             mean=tuple(json.loads(metadata[META_PREFIX + "mean"])),
             std=tuple(json.loads(metadata[META_PREFIX + "std"])),
             classes=tuple(json.loads(metadata[META_PREFIX + "classes"])),
@@ -51,6 +64,74 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
         ) from None
 
 
+Backend = Literal["auto", "onnxruntime", "openvino"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which engine runs the model, at what precision, and why: reported by `/v1/model` and the log."""
+
+    backend: str
+    precision: str  # fp32, bf16, or int8 (an int8 file runs in int8 whatever was asked)
+    reason: str
+
+
+def cpu_features() -> set[str]:
+    """The CPU flags that decide the fast path (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split()) & {
+                "avx512f",
+                "avx512_bf16",
+                "avx512_vnni",
+                "amx_bf16",
+                "amx_int8",
+            }
+    return set()
+
+
+def choose_runtime(backend: Backend, precision: Precision) -> RuntimeChoice:
+    """OpenVINO where it is installed and the CPU is x86 (its oneDNN kernels use AMX, AVX512-BF16 and
+    VNNI, which ONNX Runtime's CPU provider leaves idle for bf16); ONNX Runtime otherwise, the portable
+    fallback. bf16 is chosen only where the CPU computes it natively (AMX or AVX512-BF16)."""
+    features = cpu_features()
+    if backend == "auto":
+        try:
+            import openvino  # noqa: F401
+
+            have_openvino = True
+        except ImportError:
+            have_openvino = False
+        x86 = bool(features) or os.uname().machine in ("x86_64", "AMD64")
+        backend = "openvino" if have_openvino and x86 else "onnxruntime"
+        why = (
+            "OpenVINO installed on an x86 CPU" if backend == "openvino" else "OpenVINO unavailable or not x86"
+        )
+    else:
+        why = "asked for"
+    native_bf16 = bool(features & {"amx_bf16", "avx512_bf16"})
+    if precision == "auto":
+        precision = "bf16" if native_bf16 and backend == "openvino" else "fp32"
+        flags = "+".join(sorted(features & {"amx_bf16", "avx512_bf16"})) or "no native bf16"
+        why += f"; {precision} because the CPU has {flags}"
+    elif precision == "bf16" and backend == "onnxruntime":
+        raise BinsightError(
+            "ONNX Runtime's CPU provider has no bf16 path", hint="use --backend openvino or --precision fp32"
+        )
+    return RuntimeChoice(backend, precision, why)
+
+
+def _as_int8(choice: RuntimeChoice) -> RuntimeChoice:
+    return RuntimeChoice(
+        choice.backend, "int8", f"{choice.reason}; the model file is int8-quantised, so int8"
+    )
+
+
 class OnnxCounter:
     """One loaded model. Thread-safe: ONNX Runtime sessions may be run from several threads."""
 
@@ -58,6 +139,7 @@ class OnnxCounter:
         self, path: str | os.PathLike[str], threads: int | None = None, version: str | None = None
     ) -> None:
         self.path = Path(path)
+        self.runtime = RuntimeChoice("onnxruntime", "fp32", "asked for")
         try:
             data = self.path.read_bytes()
         except OSError as exc:
@@ -75,8 +157,83 @@ class OnnxCounter:
         self.info = read_info(metadata, hashlib.sha256(data).hexdigest())
         if version:  # a registry version name outranks what the file says
             self.info = dataclasses.replace(self.info, version=version)
+        if self.info.quantized:
+            self.runtime = _as_int8(self.runtime)
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, num_classes) probabilities."""
+        """(N, 3, H, W) float32 -> (N, num_classes) probabilities."""
         return self.session.run(None, {self.input_name: batch})[0]
+
+
+class OpenVinoCounter:
+    """The same ONNX file compiled by OpenVINO for the CPU. Thread-safe: one infer request per thread."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        threads: int | None = None,
+        version: str | None = None,
+        choice: RuntimeChoice = RuntimeChoice("openvino", "fp32", "asked for"),
+    ) -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+            proto = onnx.load_from_string(data)
+        except OSError as exc:
+            raise BinsightError(f"cannot read model {self.path}: {exc.strerror}") from None
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise BinsightError(f"{self.path} is not an ONNX model: {exc}") from None
+        metadata = {entry.key: entry.value for entry in proto.metadata_props}
+        self.info = read_info(metadata, hashlib.sha256(data).hexdigest())
+        if version:
+            self.info = dataclasses.replace(self.info, version=version)
+        self.runtime = _as_int8(choice) if self.info.quantized else choice
+        properties: dict[str, object] = {
+            # int8 graphs keep their int8 layers; the hint governs the float parts around them.
+            "INFERENCE_PRECISION_HINT": "bf16" if choice.precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        if threads:
+            properties["INFERENCE_NUM_THREADS"] = threads
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", properties)
+        except Exception as exc:  # OpenVINO raises RuntimeError with its own message
+            raise BinsightError(f"OpenVINO cannot compile {self.path}: {exc}") from None
+        self._local = threading.local()
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 -> (N, num_classes) probabilities."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        request.infer({0: batch})
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+
+
+class LoadedModel(Protocol):
+    path: Path
+    info: ModelInfo
+    runtime: RuntimeChoice
+
+    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def load_counter(
+    path: str | os.PathLike[str],
+    threads: int | None = None,
+    version: str | None = None,
+    backend: Backend = "auto",
+    precision: Precision = "auto",
+) -> LoadedModel:
+    """A model from an exported ONNX file, in the engine `choose_runtime` picks (or the one asked for)."""
+    choice = choose_runtime(backend, precision)
+    if choice.backend == "openvino":
+        return OpenVinoCounter(path, threads, version, choice)
+    counter = OnnxCounter(path, threads, version)
+    counter.runtime = _as_int8(choice) if counter.info.quantized else choice
+    return counter

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from binsight.errors import BinsightError
-from binsight.models.backbones import BACKBONES
+from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD
+from binsight.models.backbones import check_arch, normalisation
 from binsight.models.heads import HEADS
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+DEFAULT_IMAGE_SIZE = 224
 
 
 class TrainConfig(BaseModel):
@@ -23,28 +27,52 @@ class TrainConfig(BaseModel):
     data: Path = Field(description="dataset directory with splits/{train,val,test}.csv")
     out: Path = Field(Path("runs/train"), description="run directory (checkpoints, logs, report)")
 
-    arch: str = "resnet18"
+    arch: str = Field(
+        "resnet18", description="backbone: efficientnet_lite0/1/2, a torchvision model, or timm:NAME"
+    )
     head: str = "classification"
     pretrained: bool = True
     weights: Path | None = Field(None, description="ImageNet weights file (default: torch hub cache)")
-    num_classes: int | None = Field(None, ge=2, description="counts 0..num_classes-1 (default: from data)")
+    num_classes: int | None = Field(
+        None,
+        ge=2,
+        description="classes 0..K-1; the last one means K-1 or more (default: from data, max count + 1)",
+    )
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
 
-    image_size: int = Field(224, ge=32, le=1024)
+    image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=32, le=1024, description="model input height in pixels")
+    image_width: int | None = Field(
+        None, ge=32, le=1024, description="model input width (default: image_size, a square input)"
+    )
+    normalization: Literal["backbone", "imagenet"] = Field(
+        "backbone", description="pixel mean/std: the backbone's own, or ImageNet's whatever the backbone"
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1, description="per process; the global batch is this times world size")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0.0, le=10.0)
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, le=1.0, description="backbone learning rate as a fraction of the head's"
+    )
     weight_decay: float = Field(0.05, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    augment: float = Field(1.0, ge=0.0, le=2.0, description="augmentation strength, 0 turns it off")
+    neighbour_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="classification: target mass moved to the adjacent counts"
+    )
+    augment: float = Field(
+        1.0, ge=0.0, le=2.0, description="crop and colour augmentation strength, 0 turns them off"
+    )
+    flip: Literal["none", "h", "hv"] = Field("h", description="random flips: none, horizontal, or both")
     grad_clip: float | None = Field(None, gt=0.0)
 
-    amp: Literal["auto", "on", "off"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    amp: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="mixed precision; auto: on for GPUs and for CPUs with native bf16 (AVX512-BF16, AMX)",
+    )
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on wherever amp is on")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     workers: int = Field(2, ge=0, description="data loader processes per training process")
     cache: bool = Field(False, description="decode and resize every image once into a uint8 cache")
@@ -56,10 +84,22 @@ class TrainConfig(BaseModel):
     profile_steps: int = Field(0, ge=0, description="record a torch.profiler trace of N steps")
     tensorboard: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling_of_square(cls, values: Any) -> Any:
+        # A width equal to the height is a square input: one spelling, so that a config written either
+        # way resumes the same run.
+        height = values.get("image_size", DEFAULT_IMAGE_SIZE) if isinstance(values, dict) else None
+        if height is not None and values.get("image_width") == height:
+            values = {**values, "image_width": None}
+        return values
+
     @model_validator(mode="after")
     def _known_choices(self) -> TrainConfig:
-        if self.arch not in BACKBONES:
-            raise ValueError(f"arch {self.arch!r} is not one of {', '.join(BACKBONES)}")
+        try:
+            check_arch(self.arch)
+        except BinsightError as exc:
+            raise ValueError(str(exc)) from None
         if self.head not in HEADS:
             raise ValueError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
         return self
@@ -68,19 +108,42 @@ class TrainConfig(BaseModel):
     def lower_is_better(self) -> bool:
         return self.select_metric != "accuracy"
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.image_size, self.image_width or self.image_size
 
-def load_config(path: Path | None, overrides: dict[str, object]) -> TrainConfig:
-    """A config file (optional) with command-line overrides applied on top; errors name the field."""
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return normalisation(self.arch) if self.normalization == "backbone" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, object]:
+    try:
+        values = json.loads(path.read_text())
+    except OSError as exc:
+        raise BinsightError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise BinsightError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise BinsightError(f"{what} {path} must hold a JSON object of settings")
+    return {k: v for k, v in values.items() if not k.startswith("_")}  # "_about" documents a recipe
+
+
+def load_config(path: Path | None, overrides: dict[str, object], recipe: str | None = None) -> TrainConfig:
+    """A named recipe, then a config file, then command-line overrides, each on top of the last."""
     values: dict[str, object] = {}
+    if recipe is not None:
+        if recipe not in recipe_names():
+            raise BinsightError(
+                f"unknown recipe {recipe!r}", hint=f"choose one of {', '.join(recipe_names())}"
+            )
+        values.update(_read_json_object(RECIPES_DIR / f"{recipe}.json", "recipe"))
     if path is not None:
-        try:
-            values = json.loads(path.read_text())
-        except OSError as exc:
-            raise BinsightError(f"cannot read config {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise BinsightError(f"config {path} is not valid JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise BinsightError(f"config {path} must hold a JSON object of settings")
+        values.update(_read_json_object(path, "config"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig.model_validate(values)

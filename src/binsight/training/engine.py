@@ -78,15 +78,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on norms and biases: decaying them only hurts (as in timm and torchvision refs).
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """No weight decay on norms and biases (decaying them only hurts, as in timm and torchvision refs);
+    the pretrained backbone moves at `backbone_lr_scale` of the new head's rate, so fine-tuning adapts
+    the ImageNet features rather than overwriting them in the first noisy steps of the head."""
+    groups = []
+    for part, scale in ((unwrap(model).backbone, config.backbone_lr_scale), (unwrap(model).head, 1.0)):
+        decay, no_decay = [], []
+        for parameter in part.parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+        groups += [
+            {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr * scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr": config.lr * scale},
+        ]
+    groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)
@@ -99,7 +104,7 @@ def build_scheduler(
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
-            max_lr=config.lr,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
             total_steps=total,
             pct_start=max(0.05, config.warmup_epochs / config.epochs),
         )
@@ -116,11 +121,19 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions at 2x or more the fp32 rate (measured in
+    docs/benchmarks.md); elsewhere bf16 on CPU is emulated and slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 class Precision:
-    """Mixed precision on GPU: bfloat16 where supported (no loss scaling needed), else float16."""
+    """Mixed precision: bfloat16 where the hardware runs it natively (no loss scaling needed), float16 on
+    GPUs without bf16."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        enabled = config.amp == "on" or (config.amp == "auto" and device.type == "cuda")
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        enabled = config.amp == "on" or (config.amp == "auto" and native)
         self.device_type = device.type
         if device.type == "cuda":
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -181,7 +194,12 @@ def train_one_epoch(
                 break
             with precision.autocast():
                 outputs = model(images)
-            loss = head.loss(outputs.float(), targets, config.label_smoothing)
+            loss = head.loss(
+                outputs.float(),
+                targets,
+                config.label_smoothing,
+                neighbour_smoothing=config.neighbour_smoothing,
+            )
             optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(loss).backward()
             precision.scaler.unscale_(optimizer)
@@ -259,7 +277,10 @@ def predict(
 
 
 def _channels_last(config: TrainConfig, device: torch.device) -> bool:
-    return config.channels_last == "on" or (config.channels_last == "auto" and device.type == "cuda")
+    # oneDNN's and cuDNN's fast bf16/fp16 convolutions want NHWC; in fp32 on CPU it is a wash.
+    return config.channels_last == "on" or (
+        config.channels_last == "auto" and Precision(config, device).enabled
+    )
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
@@ -343,31 +364,33 @@ def _train(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     head: CountHead = model.head  # type: ignore[assignment]
+    head.start_from_prior(
+        torch.bincount(torch.from_numpy(np.minimum(train_counts, num_classes - 1)), minlength=num_classes)
+    )
 
     cache = config.cache and context.is_main
+    size, (mean, std) = config.input_hw, config.mean_std
     train_set = BinDataset(
         data_dir,
         train_rows,
-        train_transform(config.image_size, config.augment),
-        config.image_size,
+        train_transform(size, config.augment, config.flip, mean, std),
+        size,
         num_classes,
-        cache_path(data_dir, "train", train_rows, config.image_size) if cache else None,
+        cache_path(data_dir, "train", train_rows, size) if cache else None,
     )
     val_set = BinDataset(
         data_dir,
         val_rows,
-        eval_transform(config.image_size),
-        config.image_size,
+        eval_transform(size, mean, std),
+        size,
         num_classes,
-        cache_path(data_dir, "val", val_rows, config.image_size) if cache else None,
+        cache_path(data_dir, "val", val_rows, size) if cache else None,
     )
     if config.cache and context.enabled:
         torch.distributed.barrier()  # rank 0 built the cache; the others now open it
         if not context.is_main:
-            train_set.cache = np.load(
-                cache_path(data_dir, "train", train_rows, config.image_size), mmap_mode="r"
-            )
-            val_set.cache = np.load(cache_path(data_dir, "val", val_rows, config.image_size), mmap_mode="r")
+            train_set.cache = np.load(cache_path(data_dir, "train", train_rows, size), mmap_mode="r")
+            val_set.cache = np.load(cache_path(data_dir, "val", val_rows, size), mmap_mode="r")
     pin = device.type == "cuda"
     train_loader = make_loader(
         train_set, config.batch_size, True, config.workers, config.seed, context.enabled, pin
@@ -457,10 +480,10 @@ def _train(
         if profiler is not None:
             profiler.stop()
             _write_profile_summary(profiler, out, stats)
-        targets, probabilities, val_loss = predict(
+        _, probabilities, val_loss = predict(
             model, head, val_loader, device, precision, context, channels_last, config.label_smoothing
         )
-        metrics = counting_metrics(targets, probabilities)
+        metrics = counting_metrics(val_set.counts, probabilities)
         record = {
             "epoch": epoch + 1,
             **stats,
@@ -541,7 +564,7 @@ def _train(
         "num_classes": num_classes,
         "epochs_run": len(history),
         "best": best,
-        "majority_baseline_val_accuracy": majority_baseline(train_counts, val_set.targets),
+        "majority_baseline_val_accuracy": majority_baseline(train_counts, val_set.counts),
         "history": history,
         "findings": [f.__dict__ for f in monitors.findings],
         "world_size": context.world_size,

@@ -53,14 +53,16 @@ def evaluate(
     torch_device = resolve_device(device, context)
     model.to(torch_device)
     rows = load_split(data_dir, split)
-    dataset = BinDataset(data_dir, rows, eval_transform(config.image_size), config.image_size, num_classes)
+    dataset = BinDataset(
+        data_dir, rows, eval_transform(config.input_hw, *config.mean_std), config.input_hw, num_classes
+    )
     loader = make_loader(dataset, batch_size, False, workers, 0, False, torch_device.type == "cuda")
     precision = Precision(config.model_copy(update={"amp": "auto"}), torch_device)
-    targets, probabilities, loss = predict(model, model.head, loader, torch_device, precision, context)
-    metrics = counting_metrics(targets, probabilities)
+    _, probabilities, loss = predict(model, model.head, loader, torch_device, precision, context)
+    metrics = counting_metrics(dataset.counts, probabilities)
     try:
-        train_targets = np.array([int(r["count"]) for r in load_split(data_dir, "train")])
-        baseline = majority_baseline(np.minimum(train_targets, num_classes - 1), targets)
+        train_counts = np.array([int(r["count"]) for r in load_split(data_dir, "train")])
+        baseline = majority_baseline(train_counts, dataset.counts)
     except BinsightError:
         baseline = None
     result = {

@@ -2,6 +2,11 @@
 
 Accuracy alone hides how wrong a count is, so RMSE, MAE and off-by-one accuracy come with it; ECE
 says whether the probabilities can be trusted, which the audit depends on.
+
+Counts beyond the model's range are judged honestly: the last class means "K or more", its answer as a
+number is K, and accuracy, MAE and RMSE compare that number with the *recorded* count. A bin of 12 that
+the model calls "6+" is an error of 6, never a hit; `overflow` reports how often such bins were at
+least recognised as large. The confusion matrix and ECE are over classes (12 is in class "6+").
 """
 
 from __future__ import annotations
@@ -31,12 +36,16 @@ def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, b
     return float(ece)
 
 
-def counting_metrics(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
-    targets = np.asarray(targets, dtype=np.int64)
+def counting_metrics(counts: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Metrics of per-class probabilities against the recorded counts (which may exceed the classes)."""
+    counts = np.asarray(counts, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     num_classes = probabilities.shape[1]
+    overflow_class = num_classes - 1
+    targets = np.minimum(counts, overflow_class)
     predictions = probabilities.argmax(axis=1)
-    errors = predictions - targets
+    errors = predictions - counts
+    beyond = counts > overflow_class
     matrix = confusion_matrix(targets, predictions, num_classes)
     true_per_class = matrix.sum(axis=1)
     predicted_per_class = matrix.sum(axis=0)
@@ -51,6 +60,13 @@ def counting_metrics(targets: np.ndarray, probabilities: np.ndarray) -> dict[str
         "mae": float(np.abs(errors).mean()),
         "rmse": float(np.sqrt((errors.astype(np.float64) ** 2).mean())),
         "ece": expected_calibration_error(probabilities, targets),
+        "overflow": {
+            "class": f"{overflow_class}+",
+            "images_beyond": int(beyond.sum()),
+            "recognised_as_overflow": float((predictions[beyond] == overflow_class).mean())
+            if beyond.any()
+            else None,
+        },
         "per_class": {
             str(k): {
                 "support": int(true_per_class[k]),
@@ -63,7 +79,7 @@ def counting_metrics(targets: np.ndarray, probabilities: np.ndarray) -> dict[str
     }
 
 
-def majority_baseline(train_targets: np.ndarray, eval_targets: np.ndarray) -> float:
+def majority_baseline(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
     """Accuracy of always answering the most common training count: the bar any model must clear."""
-    majority = np.bincount(np.asarray(train_targets)).argmax()
-    return float((np.asarray(eval_targets) == majority).mean())
+    majority = np.bincount(np.asarray(train_counts)).argmax()
+    return float((np.asarray(eval_counts) == majority).mean())
