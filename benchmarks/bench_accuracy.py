@@ -5,7 +5,7 @@ Rows (every one trained and tested on the same stratified split of ../shared/abi
 - the seeds' recipe: pretrained EfficientNet-Lite0 fine-tuned as the capstone notebooks did (squash to
   224, ImageNet mean/std, horizontal flip only, cross-entropy over counts 1-5 trained on 1-5 photos
   only, Adam lr 7.5e-4, batch 64, 6 epochs, no schedule, the last epoch's model);
-- resnet18 from scratch with binsight's recipe;
+- resnet18 from scratch with binsight's recipe (at 224 x 224: it is also the serving benchmark's model);
 - binsight's recipe (`--recipe abid`) and its variants; the best variant is chosen on the *validation*
   split, never the test split, and reported on test.
 Each row reports accuracy, ±1 accuracy, MAE, RMSE, ECE and per-count recall on all counts and on the
@@ -85,7 +85,7 @@ ROWS = {
     row.name: row
     for row in (
         Row("seeds", SEEDS, data="1-5", checkpoint="last.pt", recipe=None, variant=False),
-        Row("scratch", {"arch": "resnet18", "pretrained": False}, variant=False),
+        Row("scratch", {"arch": "resnet18", "pretrained": False, "image_width": 224}, variant=False),
         Row("binsight", {}),  # the abid recipe as shipped
         Row("binsight-tta", {}, tta=True),
         Row("binsight-square", {"image_width": 224}),
@@ -154,7 +154,8 @@ def summarise(counts: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
             if (counts[mask] == k).any()
         }
         out[name] = {
-            key: m[key] for key in ("n", "accuracy", "off_by_one_accuracy", "mae", "rmse", "ece")
+            key: m[key]
+            for key in ("n", "accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "confusion_matrix")
         } | {"per_count_accuracy": per_count}
     return out
 

@@ -88,7 +88,7 @@ def run_wrk(
     seconds_run = float(secs) * (60 if re.search(r"requests in [\d.]+m", out) else 1)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    percentiles = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, flags=re.M))
+    percentiles = dict(re.findall(r"^\s*(\d+)%\s+(\S+)\s*$", out, flags=re.M))
     return WrkResult(
         requests=int(requests),
         seconds=seconds_run,
