@@ -37,7 +37,15 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
     # real ones. The abid recipe's settings at a small input, so the demo stays a couple of minutes.
     config = load_config(
         None,
-        {"data": data_dir, "out": out / "model", "image_size": 128, "epochs": epochs, "seed": seed},
+        {
+            "data": data_dir,
+            "out": out / "model",
+            # Synthetic photos are square: a square input, unlike the recipe's 4:3 for real ABID.
+            "image_size": 128,
+            "image_width": 128,
+            "epochs": epochs,
+            "seed": seed,
+        },
         recipe="abid",
     )
     print(f"[5/8] fine-tuning {config.arch} (ImageNet weights) for {epochs} epochs on CPU...")
