@@ -4,6 +4,7 @@ inputs end to end, and honest metrics for counts beyond the model's classes."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -178,3 +179,17 @@ def test_heads_start_at_the_training_base_rates(kind: str) -> None:
     else:  # regression: centred on the mean count
         mean = float((frequency * torch.arange(7)).sum())
         assert float((probabilities * torch.arange(7)).sum()) == pytest.approx(mean, abs=0.15)
+
+
+def test_train_cli_with_the_abid_recipe_and_a_non_square_input(synth_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    assert main(["data", "index", str(data)]) == 0
+    assert main(["data", "split", str(data)]) == 0
+    out = tmp_path / "run"
+    argv = ["train", "--recipe", "abid", "--data", str(data), "--out", str(out), "--epochs", "1"]
+    argv += ["--max-train-batches", "1", "--image-size", "32", "--image-width", "48", "--workers", "0"]
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["arch"], saved["image_size"], saved["image_width"]) == ("efficientnet_lite0", 32, 48)
+    assert list((data / ".cache").glob("train-32x48px-*.npy"))  # the recipe caches decoded photos
