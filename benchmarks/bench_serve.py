@@ -140,14 +140,12 @@ def torchserve_model(checkpoint: Path, base: Path) -> int:
     return int(plain["fc.weight"].shape[0])
 
 
-def serve_command(
-    model: Path, port: int, backend: str, precision: str, args: argparse.Namespace
-) -> list[str]:
-    return [
-        sys.executable, "-m", "binsight", "serve", "--model", str(model), "--port", str(port),
-        "--reload-interval-s", "0", "--backend", backend, "--precision", precision,
-        "--max-batch-size", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-    ]  # fmt: skip
+def serve_command(model: Path, port: int, **flags: object) -> list[str]:
+    """`binsight serve` on loopback, no model-file polling; `max_wait_ms=5` becomes `--max-wait-ms 5`."""
+    command = [sys.executable, "-m", "binsight", "serve", "--model", str(model), "--port", str(port)]
+    for name, value in {"reload_interval_s": 0, **flags}.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    return command
 
 
 def gemm_peak_gmacs(dtype: torch.dtype, seconds: float = 2.0) -> float:
@@ -341,7 +339,7 @@ def main() -> int:
                 continue
             label = f"binsight serve, {key} {backend} {'int8' if file == 'int8' else precision}"
             commands[label] = lambda port, f=models[key][file], b=backend, p=precision: serve_command(
-                f, port, b, p, args
+                f, port, backend=b, precision=p, max_batch_size=args.max_batch, max_wait_ms=args.max_wait_ms
             )
             port = free_port()
             results["rows"][label] = measure(label, {"command": commands[label](port)}, port, photos, args)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench_serve import free_port, start, stop
+from bench_serve import free_port, serve_command, start, stop
 from wrk_load import have_wrk, run_wrk
 
 HERE = Path(__file__).resolve().parent
@@ -41,11 +41,13 @@ def main() -> int:
     rows = []
     for setting in settings:
         port = free_port()
-        command = [
-            sys.executable, "-m", "binsight", "serve", "--model", str(args.model), "--port", str(port),
-            "--reload-interval-s", "0", "--max-batch-size", str(setting["max_batch"]),
-            "--max-wait-ms", str(setting["max_wait_ms"]), "--workers", str(setting["workers"]),
-        ]  # fmt: skip
+        command = serve_command(
+            args.model,
+            port,
+            max_batch_size=setting["max_batch"],
+            max_wait_ms=setting["max_wait_ms"],
+            workers=setting["workers"],
+        )
         proc = start(command, port)
         try:
             url = f"http://127.0.0.1:{port}/invocations"

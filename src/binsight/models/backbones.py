@@ -5,10 +5,12 @@ Three sources:
 - ``efficientnet_lite0/1/2`` (timm): weights installed with binsight from the package registry.
 - torchvision models: weights read from ``--weights FILE`` or the torch hub cache
   (``$TORCH_HOME/hub/checkpoints/<canonical file name>``), where torchvision itself would have saved them.
-- ``timm:<name>``: any timm model; weights from ``--weights FILE`` or timm's own pretrained loading
-  (its Hugging Face cache), for users who have it.
+- ``timm:<name>``: any timm model; weights from ``--weights FILE``, or else timm's own pretrained
+  loading, which reads its Hugging Face cache and downloads there when the cache lacks them (the one
+  path that may use the network, and only when a user names a timm model without a file).
 
-A missing weight file is a clear error that says where to put it, never a silent download.
+For the named backbones a missing weight file is a clear error that says where to put it, never a
+download.
 """
 
 from __future__ import annotations

@@ -132,18 +132,35 @@ def _as_int8(choice: RuntimeChoice) -> RuntimeChoice:
     )
 
 
+def _read_model(path: Path, version: str | None) -> tuple[bytes, ModelInfo]:
+    """The file's bytes and what its metadata says, whichever engine then runs it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BinsightError(f"cannot read model {path}: {exc.strerror}") from None
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise BinsightError(f"{path} is not a loadable ONNX model: {exc}") from None
+    info = read_info({p.key: p.value for p in proto.metadata_props}, hashlib.sha256(data).hexdigest())
+    if version:  # a registry version name outranks what the file says
+        info = dataclasses.replace(info, version=version)
+    return data, info
+
+
 class OnnxCounter:
     """One loaded model. Thread-safe: ONNX Runtime sessions may be run from several threads."""
 
     def __init__(
-        self, path: str | os.PathLike[str], threads: int | None = None, version: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        threads: int | None = None,
+        version: str | None = None,
+        choice: RuntimeChoice = RuntimeChoice("onnxruntime", "fp32", "asked for"),
     ) -> None:
         self.path = Path(path)
-        self.runtime = RuntimeChoice("onnxruntime", "fp32", "asked for")
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise BinsightError(f"cannot read model {self.path}: {exc.strerror}") from None
+        data, self.info = _read_model(self.path, version)
+        self.runtime = _as_int8(choice) if self.info.quantized else choice
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -153,12 +170,6 @@ class OnnxCounter:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
             raise BinsightError(f"{self.path} is not a loadable ONNX model: {exc}") from None
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        self.info = read_info(metadata, hashlib.sha256(data).hexdigest())
-        if version:  # a registry version name outranks what the file says
-            self.info = dataclasses.replace(self.info, version=version)
-        if self.info.quantized:
-            self.runtime = _as_int8(self.runtime)
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -179,17 +190,7 @@ class OpenVinoCounter:
         import openvino as ov
 
         self.path = Path(path)
-        try:
-            data = self.path.read_bytes()
-            proto = onnx.load_from_string(data)
-        except OSError as exc:
-            raise BinsightError(f"cannot read model {self.path}: {exc.strerror}") from None
-        except Exception as exc:  # protobuf's DecodeError and friends
-            raise BinsightError(f"{self.path} is not an ONNX model: {exc}") from None
-        metadata = {entry.key: entry.value for entry in proto.metadata_props}
-        self.info = read_info(metadata, hashlib.sha256(data).hexdigest())
-        if version:
-            self.info = dataclasses.replace(self.info, version=version)
+        _, self.info = _read_model(self.path, version)
         self.runtime = _as_int8(choice) if self.info.quantized else choice
         properties: dict[str, object] = {
             # int8 graphs keep their int8 layers; the hint governs the float parts around them.
@@ -232,8 +233,5 @@ def load_counter(
 ) -> LoadedModel:
     """A model from an exported ONNX file, in the engine `choose_runtime` picks (or the one asked for)."""
     choice = choose_runtime(backend, precision)
-    if choice.backend == "openvino":
-        return OpenVinoCounter(path, threads, version, choice)
-    counter = OnnxCounter(path, threads, version)
-    counter.runtime = _as_int8(choice) if counter.info.quantized else choice
-    return counter
+    engine = OpenVinoCounter if choice.backend == "openvino" else OnnxCounter
+    return engine(path, threads, version, choice)
