@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from binsight.imaging import decode_image, to_model_input
+from binsight.serving.config import Backend, Precision
 from binsight.serving.export import export
-from binsight.serving.runtime import Backend, Precision, cpu_features, load_counter
+from binsight.serving.runtime import cpu_features, load_counter
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.data import load_split
 from binsight.training.evaluate import load_model

@@ -22,8 +22,9 @@ from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.errors import BinsightError
 from binsight.pipeline.retrain import Pipeline, PipelineConfig, compare
 from binsight.registry import Registry
-from binsight.serving.app import ServeConfig, create_app
+from binsight.serving.app import create_app
 from binsight.serving.background import BackgroundServer
+from binsight.serving.config import ServeConfig
 from binsight.training.config import load_config
 from binsight.utils.io import read_csv
 
@@ -92,7 +93,7 @@ def test_server_follows_a_registry_alias(trained: dict[str, Path], tmp_path: Pat
     config = ServeConfig(
         registry=str(tmp_path / "registry"), registry_cache=tmp_path / "cache", reload_interval_s=0.1
     )
-    with BackgroundServer(create_app(config)) as server:
+    with BackgroundServer(create_app(config), config) as server:
         assert httpx.get(f"{server.url}/ping").json()["model_version"] == "v0001"
         registry.set_alias("production", "v0002")
         deadline = time.monotonic() + 10
@@ -284,6 +285,14 @@ def test_audit_evaluation_writes_budgets_and_curve(
     assert result["simulated_errors"] == round(0.2 * result["bins"])
     assert (tmp_path / "catch_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "re-check" in capsys.readouterr().out
+    # The exported model carries a conformal calibration, so verdicts come with a known error rate.
+    assert result["verdict_basis"].startswith("conformal")
+    conformal = result["conformal"]
+    assert set(conformal["false_alarm_rate_by_alpha"]) >= {"0.05", "0.1", "0.2"}
+    assert (
+        1 <= conformal["mean_set_size"] <= 6 and sum(conformal["set_size_counts"].values()) == result["bins"]
+    )
+    assert (tmp_path / "calibration.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tune_with_two_parallel_workers_sharing_one_study(trained: dict[str, Path], tmp_path: Path) -> None:
@@ -350,7 +359,24 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
         capture_sample_rate=1.0,
         reload_interval_s=0,
     )
-    with BackgroundServer(create_app(config)) as server, sync_playwright() as playwright:
+    # A capture record is a file on disk, and its model version comes from a model file: both are
+    # rendered by /traffic, so a hostile one must show as text, not run.
+    hostile = "<img src=x onerror=window.pwned=1>"
+    (tmp_path / "capture").mkdir()
+    (tmp_path / "capture" / "capture-20260101T000000-1-000000001.jsonl").write_text(
+        json.dumps(
+            {
+                "time": "2026-01-01T00:00:00.000+00:00",
+                "count": 1,
+                "confidence": 0.5,
+                "model_version": hostile,
+                "verdict": "<b>x</b>",
+                "latency_ms": 1.0,
+            }
+        )
+        + "\n"
+    )
+    with BackgroundServer(create_app(config), config) as server, sync_playwright() as playwright:
         expected = post_jpeg(f"{server.url}/v1/count?expected_count=2", photo.read_bytes()).json()[
             "predictions"
         ][0]
@@ -382,12 +408,15 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
             page.goto(f"{server.url}/traffic")
             page.wait_for_selector("#total")
             deadline = time.monotonic() + 10
-            while page.text_content("#total") != "3":  # the API call and the two page uploads
+            while page.text_content("#total") != "4":  # the planted record, the API call, two uploads
                 assert time.monotonic() < deadline, page.text_content("#summary")
                 page.reload()
                 page.wait_for_selector("#total")
             assert page.locator("#chart .col").count() >= 1
-            assert page.locator("#recent tr").count() == 3
+            assert page.locator("#recent tr").count() == 4
+            assert page.locator("#recent img").count() == 0 and page.locator("#summary b").count() == 1
+            assert page.evaluate("window.pwned") is None
+            assert hostile in page.text_content("#recent")
             page.screenshot(path=str(tmp_path / "traffic.png"))
         finally:
             browser.close()
@@ -404,3 +433,29 @@ def test_audit_report_escapes_hostile_file_names(trained: dict[str, Path], tmp_p
     report = (out / "report.html").read_text()
     assert "&lt;svg onload=alert(document.domain)&gt;.jpg" in report
     assert "<svg" not in report
+
+
+def test_audit_csv_from_excel_or_with_only_bad_rows(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = sorted((trained["data"] / "images").glob("*.jpg"))[0]
+    shutil.copy(image, tmp_path / "bin.jpg")
+    args = ["--model", str(trained["onnx_a"]), "--review-budget", "1.0"]
+
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    excel.write_bytes("image,recorded_quantity\r\nbin.jpg,2\r\n".encode("utf-8-sig"))
+    assert main(["audit", str(excel), "--out", str(tmp_path / "a"), *args]) == 0
+    assert read_csv(tmp_path / "a" / "audit.csv")[0]["recorded_quantity"] == "2"
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,recorded_quantity\nbin-é.jpg,2\n".encode("latin-1"))
+    assert main(["audit", str(latin), "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8" in err and "Traceback" not in err
+
+    hopeless = tmp_path / "hopeless.csv"
+    hopeless.write_text("image,recorded_quantity\nbin.jpg,two\nbin.jpg,²\n,3\n")
+    assert main(["audit", str(hopeless), "--out", str(tmp_path / "c"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 3 rows" in err and "line 2" in err
+    assert not (tmp_path / "c" / "audit.csv").exists()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -26,8 +29,9 @@ from binsight.cli import main
 from binsight.errors import BinsightError
 from binsight.imaging import decode_image, to_model_input
 from binsight.serving import runtime
-from binsight.serving.app import ServeConfig, create_app
+from binsight.serving.app import create_app
 from binsight.serving.background import BackgroundServer
+from binsight.serving.config import ServeConfig
 from binsight.serving.export import export
 from binsight.serving.loadtest import run_load
 from binsight.serving.runtime import OnnxCounter, load_counter
@@ -44,7 +48,7 @@ def server(trained: dict[str, Path], **settings: object) -> BackgroundServer:
     settings.setdefault("reload_interval_s", 0)
     # Exact comparisons below are against ONNX Runtime fp32; other engines have a test of their own.
     settings.setdefault("backend", "onnxruntime")
-    return BackgroundServer(create_app(ServeConfig(**settings)))  # type: ignore[arg-type]
+    return BackgroundServer(create_app(config := ServeConfig(**settings)), config)  # type: ignore[arg-type]
 
 
 def metric_samples(text: str) -> dict[str, float]:
@@ -104,8 +108,15 @@ def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dic
     Image.open(io.BytesIO(jpeg)).save(png, "PNG")
     b64 = base64.b64encode(jpeg).decode()
     with server(trained, s3_endpoint_url=abid_bucket["endpoint"], s3_unsigned=True) as s:
-        assert httpx.get(f"{s.url}/ping").json() == {"status": "ok", "model_version": "v-a"}
-        assert httpx.get(f"{s.url}/v1/model").json()["image_size"] == 32
+        assert httpx.get(f"{s.url}/ping").json() == {
+            "status": "ok",
+            "model_version": "v-a",
+            "last_reload_failure": None,
+        }
+        described = httpx.get(f"{s.url}/v1/model").json()
+        assert described["image_size"] == 32 and described["version"] == "v-a"
+        assert described["calibrated"] is True and described["verdicts"].startswith("conformal")
+        assert str(trained["onnx_a"].parent) not in json.dumps(described)  # no server paths
         for content_type in ("image/jpeg", "application/x-image"):
             body = httpx.post(
                 f"{s.url}/invocations", content=jpeg, headers={"content-type": content_type}
@@ -127,6 +138,12 @@ def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dic
         assert judged["verdict"] in {"ok", "review", "mismatch"} and judged["agrees"] == (
             judged["count"] == 2
         )
+        assert judged["expected_within_range"] is True
+        assert 0 < judged["p_value"] <= 1  # the record's conformal p-value: mismatch when <= alpha
+        # Past the top class the model can only say "at least top": the answer says so.
+        beyond = httpx.post(f"{s.url}/invocations", json={"image": b64, "expected_count": 5000}).json()
+        assert beyond["expected_within_range"] is False
+        assert beyond["p_expected"] == pytest.approx(expected[-1], abs=1e-5)
 
         s3 = httpx.post(f"{s.url}/invocations", json={"s3_uri": f"s3://{BUCKET}/bin-images/synth-000001.jpg"})
         assert s3.status_code == 200, s3.text
@@ -194,6 +211,18 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(
             "too_many_images",
         ),
         ("application/json", b'{"instances": []}', 400, "bad_instances"),
+        # Found by a hostile caller; each used to answer 500 or reach S3.
+        ("application/json", b"[" * 100_000 + b"]" * 100_000, 400, "bad_json"),
+        ("application/json", b'{"image": "AA==", "expected_count": ' + b"9" * 5000 + b"}", 400, "bad_json"),
+        ("application/json", b'{"image": "AA==", "expected_count": 99999999999}', 400, "bad_expected_count"),
+        ("application/json", b'{"s3_uri": "s3://BAD_BUCKET!/x.jpg"}', 400, "bad_s3_uri"),
+        (
+            "application/json",
+            f'{{"s3_uri": "s3://{BUCKET}/bin-images/../secret.jpg"}}'.encode(),
+            400,
+            "bad_s3_uri",
+        ),
+        ("application/json", f'{{"s3_uri": "s3://{BUCKET}/"}}'.encode(), 400, "bad_s3_uri"),
     ]
     with server(
         trained,
@@ -213,11 +242,18 @@ def test_bad_inputs_get_clear_errors_and_the_server_keeps_serving(
             assert response.json()["error"]["message"]
         assert httpx.get(f"{s.url}/ping").status_code == 200
         assert post_jpeg(f"{s.url}/invocations", jpeg).status_code == 200
+        for query in ("²", "1" * 5000, "-1", "1.5"):
+            response = post_jpeg(f"{s.url}/invocations?expected_count={query}", jpeg)
+            assert response.status_code == 400, (query, response.text)
+            assert response.json()["error"]["code"] == "bad_expected_count"
         errors = metric_samples(httpx.get(f"{s.url}/metrics").text)
         assert errors['binsight_request_errors_total{"code": "corrupt_image", "route": "/invocations"}'] == 1
+        assert not any('"code": "internal"' in key for key in errors)
 
-    with server(trained, s3_endpoint_url=f"http://127.0.0.1:{dead_port}", s3_timeout_s=1) as s:
-        response = httpx.post(f"{s.url}/invocations", json={"s3_uri": "s3://b/k.jpg"}, timeout=30)
+    with server(
+        trained, s3_endpoint_url=f"http://127.0.0.1:{dead_port}", s3_timeout_s=1, s3_unsigned=True
+    ) as s:
+        response = httpx.post(f"{s.url}/invocations", json={"s3_uri": "s3://bin-photos/k.jpg"}, timeout=30)
         assert response.status_code == 502 and response.json()["error"]["code"] == "s3_unreachable"
 
 
@@ -330,8 +366,12 @@ def test_loadtest_open_and_closed_loop(trained: dict[str, Path], capsys: pytest.
     bodies = images(trained, 4)
     with server(trained) as s:
         opened = asyncio.run(run_load(f"{s.url}/invocations", bodies, duration_s=1.5, rate=20)).summary()
-        assert 25 <= opened["requests"] <= 32 and opened["errors"] == 0
+        assert 28 <= opened["requests"] <= 31 and opened["errors"] == 0
         assert opened["latency_ms"]["p50"] <= opened["latency_ms"]["p99"]
+        assert opened["client"]["saturated"] is False, opened["client"]
+        assert opened["client"]["cpu_share_of_one_core"] < 0.5
+        samples = metric_samples(httpx.get(f"{s.url}/metrics").text)
+        assert samples["binsight_images_total"] == opened["ok"]  # every request reached the server once
         code = main(
             [
                 "loadtest",
@@ -348,46 +388,114 @@ def test_loadtest_open_and_closed_loop(trained: dict[str, Path], capsys: pytest.
         )
     assert code == 0
     out = capsys.readouterr().out
-    assert "invocations/min" in out and "p95" in out
+    assert "invocations/min" in out and "p95" in out and "WARNING" not in out
 
 
-def test_serve_cli_with_two_worker_processes(trained: dict[str, Path]) -> None:
+def test_loadtest_reports_shed_requests_apart_and_flags_a_saturated_client(trained: dict[str, Path]) -> None:
+    bodies = images(trained, 4)
+    with server(trained, max_batch_size=1, queue_size=1, max_queue_ms=1) as s:
+        # Far past what one server thread can take: most requests are shed.
+        flood = asyncio.run(run_load(f"{s.url}/invocations", bodies, duration_s=1.5, rate=20_000)).summary()
+    assert flood["statuses"].get("503", 0) > 0 and flood["ok"] > 0
+    by_status = flood["latency_ms_by_status"]
+    assert by_status["503"]["n"] == flood["statuses"]["503"]
+    assert flood["latency_ms"]["n"] == flood["ok"]
+    # 20,000 requests/s from Python on a small machine cannot keep its schedule: it must say so.
+    assert flood["client"]["saturated"] is True, flood["client"]
+
+
+def _wait_until(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)
+
+
+def _per_pid(samples: dict[str, float], name: str) -> dict[str, float]:
+    """`{labels-json: value}` of a multiprocess gauge (one sample per live worker pid)."""
+    return {key[len(name) :]: value for key, value in samples.items() if key.startswith(name + "{")}
+
+
+def _serving_pids(samples: dict[str, float]) -> set[int]:
+    info = _per_pid(samples, "binsight_model_info")
+    return {int(json.loads(labels)["pid"]) for labels, value in info.items() if value == 1}
+
+
+def test_serve_cli_workers_share_load_survive_kill_and_report_reloads(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    live = tmp_path / "model.onnx"
+    shutil.copy(trained["onnx_a"], live)
     port = unused_loopback_port()
-    command = [
-        sys.executable,
-        "-m",
-        "binsight",
-        "serve",
-        "--model",
-        str(trained["onnx_a"]),
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-        "--reload-interval-s",
-        "0",
-    ]
+    command = [sys.executable, "-m", "binsight", "serve", "--model", str(live), "--port", str(port)]
+    command += ["--workers", "2", "--reload-interval-s", "0.2", "--backend", "onnxruntime"]
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_file = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     url = f"http://127.0.0.1:{port}"
+
+    def metrics() -> dict[str, float]:
+        return metric_samples(httpx.get(f"{url}/metrics").text)
+
+    def versions_seen(n: int = 16) -> set[str]:  # fresh connections reach both workers
+        return {httpx.get(f"{url}/ping").json()["model_version"] for _ in range(n)}
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        _wait_until(lambda: httpx.get(f"{url}/ping", timeout=1).status_code == 200, "the server is up")
+        _wait_until(lambda: len(_serving_pids(metrics())) == 2, "both workers are up")
         body = images(trained, 1)[0]
-        for _ in range(12):
-            assert post_jpeg(f"{url}/invocations", body).status_code == 200
-        samples = metric_samples(httpx.get(f"{url}/metrics").text)
-        assert samples["binsight_images_total"] == 12  # summed over both worker processes
+        # 32 keep-alive connections, as a load balancer holds them: the kernel spreads them.
+        clients = [httpx.Client(base_url=url) for _ in range(32)]
+        for client in clients:
+            for _ in range(2):
+                response = client.post("/invocations", content=body, headers={"content-type": "image/jpeg"})
+                assert response.status_code == 200
+        samples = metrics()
+        assert samples["binsight_images_total"] == 64  # summed over both worker processes
+        per_worker = {w: samples[f'binsight_worker_requests_total{{"worker": "{w}"}}'] for w in "01"}
+        assert min(per_worker.values()) >= 8, per_worker
+
+        staged = tmp_path / "staged.onnx"
+        shutil.copy(trained["onnx_b"], staged)
+        os.replace(staged, live)
+        _wait_until(lambda: versions_seen() == {"v-b"}, "both workers serve v-b")
+        info = _per_pid(metrics(), "binsight_model_info")
+        assert sorted(info.values()) == [0, 0, 1, 1] and all(
+            ('"v-b"' in labels) == (value == 1) for labels, value in info.items()
+        ), info
+
+        victim = min(_serving_pids(metrics()))
+        os.kill(victim, signal.SIGKILL)
+        for client in clients:  # the survivor serves; connections to the dead worker fail once
+            with contextlib.suppress(httpx.HTTPError):
+                client.post("/invocations", content=body, headers={"content-type": "image/jpeg"})
+        _wait_until(
+            lambda: len(serving := _serving_pids(metrics())) == 2 and victim not in serving,
+            "the killed worker is replaced",
+        )
+        assert post_jpeg(f"{url}/invocations", body).status_code == 200
+        for client in clients:
+            client.close()
+
+        staged.write_bytes(b"not an onnx file")
+        os.replace(staged, live)
+        _wait_until(
+            lambda: all(httpx.get(f"{url}/ping").json()["last_reload_failure"] is not None for _ in range(8)),
+            "the failed reload is reported",
+        )
+        assert versions_seen() == {"v-b"}  # the previous model keeps serving
+        failing = _per_pid(metrics(), "binsight_model_reload_failing")
+        assert list(failing.values()) == [1, 1], (failing, _per_pid(metrics(), "binsight_model_info"))
+        assert "v-b" in httpx.get(f"{url}/v1/model").json()["version"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert proc.returncode == 0, (tmp_path / "server.log").read_text()
 
 
 def test_serve_refuses_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -258,3 +258,32 @@ def test_ddp_with_two_cpu_processes(bins: Path, tmp_path: Path) -> None:
     assert best["val_metrics"]["n"] == 90
     assert sum(best["val_metrics"]["per_class"][k]["support"] for k in best["val_metrics"]["per_class"]) == 90
     assert "val report" in done.stdout and done.stdout.count("train: best val") == 1
+
+
+def test_run_folder_is_locked_and_stale_parts_are_cleaned(bins: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".last.pt.k3j2h1.part"  # what a kill during a checkpoint write leaves
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom binsight.utils.io import exclusive_folder\n"
+            f"with exclusive_folder({str(out)!r}, 'training run'):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
+        stale.write_bytes(b"\0" * 1024)
+        config = tiny(bins, out, epochs=1, max_train_batches=1, image_size=32)
+        with pytest.raises(BinsightError, match=rf"in use by another training run \(pid {holder.pid}\)"):
+            train(config)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stale.exists(), "a part file may belong to the running writer; only the lock holder may clean"
+    train(config)  # the holder died without cleaning up: its lock went with it
+    assert not stale.exists() and (out / "last.pt").exists()
+    assert not list(out.glob(".*.part"))

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from binsight import __version__
+from binsight.cliargs import add_config_arguments, config_from_args
 from binsight.errors import BinsightError
 
 log = logging.getLogger("binsight")
@@ -233,30 +234,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from binsight.serving.app import ServeConfig, serve
+    from binsight.serving.config import ServeConfig
+    from binsight.serving.server import serve
 
-    fields = (
-        "model",
-        "registry",
-        "alias",
-        "host",
-        "port",
-        "workers",
-        "threads",
-        "backend",
-        "precision",
-        "max_batch_size",
-        "max_wait_ms",
-        "queue_size",
-        "max_body_bytes",
-        "max_image_pixels",
-        "reload_interval_s",
-        "capture_dir",
-        "capture_sample_rate",
-        "s3_endpoint_url",
-    )
-    values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
-    serve(ServeConfig(**values, s3_unsigned=args.s3_unsigned))
+    serve(config_from_args(args, ServeConfig))
     return 0
 
 
@@ -407,7 +388,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from binsight.audit.audit import ImageLoader, audit, evaluate_audit, read_bins, write_audit
-    from binsight.audit.verdict import VerdictThresholds
+    from binsight.audit.verdict import VerdictThresholds, policy_for
     from binsight.serving.runtime import load_counter
 
     if (args.model is None) == (args.registry is None):
@@ -425,15 +406,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         counter = load_counter(path, version=version)
     try:
         thresholds = VerdictThresholds(args.ok_above, args.mismatch_below)
+        policy = policy_for(counter.info.calibration, thresholds, args.alpha, args.review_alpha)
     except ValueError as exc:
         raise BinsightError(str(exc)) from None
+    log.info("verdicts by %s", policy.basis)
     out = Path(args.out)
     if args.evaluate:
         if args.data is None:
             raise BinsightError("--evaluate needs --data (a dataset with splits)")
-        result = evaluate_audit(
-            counter, Path(args.data), args.split, out, args.error_rate, args.seed, thresholds
-        )
+        result = evaluate_audit(counter, Path(args.data), args.split, out, args.error_rate, args.seed, policy)
         print(
             f"audit evaluation on {result['bins']} bins with {result['simulated_errors']} simulated errors:"
         )
@@ -450,7 +431,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     loader = ImageLoader(args.s3_endpoint_url, args.s3_unsigned)
     if args.review_budget is not None and not 0 < args.review_budget <= 1:
         raise BinsightError("--review-budget is a share of bins, above 0 and at most 1 (e.g. 0.1)")
-    results = audit(counter, bins, thresholds, loader, review_budget=args.review_budget)
+    results = audit(counter, bins, policy, loader, review_budget=args.review_budget)
     summary = write_audit(results, rejected, out, counter, loader)
     print(
         f"audit: {summary['bins']} bins {summary['verdicts']}; ranked list in {out / 'audit.csv'}, "
@@ -523,37 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_cmd_export)
 
     serve = verbs.add_parser("serve", help="HTTP counting endpoint (SageMaker-compatible)")
-    serve.add_argument("--model", type=Path, default=None, help="ONNX file from `binsight export`")
-    serve.add_argument("--registry", default=None, help="or follow a registry alias (folder or s3://)")
-    serve.add_argument("--alias", default=None, help="registry alias to serve (default production)")
-    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="default 8080")
-    serve.add_argument("--workers", type=int, default=None, help="server processes")
-    serve.add_argument("--threads", type=int, default=None, help="inference threads per process")
-    serve.add_argument(
-        "--backend",
-        choices=("auto", "onnxruntime", "openvino"),
-        default=None,
-        help="inference engine (auto: OpenVINO on x86 where installed, else ONNX Runtime)",
-    )
-    serve.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default=None,
-        help="float precision (auto: bf16 where the CPU has AMX or AVX512-BF16); an int8 model runs in int8",
-    )
-    serve.add_argument("--max-batch-size", type=int, default=None)
-    serve.add_argument("--max-wait-ms", type=float, default=None, help="how long a request waits for a batch")
-    serve.add_argument("--queue-size", type=int, default=None, help="queued images before 503")
-    serve.add_argument("--max-body-bytes", type=int, default=None)
-    serve.add_argument("--max-image-pixels", type=int, default=None)
-    serve.add_argument(
-        "--reload-interval-s", type=float, default=None, help="model file poll period (0: off)"
-    )
-    serve.add_argument("--capture-dir", type=Path, default=None, help="write sampled requests as JSONL here")
-    serve.add_argument("--capture-sample-rate", type=float, default=None)
-    serve.add_argument("--s3-endpoint-url", default=None)
-    serve.add_argument("--s3-unsigned", action="store_true", help="anonymous reads for s3_uri inputs")
+    from binsight.serving.config import ServeConfig
+
+    add_config_arguments(serve, ServeConfig, title="serving")
     serve.set_defaults(handler=_cmd_serve)
 
     load = verbs.add_parser("loadtest", help="drive an endpoint and report invocations/min and latency")
@@ -621,7 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--registry", default=None, help="or a registry, with --alias")
     aud.add_argument("--alias", default="production")
     aud.add_argument("--out", default="runs/audit", help="output folder")
-    aud.add_argument("--ok-above", type=float, default=0.5, help="P(recorded) above which a bin is ok")
+    aud.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="calibrated models: mismatch when the record is outside the conformal prediction set at this "
+        "level; at most this share of correct records is flagged (default 0.05)",
+    )
+    aud.add_argument("--review-alpha", type=float, default=0.2, help="calibrated models: review level")
+    aud.add_argument(
+        "--ok-above", type=float, default=0.5, help="uncalibrated models: P(recorded) above which ok"
+    )
     aud.add_argument(
         "--mismatch-below", type=float, default=0.1, help="P(recorded) below which it mismatches"
     )

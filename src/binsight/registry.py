@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_bytes
+from binsight.utils.s3 import parse_s3_uri, s3_client
 
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
@@ -86,11 +87,9 @@ class LocalStore:
 
 class S3Store:
     def __init__(self, url: str, endpoint_url: str | None = None) -> None:
-        import boto3
-
-        bucket, _, prefix = url[5:].partition("/")
-        self.url, self.bucket, self.prefix = url, bucket, prefix.strip("/")
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+        location = parse_s3_uri(url, allow_prefix=True)
+        self.url, self.bucket, self.prefix = url, location.bucket, location.key.strip("/")
+        self.client = s3_client(endpoint_url)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

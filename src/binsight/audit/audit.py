@@ -23,13 +23,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from binsight.audit.verdict import MISMATCH, OK, REVIEW, VerdictThresholds, judge, p_of_count
+from binsight.audit.verdict import (
+    MISMATCH,
+    OK,
+    REVIEW,
+    ConformalPolicy,
+    VerdictPolicy,
+    VerdictThresholds,
+    judge,
+    p_of_count,
+)
 from binsight.errors import BinsightError
 from binsight.imaging import decode_image, to_model_input
 from binsight.reporting.html import HtmlReport, image_data_uri
 from binsight.serving.runtime import LoadedModel
 from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 from binsight.utils.progress import bar
+from binsight.utils.s3 import BadS3Uri, parse_s3_uri, s3_client
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ OUTPUT_FIELDS = (
     "predicted_count",
     "p_recorded",
     "p_record_wrong",
+    "p_value",
     "confidence",
     "verdict",
     "problem",
@@ -73,12 +84,18 @@ def read_bins(path: Path) -> tuple[list[BinEntry], list[dict[str, str]]]:
     bins, rejected = [], []
     for line, row in enumerate(rows, start=2):
         image, quantity = (row.get(image_column) or "").strip(), (row.get(quantity_column) or "").strip()
-        if not image or not quantity.isdigit():
+        if not image or not (quantity.isascii() and quantity.isdigit() and len(quantity) <= 9):
             rejected.append({"line": str(line), "image": image, "problem": f"bad row: quantity {quantity!r}"})
             continue
         if not image.startswith("s3://") and not Path(image).is_absolute():
             image = str(path.parent / image)  # relative to the CSV, as a person writing it expects
         bins.append(BinEntry(image, int(quantity)))
+    if not bins:
+        examples = "; ".join(f"line {r['line']}: {r['problem']}" for r in rejected[:3])
+        raise BinsightError(
+            f"none of the {len(rejected)} rows of {path} can be audited ({examples})",
+            hint=f"each row needs an image and a whole-number {quantity_column}",
+        )
     return bins, rejected
 
 
@@ -95,13 +112,12 @@ class ImageLoader:
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self._client is None:
-            import boto3
-            from botocore import UNSIGNED
-            from botocore.config import Config
-
-            config = Config(signature_version=UNSIGNED) if self.unsigned else None
-            self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
-        bucket, _, key = source[5:].partition("/")
+            self._client = s3_client(self.endpoint, unsigned=self.unsigned)
+        try:
+            location = parse_s3_uri(source)
+        except BadS3Uri as exc:
+            raise OSError(str(exc)) from None
+        bucket, key = location.bucket, location.key
         try:
             return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except (ClientError, BotoCoreError) as exc:
@@ -146,14 +162,14 @@ def predict_sources(
 def audit(
     counter: LoadedModel,
     bins: list[BinEntry],
-    thresholds: VerdictThresholds,
+    policy: VerdictPolicy,
     loader: ImageLoader,
     batch_size: int = 32,
     review_budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """Judge every bin and rank by P(record wrong). With `review_budget` (a share of bins), exactly the
-    most suspicious share is flagged, whatever the thresholds say, so the list matches the people
-    available to re-check it; the thresholds then only split flagged bins into mismatch and review."""
+    most suspicious share is flagged, whatever the policy says, so the list matches the people
+    available to re-check it; the policy then only splits flagged bins into mismatch and review."""
     probabilities, problems = predict_sources(counter, [b.image for b in bins], loader, batch_size)
     results = []
     for entry, probs, problem in zip(bins, probabilities, problems, strict=True):
@@ -168,7 +184,7 @@ def audit(
                 }
             )
             continue
-        verdict = judge(probs, entry.recorded, thresholds)
+        verdict = judge(probs, entry.recorded, policy)
         results.append(
             {
                 "image": entry.image,
@@ -176,6 +192,7 @@ def audit(
                 "predicted_count": int(counter.info.classes[verdict.predicted_count]),
                 "p_recorded": round(verdict.p_expected, 6),
                 "p_record_wrong": round(1 - verdict.p_expected, 6),
+                "p_value": "" if verdict.p_value is None else round(verdict.p_value, 6),
                 "confidence": round(float(probs.max()), 6),
                 "verdict": verdict.verdict,
                 "problem": "",
@@ -276,6 +293,50 @@ def catch_curve(scores: np.ndarray, is_error: np.ndarray) -> tuple[np.ndarray, n
     return fraction, caught
 
 
+ALPHA_GRID = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def conformal_summary(
+    policy: ConformalPolicy, probabilities: np.ndarray, recorded: np.ndarray, correct: np.ndarray
+) -> dict[str, Any]:
+    """Observed false-alarm rate on correct records at each level, against the level (the guarantee),
+    and the size of the prediction sets."""
+    calibration = policy.calibration
+    p_values = np.array(
+        [calibration.p_value(p, int(r)) for p, r in zip(probabilities, recorded, strict=True)]
+    )
+    observed = {
+        f"{alpha:g}": float((p_values[correct] <= alpha).mean()) if correct.any() else None
+        for alpha in ALPHA_GRID
+    }
+    set_sizes = [len(calibration.prediction_set(p, policy.alpha)) for p in probabilities]
+    return {
+        "alpha": policy.alpha,
+        "review_alpha": policy.review_alpha,
+        "calibration_photos_per_count": calibration.sizes(),
+        "false_alarm_rate_by_alpha": observed,
+        "mean_set_size": float(np.mean(set_sizes)),
+        "set_size_counts": {str(k): int(v) for k, v in sorted(Counter(set_sizes).items())},
+    }
+
+
+def conformal_plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from binsight.utils.plots import save_figure
+
+    levels = [float(a) for a in summary["false_alarm_rate_by_alpha"]]
+    observed = [v for v in summary["false_alarm_rate_by_alpha"].values()]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, max(levels)], [0, max(levels)], "--", color="grey", label="guarantee (at most alpha)")
+    ax.plot(levels, observed, "o-", label="observed on correct records")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("correct records flagged")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    save_figure(fig, path)
+
+
 def evaluate_audit(
     counter: LoadedModel,
     data_dir: Path,
@@ -283,7 +344,7 @@ def evaluate_audit(
     out: Path,
     error_rate: float = 0.1,
     seed: int = 0,
-    thresholds: VerdictThresholds | None = None,
+    policy: VerdictPolicy | None = None,
 ) -> dict[str, Any]:
     from binsight.training.data import load_split
     from binsight.utils.plots import save_figure
@@ -307,9 +368,10 @@ def evaluate_audit(
             "errors_caught": float(caught[k - 1]),
             "random_review_would_catch": budget,
         }
-    thresholds = thresholds or VerdictThresholds()
-    verdicts = [judge(p, int(r), thresholds).verdict for p, r in zip(probabilities, recorded, strict=True)]
+    policy = policy or VerdictThresholds()
+    verdicts = [judge(p, int(r), policy).verdict for p, r in zip(probabilities, recorded, strict=True)]
     flagged = np.array([v != "ok" for v in verdicts])
+    correct = ~is_error
     result = {
         "split": split,
         "bins": len(scores),
@@ -322,7 +384,14 @@ def evaluate_audit(
         "flagged_share": float(flagged.mean()),
         "flagged_recall": float(flagged[is_error].mean()) if is_error.any() else None,
         "flagged_precision": float(is_error[flagged].mean()) if flagged.any() else None,
+        "verdict_basis": policy.basis,
+        "false_alarm_rate": {
+            "mismatch": float(np.mean([v == MISMATCH for v, c in zip(verdicts, correct, strict=True) if c])),
+            "review_or_mismatch": float(flagged[correct].mean()) if correct.any() else None,
+        },
     }
+    if isinstance(policy, ConformalPolicy):
+        result["conformal"] = conformal_summary(policy, probabilities, recorded, correct)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "audit_evaluation.json", result)
 
@@ -361,9 +430,15 @@ def evaluate_audit(
     )
     report.figure(out / "catch_curve.png", "Share of inventory errors caught vs bins re-checked")
     report.paragraph(
-        f"With thresholds ok ≥ {thresholds.ok_above}, mismatch < {thresholds.mismatch_below}: "
-        f"{100 * result['flagged_share']:.1f}% of bins flagged, catching "
-        f"{100 * (result['flagged_recall'] or 0):.1f}% of errors."
+        f"Verdicts by {policy.basis}: {100 * result['flagged_share']:.1f}% of bins flagged, catching "
+        f"{100 * (result['flagged_recall'] or 0):.1f}% of errors; "
+        f"{100 * result['false_alarm_rate']['mismatch']:.1f}% of correct records called mismatch."
     )
+    if "conformal" in result:
+        conformal_plot(result["conformal"], out / "calibration.png")
+        report.figure(
+            out / "calibration.png",
+            "Correct records flagged vs the level alpha (the guarantee: on or under the diagonal)",
+        )
     report.write(out / "report.html")
     return result

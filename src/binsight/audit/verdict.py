@@ -1,9 +1,14 @@
 """The verdict on one bin: given the model's count probabilities and the recorded quantity.
 
-P(count == recorded) is the model's belief that the record is right. Above `ok_above` the bin passes;
-below `mismatch_below` it is flagged as a mismatch; in between, a person should look. The thresholds
-trade how many bins people re-check against how many errors they catch; the audit's evaluation mode
-measures that trade on labelled data.
+Two policies decide it:
+- `ConformalPolicy` (used whenever the model file carries a calibration, which `binsight export` writes):
+  `mismatch` when the recorded count is outside the model's conformal prediction set at level `alpha`,
+  `review` when outside it at `review_alpha`, else `ok`. On correct records the share flagged
+  `mismatch` is at most `alpha` (and `review` or worse at most `review_alpha`): a guarantee, see
+  `conformal.py`.
+- `VerdictThresholds`, fixed cut-offs on P(count == recorded), for models without a calibration:
+  above `ok_above` the bin passes; below `mismatch_below` it is a mismatch; in between, review. Their
+  false-alarm rate depends on the model and is not known in advance.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from binsight.audit.conformal import Calibration
 
 OK, MISMATCH, REVIEW = "ok", "mismatch", "review"
 
@@ -24,6 +31,50 @@ class VerdictThresholds:
         if not 0.0 <= self.mismatch_below <= self.ok_above <= 1.0:
             raise ValueError("need 0 <= mismatch_below <= ok_above <= 1")
 
+    basis = "fixed thresholds on P(recorded count)"
+
+    def decide(self, probabilities: np.ndarray, count: int) -> tuple[str, float | None]:
+        p_expected = p_of_count(probabilities, count)
+        if p_expected >= self.ok_above:
+            return OK, None
+        return (MISMATCH if p_expected < self.mismatch_below else REVIEW), None
+
+
+@dataclass(frozen=True)
+class ConformalPolicy:
+    calibration: Calibration
+    alpha: float = 0.05
+    review_alpha: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= self.review_alpha < 1.0:
+            raise ValueError("need 0 < alpha <= review_alpha < 1")
+
+    @property
+    def basis(self) -> str:
+        return f"conformal, alpha {self.alpha:g} (mismatch) / {self.review_alpha:g} (review)"
+
+    def decide(self, probabilities: np.ndarray, count: int) -> tuple[str, float | None]:
+        p_value = self.calibration.p_value(probabilities, count)
+        if p_value <= self.alpha:
+            return MISMATCH, p_value
+        return (REVIEW if p_value <= self.review_alpha else OK), p_value
+
+
+VerdictPolicy = VerdictThresholds | ConformalPolicy
+
+
+def policy_for(
+    calibration_json: str | None,
+    thresholds: VerdictThresholds,
+    alpha: float = 0.05,
+    review_alpha: float = 0.2,
+) -> VerdictPolicy:
+    """The conformal policy when the model carries a calibration, else the fixed thresholds."""
+    if not calibration_json:
+        return thresholds
+    return ConformalPolicy(Calibration.from_json(calibration_json), alpha, review_alpha)
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -31,6 +82,7 @@ class Verdict:
     p_expected: float
     predicted_count: int
     verdict: str
+    p_value: float | None = None  # conformal p-value of the record (None under fixed thresholds)
 
     @property
     def agrees(self) -> bool:
@@ -45,12 +97,12 @@ def p_of_count(probabilities: np.ndarray, count: int) -> float:
     return float(probabilities[min(count, len(probabilities) - 1)])
 
 
-def judge(probabilities: np.ndarray, expected_count: int, thresholds: VerdictThresholds) -> Verdict:
-    p_expected = p_of_count(probabilities, expected_count)
-    if p_expected >= thresholds.ok_above:
-        verdict = OK
-    elif p_expected < thresholds.mismatch_below:
-        verdict = MISMATCH
-    else:
-        verdict = REVIEW
-    return Verdict(expected_count, p_expected, int(np.argmax(probabilities)), verdict)
+def judge(probabilities: np.ndarray, expected_count: int, policy: VerdictPolicy) -> Verdict:
+    verdict, p_value = policy.decide(probabilities, expected_count)
+    return Verdict(
+        expected_count,
+        p_of_count(probabilities, expected_count),
+        int(np.argmax(probabilities)),
+        verdict,
+        p_value,
+    )

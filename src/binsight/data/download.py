@@ -22,10 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import boto3
 import numpy as np
-from botocore import UNSIGNED
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -43,6 +40,7 @@ from binsight.data.abid import MetadataError, image_id_order, parse_metadata
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from binsight.utils.progress import bar
+from binsight.utils.s3 import s3_client
 
 ABID_BUCKET = "aft-vbi-pds"
 CACHE_DIR = ".cache"
@@ -130,17 +128,14 @@ def read_file_list(path: Path) -> list[str]:
 
 def make_client(config: DownloadConfig) -> Any:
     """An unsigned client: ABID is public, and no credentials must be needed (or leaked)."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=config.endpoint_url,
-        region_name=config.region,
-        config=Config(
-            signature_version=UNSIGNED,
-            retries={"max_attempts": config.retries + 1, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-            max_pool_connections=max(10, config.workers),
-        ),
+    return s3_client(
+        config.endpoint_url,
+        unsigned=True,
+        region=config.region,
+        timeout_s=10,
+        read_timeout_s=60,
+        max_attempts=config.retries + 1,
+        max_pool_connections=max(10, config.workers),
     )
 
 

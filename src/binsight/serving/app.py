@@ -1,15 +1,18 @@
-"""`binsight serve`: the counting endpoint (FastAPI + uvicorn, ONNX Runtime, dynamic batching).
+"""`binsight serve`'s HTTP routes (FastAPI); the work is done by `CountingService`.
 
 Routes:
-- ``GET /ping`` — health (SageMaker contract): 200 once a model is loaded.
+- ``GET /ping`` — health (SageMaker contract): 200 once a model is loaded, with the served version and
+  the last failed reload, if the newest model file could not be loaded.
 - ``POST /invocations`` — SageMaker contract: an image body (image/jpeg, image/png,
   application/x-image) or JSON ``{"image": <base64>}`` / ``{"s3_uri": "s3://..."}``, optionally with
   ``expected_count``; or JSON ``{"instances": [...]}`` for several.
 - ``POST /v1/count`` — the same inputs; always answers ``{"predictions": [...]}``.
-- ``GET /v1/model`` — what is loaded. ``GET /metrics`` — Prometheus text format.
+- ``GET /v1/model`` — what is loaded and how it runs. ``GET /metrics`` — Prometheus text format.
+- ``GET /openapi.json`` — the contract, with every request body and error (no CDN-hosted docs page:
+  warehouse networks are often offline).
 
 Every failure is a JSON error with a status that says whose fault it is (4xx: the request, 502: S3,
-503: overloaded), and the server keeps serving.
+503: overloaded, 504: past the deadline), and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -18,334 +21,34 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import tempfile
+import re
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from binsight.audit.verdict import VerdictThresholds, judge
-from binsight.errors import BinsightError
-from binsight.imaging import ImageTooLargeError, draft_rgb, open_image, to_model_input
-from binsight.serving.batching import DynamicBatcher, QueueFullError
-from binsight.serving.capture import DataCapture
+from binsight.serving.api_schema import ERROR_RESPONSES, invocation_body, invocation_responses
+from binsight.serving.config import ServeConfig
 from binsight.serving.metrics import ServerMetrics
-from binsight.serving.runtime import Backend, LoadedModel, Precision, load_counter
+from binsight.serving.service import CountingService, RequestError, overloaded
 from binsight.serving.web import static_file, traffic_summary
-
-if TYPE_CHECKING:
-    from binsight.registry import AliasSource
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/x-image", "image/webp", "image/bmp"}
-CONFIG_ENV = "BINSIGHT_SERVE_CONFIG"
-
-
-class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: Path | None = Field(None, description="ONNX file from `binsight export`")
-    registry: str | None = Field(None, description="model registry (folder or s3://) to follow instead")
-    alias: str = Field("production", description="registry alias to serve and follow")
-    registry_cache: Path | None = Field(None, description="where registry models are fetched to")
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model")
-    threads: int | None = Field(
-        None, ge=1, description="inference threads per process (default cores/workers)"
-    )
-    backend: Backend = Field("auto", description="auto, onnxruntime or openvino (auto: see choose_runtime)")
-    precision: Precision = Field("auto", description="auto, fp32 or bf16; an int8 model file runs in int8")
-    max_batch_size: int = Field(16, ge=1, le=512)
-    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
-    queue_size: int = Field(256, ge=1)
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_images_per_request: int = Field(64, ge=1)
-    reload_interval_s: float = Field(2.0, ge=0.0, description="model file poll period; 0 disables reload")
-    capture_dir: Path | None = None
-    capture_sample_rate: float = Field(0.1, ge=0.0, le=1.0)
-    capture_max_file_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    s3_endpoint_url: str | None = None
-    s3_unsigned: bool = Field(False, description="anonymous S3 reads (public buckets such as ABID)")
-    s3_timeout_s: float = Field(10.0, gt=0.0)
-    ok_above: float = Field(0.5, ge=0.0, le=1.0)
-    mismatch_below: float = Field(0.1, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _one_model_source(self) -> ServeConfig:
-        if (self.model is None) == (self.registry is None):
-            raise ValueError("give either model (an ONNX file) or registry (with alias)")
-        return self
-
-    def source(self) -> FileSource | AliasSource:
-        if self.model is not None:
-            return FileSource(self.model)
-        from binsight.registry import AliasSource, Registry
-
-        cache = self.registry_cache or Path(tempfile.gettempdir()) / "binsight-registry-cache"
-        return AliasSource(Registry(self.registry), self.alias, cache)  # type: ignore[arg-type]
-
-    def threads_per_worker(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-@dataclass
-class Prepared:
-    model: LoadedModel
-    pixels: np.ndarray
-    width: int
-    height: int
-    digest: str
-    size_bytes: int
-
-
-class FileSource:
-    """A model file; it changes when its inode, size or mtime does (an atomic replace changes all)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def signature(self) -> tuple[int, int, int] | None:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-    def local_path(self, signature: object) -> Path:
-        return self.path
-
-
-class CountingService:
-    """The model, the batcher, capture and metrics of one server process."""
-
-    def __init__(self, config: ServeConfig, metrics: ServerMetrics) -> None:
-        self.config = config
-        self.metrics = metrics
-        self.thresholds = VerdictThresholds(config.ok_above, config.mismatch_below)
-        self.source = config.source()
-        self._signature = self.source.signature()
-        self.counter = self._load(self._signature)
-        self.metrics.model_loaded(self.counter.info.version)
-        self.batcher = DynamicBatcher(
-            lambda model, batch: model.predict(batch),
-            config.max_batch_size,
-            config.max_wait_ms,
-            config.queue_size,
-            on_batch=self.metrics.observe_batch,
-        )
-        self.decoder = ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="decode")
-        self.capture = (
-            DataCapture(config.capture_dir, config.capture_sample_rate, config.capture_max_file_bytes)
-            if config.capture_dir
-            else None
-        )
-        self._s3: Any = None
-        self._reloader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.batcher.start()
-        if self.config.reload_interval_s > 0:
-            self._reloader = asyncio.get_running_loop().create_task(self._watch_model(), name="model-reload")
-
-    async def stop(self) -> None:
-        if self._reloader:
-            self._reloader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reloader
-        await self.batcher.stop()
-        self.decoder.shutdown(wait=False)
-        if self.capture:
-            self.capture.close()
-
-    # ------------------------------------------------------------------ hot reload
-
-    def _load(self, signature: Any) -> LoadedModel:
-        if signature is None:
-            raise BinsightError(f"the model at {self.config.model or self.config.registry} is missing")
-        version = signature if isinstance(signature, str) else None  # a registry version name
-        return load_counter(
-            self.source.local_path(signature),
-            self.config.threads_per_worker(),
-            version=version,
-            backend=self.config.backend,
-            precision=self.config.precision,
-        )
-
-    async def _watch_model(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.config.reload_interval_s)
-            try:
-                signature = await loop.run_in_executor(None, self.source.signature)
-            except Exception as exc:  # the registry may be briefly unreachable; keep serving
-                log.warning("could not check the model source: %s", exc)
-                continue
-            if signature is not None and signature != self._signature:
-                await self.reload(signature)
-
-    async def reload(self, signature: Any) -> bool:
-        """Load the new model and swap it in; requests already prepared finish on the old one."""
-        loop = asyncio.get_running_loop()
-        try:
-            fresh = await loop.run_in_executor(None, self._load, signature)
-        except Exception as exc:  # keep serving the old model; a half-written file may be retried
-            log.error("model reload failed, keeping %s: %s", self.counter.info.version, exc)
-            self.metrics.reload_failed()
-            self._signature = signature  # do not retry the same broken model every poll
-            return False
-        previous = self.counter.info.version
-        self.counter = fresh
-        self._signature = signature
-        self.metrics.model_loaded(fresh.info.version)
-        log.info("model reloaded: %s -> %s", previous, fresh.info.version)
-        return True
-
-    # ------------------------------------------------------------------ inputs
-
-    def _prepare(self, data: bytes) -> Prepared:
-        if not data:
-            raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
-        model = self.counter
-        size = model.info.input_hw
-        try:
-            image = open_image(data, max_pixels=self.config.max_image_pixels)
-            width, height = image.size
-            image = draft_rgb(image, size)
-            pixels = to_model_input(image, size, model.info.mean, model.info.std)
-        except ImageTooLargeError as exc:
-            raise RequestError(413, "image_too_large", str(exc)) from None
-        except Image.DecompressionBombError as exc:
-            raise RequestError(413, "image_too_large", str(exc)) from None
-        except UnidentifiedImageError:
-            raise RequestError(
-                400, "not_an_image", "the body is not an image Pillow can read (JPEG, PNG, ...)"
-            ) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestError(400, "corrupt_image", f"the image could not be decoded: {exc}") from None
-        return Prepared(model, pixels, width, height, hashlib.sha256(data).hexdigest(), len(data))
-
-    async def fetch_s3(self, uri: str) -> bytes:
-        if not uri.startswith("s3://") or "/" not in uri[5:] or uri.endswith("/"):
-            raise RequestError(400, "bad_s3_uri", f"{uri!r} is not an s3://bucket/key URI")
-        bucket, key = uri[5:].split("/", 1)
-        return await asyncio.get_running_loop().run_in_executor(
-            self.decoder, self._get_s3_object, uri, bucket, key
-        )
-
-    def _get_s3_object(self, uri: str, bucket: str, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            response = self._s3_client().get_object(Bucket=bucket, Key=key)
-            if response.get("ContentLength", 0) > self.config.max_body_bytes:
-                raise RequestError(
-                    413, "image_too_large", f"{uri} is over {self.config.max_body_bytes} bytes"
-                )
-            return response["Body"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in {"NoSuchKey", "NoSuchBucket", "404"}:
-                raise RequestError(404, "s3_not_found", f"{uri} does not exist") from None
-            if code in {"AccessDenied", "403"}:
-                raise RequestError(403, "s3_access_denied", f"access to {uri} was denied") from None
-            raise RequestError(502, "s3_error", f"S3 answered {code or 'an error'} for {uri}") from None
-        except BotoCoreError as exc:
-            raise RequestError(502, "s3_unreachable", f"could not fetch {uri}: {exc}") from None
-
-    def _s3_client(self) -> Any:
-        if self._s3 is None:
-            import boto3
-            from botocore import UNSIGNED
-            from botocore.config import Config
-
-            self._s3 = boto3.session.Session().client(
-                "s3",
-                endpoint_url=self.config.s3_endpoint_url,
-                config=Config(
-                    signature_version=UNSIGNED if self.config.s3_unsigned else None,
-                    connect_timeout=self.config.s3_timeout_s,
-                    read_timeout=self.config.s3_timeout_s,
-                    retries={"max_attempts": 2, "mode": "standard"},
-                ),
-            )
-        return self._s3
-
-    # ------------------------------------------------------------------ prediction
-
-    async def count(self, data: bytes, source: str, expected_count: int | None) -> dict[str, Any]:
-        started = time.perf_counter()
-        prepared = await asyncio.get_running_loop().run_in_executor(self.decoder, self._prepare, data)
-        try:
-            probabilities = await self.batcher.submit(prepared.model, prepared.pixels)
-        except QueueFullError:
-            raise RequestError(
-                503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"}
-            ) from None
-        probabilities = np.asarray(probabilities, dtype=np.float64)
-        info = prepared.model.info
-        result: dict[str, Any] = {
-            "count": int(info.classes[int(np.argmax(probabilities))]),
-            "confidence": round(float(probabilities.max()), 6),
-            "probabilities": {
-                str(c): round(float(p), 6) for c, p in zip(info.classes, probabilities, strict=True)
-            },
-            "model_version": info.version,
-        }
-        if expected_count is not None:
-            verdict = judge(probabilities, expected_count, self.thresholds)
-            result.update(
-                expected_count=expected_count,
-                agrees=verdict.agrees,
-                p_expected=round(verdict.p_expected, 6),
-                verdict=verdict.verdict,
-            )
-        result["latency_ms"] = round(1000 * (time.perf_counter() - started), 3)
-        if self.capture:
-            self.capture.record(
-                {
-                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                    "source": source,
-                    "image_sha256": prepared.digest,
-                    "bytes": prepared.size_bytes,
-                    "width": prepared.width,
-                    "height": prepared.height,
-                    **{k: result[k] for k in ("count", "confidence", "model_version", "latency_ms")},
-                    "probabilities": [round(float(p), 5) for p in probabilities],
-                    **(
-                        {"expected_count": expected_count, "verdict": result["verdict"]}
-                        if expected_count is not None
-                        else {}
-                    ),
-                }
-            )
-        return result
+MAX_EXPECTED_COUNT = 1_000_000
+_DIGITS = re.compile(r"[0-9]{1,7}")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isdigit() and len(declared) < 20 and int(declared) > limit:
         raise RequestError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -356,14 +59,39 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _bad_expected(got: str) -> RequestError:
+    return RequestError(
+        400,
+        "bad_expected_count",
+        f"expected_count must be a whole number from 0 to {MAX_EXPECTED_COUNT:,}, got {got[:40]}",
+    )
+
+
 def _expected(value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RequestError(
-            400, "bad_expected_count", f"expected_count must be a non-negative integer, got {value!r}"
-        )
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EXPECTED_COUNT:
+        raise _bad_expected(repr(value) if not isinstance(value, int) else f"{str(value)[:20]}...")
     return value
+
+
+def _expected_from_query(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_EXPECTED_COUNT:
+        raise _bad_expected(repr(text))
+    return int(text)
+
+
+@contextlib.contextmanager
+def _admitted(service: CountingService, images: int) -> Iterator[None]:
+    if not service.admission.try_enter(images):
+        service.metrics.shed(images)
+        raise overloaded()
+    try:
+        yield
+    finally:
+        service.admission.leave(images)
 
 
 async def _instance_bytes(service: CountingService, instance: Any) -> tuple[bytes, str]:
@@ -385,46 +113,111 @@ async def _instance_bytes(service: CountingService, instance: Any) -> tuple[byte
     raise RequestError(400, "missing_image", "give 'image' (base64) or 's3_uri'")
 
 
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints over 4,300 digits
+        raise RequestError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise RequestError(400, "bad_json", "the JSON body is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise RequestError(400, "bad_json", "the JSON body must be an object")
+    return document
+
+
 async def _predict_request(service: CountingService, request: Request) -> tuple[list[dict[str, Any]], bool]:
     """All predictions in the request, and whether it asked for several (JSON instances)."""
+    config = service.config
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, service.config.max_body_bytes)
+    body = await read_body(request, config.max_body_bytes)
     if content_type in IMAGE_TYPES:
-        expected = request.query_params.get("expected_count")
-        if expected is not None and not expected.isdigit():
-            raise RequestError(400, "bad_expected_count", "expected_count must be a non-negative integer")
-        return [await service.count(body, "body", int(expected) if expected is not None else None)], False
+        expected = _expected_from_query(request.query_params.get("expected_count"))
+        with _admitted(service, 1):
+            service.check_request_pixels([body])
+            return [await service.count(body, "body", expected)], False
     if content_type != "application/json":
         raise RequestError(
             415,
             "unsupported_media_type",
-            f"content type {content_type or '(none)'!r} is not supported; send image/jpeg, image/png, "
-            "application/x-image or application/json",
+            f"content type {content_type[:100] or '(none)'!r} is not supported; send image/jpeg, "
+            "image/png, application/x-image or application/json",
         )
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise RequestError(400, "bad_json", "the JSON body must be an object")
+    document = _parse_json(body)
     many = "instances" in document
     instances = document["instances"] if many else [document]
     if not isinstance(instances, list) or not instances:
         raise RequestError(400, "bad_instances", "'instances' must be a non-empty list")
-    if len(instances) > service.config.max_images_per_request:
+    if len(instances) > config.max_images_per_request:
         raise RequestError(
             413,
             "too_many_images",
-            f"{len(instances)} images; at most {service.config.max_images_per_request} per request",
+            f"{len(instances)} images; at most {config.max_images_per_request} per request",
         )
     default_expected = _expected(document.get("expected_count")) if many else None
+    expected = [
+        _expected(item.get("expected_count", default_expected)) if isinstance(item, dict) else None
+        for item in instances
+    ]
+    with _admitted(service, len(instances)):
+        fetched = await asyncio.gather(*(_instance_bytes(service, item) for item in instances))
+        service.check_request_pixels([data for data, _ in fetched])
+        predictions = await asyncio.gather(
+            *(
+                service.count(data, source, count)
+                for (data, source), count in zip(fetched, expected, strict=True)
+            )
+        )
+    return list(predictions), many
 
-    async def one(instance: Any) -> dict[str, Any]:
-        data, source = await _instance_bytes(service, instance)
-        expected = _expected(instance.get("expected_count", default_expected))
-        return await service.count(data, source, expected)
 
-    return list(await asyncio.gather(*(one(instance) for instance in instances))), many
+PREDICTION_ROUTES = {"/invocations", "/v1/count"}
+_OVERLOADED_BODY = json.dumps(
+    {"error": {"code": "overloaded", "message": "the server is at capacity; retry shortly"}}
+).encode()
+_OVERLOADED_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
+    (b"retry-after", b"1"),
+]
+
+
+class ObserveRequests:
+    """Request counts and latencies, and load shedding at the door, as plain ASGI middleware:
+    Starlette's `@app.middleware("http")` wraps every request in extra tasks and streams, which cost
+    more than the route itself here."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, state: dict[str, CountingService]) -> None:
+        self.app, self.metrics, self.state = app, metrics, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        service = self.state.get("service")
+        if service is not None and scope["path"] in PREDICTION_ROUTES and not service.admission.has_room(1):
+            # Shed before routing and before reading the body: at 2x capacity half the requests
+            # end here, so this path must cost next to nothing.
+            self.metrics.shed(1)
+            self.metrics.error(scope["path"], "overloaded")
+            await send({"type": "http.response.start", "status": 503, "headers": _OVERLOADED_HEADERS})
+            await send({"type": "http.response.body", "body": _OVERLOADED_BODY})
+            self.metrics.request(scope["path"], 503, time.perf_counter() - started)
+            return
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            self.metrics.request(scope["path"], status, time.perf_counter() - started)
+            if "service" in self.state:
+                self.metrics.queue_depth(self.state["service"].batcher.depth)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -436,14 +229,14 @@ def create_app(config: ServeConfig) -> FastAPI:
         service = CountingService(config, metrics)
         await service.start()
         state["service"] = service
+        counter = service.counter
         log.info(
-            "serving %s (version %s, %s px) on %s %s (%s) with batches of up to %d, %d threads",
-            service.counter.path,
-            service.counter.info.version,
-            "x".join(map(str, service.counter.info.input_hw)),
-            service.counter.runtime.backend,
-            service.counter.runtime.precision,
-            service.counter.runtime.reason,
+            "serving model version %s (%s px) on %s %s (%s) with batches of up to %d, %d threads",
+            counter.info.version,
+            "x".join(map(str, counter.info.input_hw)),
+            counter.runtime.backend,
+            counter.runtime.precision,
+            counter.runtime.reason,
             config.max_batch_size,
             config.threads_per_worker(),
         )
@@ -452,7 +245,14 @@ def create_app(config: ServeConfig) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(title="binsight", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="binsight",
+        version="1",
+        summary="Counts the objects in warehouse bin photos",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.binsight = state
 
     @app.exception_handler(RequestError)
@@ -470,62 +270,85 @@ def create_app(config: ServeConfig) -> FastAPI:
             {"error": {"code": "internal", "message": "internal error; see the server log"}}, 500
         )
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        metrics.request(request.url.path, response.status_code, time.perf_counter() - started)
-        if "service" in state:
-            metrics.queue_depth(state["service"].batcher.depth)
-        return response
+    app.add_middleware(ObserveRequests, metrics=metrics, state=state)
 
-    @app.get("/ping")
+    async def predict(request: Request) -> tuple[list[dict[str, Any]], bool]:
+        try:
+            async with asyncio.timeout(config.request_timeout_s):
+                return await _predict_request(state["service"], request)
+        except TimeoutError:
+            raise RequestError(
+                504, "deadline_exceeded", f"the request took over {config.request_timeout_s:g} s"
+            ) from None
+
+    def reload_failure() -> dict[str, str] | None:
+        failure = state["service"].last_reload_failure
+        return None if failure is None else failure.__dict__
+
+    @app.get("/ping", responses=ERROR_RESPONSES)
     async def ping() -> JSONResponse:
         service = state.get("service")
         if service is None:
             return JSONResponse({"status": "loading"}, 503)
-        return JSONResponse({"status": "ok", "model_version": service.counter.info.version})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model_version": service.counter.info.version,
+                "last_reload_failure": reload_failure(),
+            }
+        )
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
         service = state["service"]
-        info = service.counter.info
         return {
-            **info.__dict__,
-            "path": str(service.counter.path),
+            **service.counter.info.describe(),
+            "verdicts": service.policy.basis,
             "max_batch_size": config.max_batch_size,
             "runtime": service.counter.runtime.__dict__,
+            "last_reload_failure": reload_failure(),
         }
 
-    @app.post("/invocations")
+    @app.post(
+        "/invocations",
+        openapi_extra=invocation_body(),
+        responses=invocation_responses(many_or_one=True),
+    )
     async def invocations(request: Request) -> JSONResponse:
-        predictions, many = await _predict_request(state["service"], request)
+        predictions, many = await predict(request)
         return JSONResponse({"predictions": predictions} if many else predictions[0])
 
-    @app.post("/v1/count")
+    @app.post("/v1/count", openapi_extra=invocation_body(), responses=invocation_responses(many_or_one=False))
     async def count(request: Request) -> JSONResponse:
-        predictions, _ = await _predict_request(state["service"], request)
+        predictions, _ = await predict(request)
         return JSONResponse({"predictions": predictions})
 
     pages = {name: static_file(name) for name in ("index.html", "traffic.html", "style.css")}
 
-    @app.get("/", response_class=HTMLResponse)
+    # The pages are for people, not part of the API contract.
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return pages["index.html"]
 
-    @app.get("/traffic", response_class=HTMLResponse)
+    @app.get("/traffic", response_class=HTMLResponse, include_in_schema=False)
     async def traffic_page() -> str:
         return pages["traffic.html"]
 
-    @app.get("/static/style.css")
+    @app.get("/static/style.css", include_in_schema=False)
     async def stylesheet() -> Response:
         return Response(pages["style.css"], media_type="text/css")
 
     @app.get("/v1/traffic")
     async def traffic() -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(None, traffic_summary, config.capture_dir)
+        summary = await asyncio.get_running_loop().run_in_executor(None, traffic_summary, config.capture_dir)
+        summary["sample_rate"] = config.capture_sample_rate
+        return summary
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -535,29 +358,6 @@ def create_app(config: ServeConfig) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """uvicorn's factory for worker processes: the config travels in an environment variable."""
+    from binsight.serving.server import CONFIG_ENV
+
     return create_app(ServeConfig.model_validate_json(os.environ[CONFIG_ENV]))
-
-
-def serve(config: ServeConfig) -> None:
-    import tempfile
-
-    import uvicorn
-
-    source = config.source()
-    # Fail here, clearly, rather than in every worker.
-    load_counter(source.local_path(source.signature()), 1, backend=config.backend, precision=config.precision)
-    if config.workers == 1:
-        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
-        return
-    os.environ[CONFIG_ENV] = config.model_dump_json()
-    # Workers are separate processes; Prometheus metrics are aggregated through files in this folder.
-    with tempfile.TemporaryDirectory(prefix="binsight-prometheus-") as folder:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-        uvicorn.run(
-            "binsight.serving.app:app_from_env",
-            factory=True,
-            host=config.host,
-            port=config.port,
-            workers=config.workers,
-            log_level="info",
-        )

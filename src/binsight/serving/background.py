@@ -1,8 +1,8 @@
-"""Run an ASGI app with uvicorn in a background thread on a free loopback port (benchmarks, tests)."""
+"""Run an ASGI app with uvicorn in a background thread on a free loopback port (benchmarks, tests),
+with the same connection limits as `binsight serve`."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from types import TracebackType
@@ -10,14 +10,18 @@ from typing import Any
 
 import uvicorn
 
+from binsight.serving.config import ServeConfig
+from binsight.serving.server import listening_socket, uvicorn_config
+
 
 class BackgroundServer:
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))
+    def __init__(self, app: Any, config: ServeConfig | None = None, host: str = "127.0.0.1") -> None:
+        self._socket = listening_socket(host, 0, reuse_port=False)
         self.host, self.port = self._socket.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        settings = uvicorn_config(app, config, log_level="warning") if config else None
+        self.server = uvicorn.Server(
+            settings or uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+        )
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
         )

@@ -1,6 +1,7 @@
 """Dynamic batching: concurrent requests share one model call.
 
-Requests wait at most `max_wait_ms` for company; a batch leaves as soon as it is full. While the model
+Requests wait at most `max_wait_ms` for company, and only when company is on the way (another request
+is being decoded); a batch leaves as soon as it is full. While the model
 runs (in a worker thread, so the event loop keeps accepting requests) the next batch gathers. The queue
 is bounded: when it is full, `submit` refuses at once, and the caller answers 503 with Retry-After,
 instead of letting memory and latency grow without limit.
@@ -12,8 +13,10 @@ and the new model; each group runs on its own model, so no request is dropped or
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import statistics
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,17 +35,19 @@ class QueueFullError(RuntimeError):
 class DynamicBatcher:
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
+        run_batch: Callable[[Any, np.ndarray], np.ndarray],
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
         queue_size: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
+        on_the_way: Callable[[int], int] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(queue_size)
         self.on_batch = on_batch
+        self.on_the_way = on_the_way
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
 
@@ -78,6 +83,8 @@ class DynamicBatcher:
                 continue
             except asyncio.QueueEmpty:
                 pass
+            if self.on_the_way is not None and self.on_the_way(len(batch)) <= 0:
+                break  # no other request is being prepared: waiting would only add latency
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -115,3 +122,48 @@ class DynamicBatcher:
         for (_, _, future), output in zip(group, outputs, strict=True):
             if not future.done():
                 future.set_result(output)
+
+
+class Admission:
+    """Load shedding by expected wait: admit an image only if the work already admitted would be done
+    within `max_wait_s` at the measured speed of the model.
+
+    A queue bounded by length alone lets latency grow with the load until it is full (256 images at
+    200 img/s is over a second); bounding the expected wait keeps accepted requests fast at any load,
+    and a refused request is answered at once, before its image is decoded.
+    """
+
+    def __init__(self, max_wait_s: float, ceiling: int, floor: int = 1) -> None:
+        self.max_wait_s = max_wait_s
+        self.floor, self.ceiling = floor, max(floor, ceiling)
+        self.in_system = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=32)
+        self.seconds_per_image: float | None = None
+
+    @property
+    def limit(self) -> int:
+        if self.seconds_per_image is None or self.max_wait_s <= 0:
+            return self.ceiling
+        return max(self.floor, min(self.ceiling, int(self.max_wait_s / self.seconds_per_image)))
+
+    def has_room(self, images: int = 1) -> bool:
+        return self.in_system == 0 or self.in_system + images <= self.limit
+
+    def try_enter(self, images: int = 1) -> bool:
+        if not self.has_room(images):
+            return False
+        self.in_system += images
+        return True
+
+    def leave(self, images: int = 1) -> None:
+        self.in_system -= images
+
+    def on_the_way(self, collected: int) -> int:
+        """Admitted images not yet in a batch of `collected` (still being read or decoded)."""
+        return self.in_system - collected
+
+    def observe(self, batch_size: int, seconds: float) -> None:
+        """Seconds per image of recent model calls (what the queue drains at): the median of the last
+        32, so one slow call (a hot reload loading beside it, a GC pause) does not shed a burst."""
+        self._recent.append(seconds / max(1, batch_size))
+        self.seconds_per_image = statistics.median(self._recent)

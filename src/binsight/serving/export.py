@@ -20,6 +20,7 @@ import onnx
 import torch
 from torch import nn
 
+from binsight.audit.conformal import Calibration
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw
 from binsight.serving.runtime import META_PREFIX, OnnxCounter
@@ -78,6 +79,37 @@ def _sample_inputs(
     return images, dataset.counts[: len(images)]
 
 
+def _calibrate(
+    model_path: Path, data_dir: Path, config: TrainConfig, num_classes: int, limit: int
+) -> Calibration | None:
+    """Conformal calibration of the exported file on the validation split (its own outputs, so an int8
+    file gets its own), streamed in batches so thousands of photos fit in memory."""
+    try:
+        rows = load_split(data_dir, "val")[:limit]
+    except BinsightError:
+        return None
+    if not rows:
+        return None
+    size = config.input_hw
+    dataset = BinDataset(data_dir, rows, eval_transform(size, *config.mean_std), size, num_classes)
+    counter = OnnxCounter(model_path)
+    probabilities = []
+    for start in range(0, len(dataset), 64):
+        batch = [dataset[i][0].numpy() for i in range(start, min(start + 64, len(dataset)))]
+        probabilities.append(counter.predict(np.stack(batch).astype(np.float32)))
+    targets = np.minimum(dataset.counts[: len(dataset)], num_classes - 1)
+    return Calibration.fit(
+        np.concatenate(probabilities), targets, tuple(range(num_classes)), f"val split of {data_dir.name}"
+    )
+
+
+def _add_calibration(path: Path, calibration: Calibration) -> None:
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_PREFIX + "calibration", calibration.to_json()
+    atomic_write_bytes(path, proto.SerializeToString())
+
+
 def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
     """Static QDQ quantisation calibrated on real validation images (dynamic quantisation leaves the
     convolutions, which are nearly all of a CNN's time, in float)."""
@@ -123,6 +155,7 @@ def export(
     version: str | None = None,
     verify_images: int = 16,
     quant_eval_images: int = 512,
+    calibration_images: int = 5000,
     tolerance: float = 1e-4,
 ) -> dict[str, Any]:
     checkpoint = load_checkpoint(checkpoint_path)
@@ -183,6 +216,12 @@ def export(
         max_diff,
     )
 
+    conformal = _calibrate(out, data_dir, config, num_classes, calibration_images)
+    if conformal is not None:
+        _add_calibration(out, conformal)
+        report["calibration"] = {"split": "val", "photos_per_count": conformal.sizes()}
+        log.info("conformal calibration on %s validation photos per count", conformal.sizes())
+
     if quantize:
         if targets is None:
             raise BinsightError(
@@ -193,6 +232,9 @@ def export(
         calibration = samples[: min(64, len(samples))]
         int8_bytes = _with_metadata(_quantize_int8(out, calibration), {**metadata, "quantized": "int8"})
         atomic_write_bytes(int8_path, int8_bytes)
+        int8_calibration = _calibrate(int8_path, data_dir, config, num_classes, calibration_images)
+        if int8_calibration is not None:
+            _add_calibration(int8_path, int8_calibration)
         fp32_metrics = counting_metrics(targets, OnnxCounter(out).predict(samples))
         int8_metrics = counting_metrics(targets, OnnxCounter(int8_path).predict(samples))
         report["int8"] = {

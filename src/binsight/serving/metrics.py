@@ -80,12 +80,29 @@ class ServerMetrics:
             registry=registry,
             multiprocess_mode="liveall",
         )
+        self.reload_failing = Gauge(
+            "binsight_model_reload_failing",
+            "1 while the newest model could not be loaded (the previous one is served)",
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.shed_images = Counter(
+            "binsight_shed_images", "Images refused with 503 to keep latency bounded", registry=registry
+        )
+        self.worker_requests = Counter(
+            "binsight_worker_requests",
+            "HTTP requests answered, per worker process (shows how load spreads)",
+            ["worker"],
+            registry=registry,
+        )
+        self.worker = os.environ.get("BINSIGHT_WORKER", "0")
         self._version: str | None = None
 
     def request(self, route: str, status: int, seconds: float) -> None:
         route = route if route in KNOWN_ROUTES else "other"  # unbounded label values would leak memory
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+        self.worker_requests.labels(self.worker).inc()
 
     def error(self, route: str, code: str) -> None:
         self.errors.labels(route if route in KNOWN_ROUTES else "other", code).inc()
@@ -99,14 +116,23 @@ class ServerMetrics:
         self.depth.set(depth)
 
     def model_loaded(self, version: str) -> None:
-        if self._version is not None:
-            self.info.remove(self._version)
+        if self._version is not None and self._version != version:
+            # In multiprocess mode a removed label lingers in the process's file with its last value,
+            # so the old version is set to 0 first: only the served version reads 1.
+            self.info.labels(self._version).set(0)
+            if not self.multiprocess:
+                self.info.remove(self._version)
         self.info.labels(version).set(1)
         self._version = version
         self.reloads.inc()
+        self.reload_failing.set(0)
 
     def reload_failed(self) -> None:
         self.reload_failures.inc()
+        self.reload_failing.set(1)
+
+    def shed(self, images: int) -> None:
+        self.shed_images.inc(images)
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:

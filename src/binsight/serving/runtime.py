@@ -15,13 +15,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from binsight.errors import BinsightError
+from binsight.serving.config import Backend, Precision
 
 META_PREFIX = "binsight."
 
@@ -37,6 +38,16 @@ class ModelInfo:
     head: str
     version: str
     quantized: bool
+    # Conformal calibration written by `binsight export` (JSON; see audit/conformal.py), or None.
+    calibration: str | None = dataclasses.field(default=None, repr=False)
+
+    def describe(self) -> dict[str, object]:
+        """What `/v1/model` shows: everything but the calibration's raw scores."""
+        described: dict[str, object] = {
+            k: v for k, v in dataclasses.asdict(self).items() if k != "calibration"
+        }
+        described["calibrated"] = self.calibration is not None
+        return described
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -57,15 +68,12 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
             head=metadata.get(META_PREFIX + "head", "unknown"),
             version=metadata.get(META_PREFIX + "version") or file_digest[:12],
             quantized=metadata.get(META_PREFIX + "quantized") == "int8",
+            calibration=metadata.get(META_PREFIX + "calibration") or None,
         )
     except (KeyError, ValueError) as exc:
         raise BinsightError(
             f"the ONNX file lacks binsight metadata ({exc})", hint="export it with `binsight export`"
         ) from None
-
-
-Backend = Literal["auto", "onnxruntime", "openvino"]
-Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)

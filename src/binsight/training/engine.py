@@ -40,7 +40,7 @@ from binsight.training.distributed import (
 )
 from binsight.training.metrics import counting_metrics, majority_baseline
 from binsight.training.monitors import Monitors
-from binsight.utils.io import atomic_write_json, atomic_write_text
+from binsight.utils.io import atomic_write_json, atomic_write_text, exclusive_folder
 from binsight.utils.plots import history_curves
 from binsight.utils.progress import bar
 
@@ -337,7 +337,10 @@ def train(
     if not context.is_main:
         logging.getLogger("binsight").setLevel(logging.WARNING)  # one voice in the log, not N
     try:
-        return _train(config, context, fresh, on_epoch_end)
+        if not context.is_main:
+            return _train(config, context, fresh, on_epoch_end)
+        with exclusive_folder(config.out, "training run"):
+            return _train(config, context, fresh, on_epoch_end)
     finally:
         shutdown_distributed(context)
 

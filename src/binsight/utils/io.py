@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,5 +49,52 @@ def atomic_write_csv(
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    """Rows of a UTF-8 CSV; a byte-order mark (Excel's "CSV UTF-8") is dropped, not read as a name."""
+    from binsight.errors import BinsightError
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return list(csv.DictReader(handle))
+    except UnicodeDecodeError as exc:
+        raise BinsightError(
+            f"{path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})",
+            hint="save it as CSV UTF-8 (in Excel: Save As > CSV UTF-8)",
+        ) from None
+    except csv.Error as exc:
+        raise BinsightError(f"{path} is not a readable CSV: {exc}") from None
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike[str], what: str = "run") -> Iterator[Path]:
+    """Hold `folder` for one writer: a second process gets a clear error instead of interleaving files.
+
+    The lock is an advisory `flock` on `folder/.lock`, so it dies with its process (a `kill -9` leaves
+    no stale lock). Holding it also proves that `.part` files left in the folder belong to a writer
+    that was killed, so they are removed.
+    """
+    import fcntl
+
+    from binsight.errors import BinsightError
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until the block ends
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BinsightError(
+                f"{root} is in use by another {what} ({holder})",
+                hint=f"wait for it to finish, or give this {what} another output folder",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        for part in root.glob(".*.part"):
+            part.unlink(missing_ok=True)
+        yield root
+    finally:
+        handle.close()

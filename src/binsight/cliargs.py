@@ -1,0 +1,79 @@
+"""Command-line flags generated from a pydantic config model, so a setting exists in one place.
+
+Each field becomes `--field-name` with its type, its choices (a Literal) and its description as help;
+flags left out keep the model's default (they parse to None and are dropped before validation).
+`--config FILE` (JSON) supplies values that flags then override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+from pydantic import BaseModel, ValidationError
+
+from binsight.errors import BinsightError
+
+Config = TypeVar("Config", bound=BaseModel)
+_SCALARS: dict[Any, Any] = {int: int, float: float, str: str, Path: Path}
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    *,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    title: str | None = None,
+) -> None:
+    group = parser.add_argument_group(title or f"{model.__name__} settings")
+    group.add_argument("--config", type=Path, default=None, help="JSON file of settings; flags override it")
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = _unwrap_optional(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        help_text = (field.description or "") + (f" (default {default})" if default is not None else "")
+        if annotation is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(annotation) is Literal:
+            choices = typing.get_args(annotation)
+            group.add_argument(flag, choices=choices, default=None, help=help_text)
+        elif annotation in _SCALARS:
+            group.add_argument(flag, type=_SCALARS[annotation], default=None, help=help_text)
+        else:
+            raise TypeError(f"{model.__name__}.{name}: no command-line form for {annotation!r}")
+
+
+def config_from_args(args: argparse.Namespace, model: type[Config], **fixed: Any) -> Config:
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        try:
+            values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise BinsightError(f"cannot read settings from {args.config}: {exc}") from None
+    for name in model.model_fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    values.update(fixed)
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
+        raise BinsightError(f"invalid settings: {problems}") from None

@@ -1,0 +1,83 @@
+"""`binsight serve` settings: the model source, the engine, batching, and the limits that keep one
+client from starving the others. The defaults are the measured best on 2 cores (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Backend = Literal["auto", "onnxruntime", "openvino"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path | None = Field(None, description="ONNX file from `binsight export`")
+    registry: str | None = Field(None, description="model registry (folder or s3://) to follow instead")
+    alias: str = Field("production", description="registry alias to serve and follow")
+    registry_cache: Path | None = Field(None, description="where registry models are fetched to")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="server processes, each with its own model")
+    threads: int | None = Field(
+        None, ge=1, description="inference threads per process (default cores/workers)"
+    )
+    backend: Backend = Field("auto", description="auto, onnxruntime or openvino (auto: see choose_runtime)")
+    precision: Precision = Field("auto", description="auto, fp32 or bf16; an int8 model file runs in int8")
+    max_batch_size: int = Field(16, ge=1, le=512)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    queue_size: int = Field(256, ge=1, description="images admitted at most (queued or in the model)")
+    max_queue_ms: float = Field(
+        200.0,
+        ge=0.0,
+        description="shed load (503) when the images admitted would take longer than this to run; 0: "
+        "bound by queue_size only",
+    )
+    request_timeout_s: float = Field(10.0, gt=0.0, description="answer 504 past this deadline")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_request_pixels: int = Field(
+        64_000_000, ge=1, description="pixels of all images of one request together"
+    )
+    max_images_per_request: int = Field(64, ge=1)
+    max_connections: int = Field(1024, ge=1, description="open connections per process; more get 503")
+    header_timeout_s: float = Field(10.0, gt=0.0, description="time a client has to send its headers")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line and headers, at most")
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close after this")
+    access_log: bool = Field(False, description="log a line per request (Prometheus counts them anyway)")
+    reload_interval_s: float = Field(2.0, ge=0.0, description="model file poll period; 0 disables reload")
+    capture_dir: Path | None = None
+    capture_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of requests captured")
+    capture_max_file_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    s3_endpoint_url: str | None = None
+    s3_unsigned: bool = Field(False, description="anonymous S3 reads (public buckets such as ABID)")
+    s3_timeout_s: float = Field(10.0, gt=0.0)
+    alpha: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="calibrated models: 'mismatch' when the record is outside the conformal prediction "
+        "set at this level (at most this share of correct records flagged)",
+    )
+    review_alpha: float = Field(0.2, gt=0.0, lt=1.0, description="calibrated models: 'review' level")
+    ok_above: float = Field(0.5, ge=0.0, le=1.0, description="uncalibrated models: P(record) for 'ok'")
+    mismatch_below: float = Field(
+        0.1, ge=0.0, le=1.0, description="uncalibrated models: P(record) under which it is a mismatch"
+    )
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> ServeConfig:
+        if (self.model is None) == (self.registry is None):
+            raise ValueError("give either model (an ONNX file) or registry (with alias)")
+        if self.alpha > self.review_alpha:
+            raise ValueError("alpha (mismatch) must be at most review_alpha")
+        if self.mismatch_below > self.ok_above:
+            raise ValueError("mismatch_below must be at most ok_above")
+        return self
+
+    def threads_per_worker(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
