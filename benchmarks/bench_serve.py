@@ -20,6 +20,7 @@ Run: .venv/bin/python benchmarks/bench_serve.py --checkpoint RUN/best.pt [--chec
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import torch
 from binsight.imaging import decode_image, to_model_input
 from binsight.serving.config import Backend, Precision
 from binsight.serving.export import export
+from binsight.serving.loadtest import run_load
 from binsight.serving.runtime import cpu_features, load_counter
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.data import load_split
@@ -97,6 +99,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wanted(name: str, args: argparse.Namespace) -> bool:
+    return args.only is None or any(part in name for part in args.only)
 
 
 def measure(
@@ -210,6 +216,13 @@ def main() -> int:
         "--torchserve-venv", type=Path, default=Path(tempfile.gettempdir()) / "binsight-torchserve"
     )
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "binsight-serve-bench.json")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="measure only the end-to-end rows whose name contains one of these (e.g. TorchServe naive); "
+        "skips the runtime table",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not have_wrk():
@@ -243,7 +256,7 @@ def main() -> int:
             models[key] = {"fp32": onnx, "int8": Path(report["int8"]["onnx"]), "checkpoint": checkpoint}
 
         print("\naccuracy on the real test split and model-only ceiling (batch 32):", flush=True)
-        for key, files in models.items():
+        for key, files in models.items() if args.only is None else ():
             model, config, _ = load_model(load_checkpoint(files["checkpoint"]))
             pixels, counts = test_inputs(Path(config.data), config.input_hw, *config.mean_std)
             with torch.no_grad():
@@ -277,7 +290,10 @@ def main() -> int:
         print(f"\nend to end, {args.connections} connections, {args.duration:.0f} s each:", flush=True)
         base = work / "sagemaker"
         num_classes = torchserve_model(models["resnet18"]["checkpoint"], base)
-        if shutil.which("java"):
+        torchserve_label = "TorchServe + SageMaker toolkit (seeds' handler), resnet18 fp32 eager"
+        if not wanted(torchserve_label, args):
+            pass
+        elif shutil.which("java"):
             python = torchserve_python(args.torchserve_venv)
             env = {
                 **os.environ,
@@ -289,7 +305,7 @@ def main() -> int:
             }
             port = free_port()
             env["SAGEMAKER_BIND_TO_PORT"] = str(port)
-            results["rows"]["TorchServe + SageMaker toolkit (seeds' handler), resnet18 fp32 eager"] = measure(
+            results["rows"][torchserve_label] = measure(
                 "torchserve",
                 {
                     "command": [
@@ -310,20 +326,22 @@ def main() -> int:
                 flush=True,
             )
         port = free_port()
-        results["rows"]["naive FastAPI endpoint (same handler), resnet18 fp32 eager"] = measure(
-            "naive",
-            {
-                "command": [
-                    sys.executable,
-                    str(HERE / "naive_sagemaker_server.py"),
-                    str(models["resnet18"]["checkpoint"]),
-                    str(port),
-                ]
-            },
-            port,
-            photos,
-            args,
-        )
+        naive_label = "naive FastAPI endpoint (same handler), resnet18 fp32 eager"
+        if wanted(naive_label, args):
+            results["rows"][naive_label] = measure(
+                "naive",
+                {
+                    "command": [
+                        sys.executable,
+                        str(HERE / "naive_sagemaker_server.py"),
+                        str(models["resnet18"]["checkpoint"]),
+                        str(port),
+                    ]
+                },
+                port,
+                photos,
+                args,
+            )
         serve_rows = [
             ("resnet18", "fp32", "onnxruntime", "fp32"),
             ("resnet18", "int8", "onnxruntime", "fp32"),
@@ -339,12 +357,25 @@ def main() -> int:
             if key not in models:
                 continue
             label = f"binsight serve, {key} {backend} {'int8' if file == 'int8' else precision}"
+            if not wanted(label, args):
+                continue
+            # Capacity under a closed loop: nothing shed (--max-queue-ms 0), or the 16 connections'
+            # standing queue would be shed by the latency bound and resent at once by wrk.
             commands[label] = lambda port, f=models[key][file], b=backend, p=precision: serve_command(
-                f, port, backend=b, precision=p, max_batch_size=args.max_batch, max_wait_ms=args.max_wait_ms
+                f,
+                port,
+                backend=b,
+                precision=p,
+                max_batch_size=args.max_batch,
+                max_wait_ms=args.max_wait_ms,
+                max_queue_ms=0,
             )
             port = free_port()
             results["rows"][label] = measure(label, {"command": commands[label](port)}, port, photos, args)
 
+        if not commands:
+            print_tables(results, args)
+            return 0
         best_label = max(commands, key=lambda k: results["rows"][k].per_minute)
         half_rate = results["rows"][best_label].per_minute / 60 / 2
         port = free_port()
@@ -353,6 +384,12 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}/invocations"
             run_wrk(url, photos, 3, args.connections)
             half = run_wrk(url, photos, args.duration, args.connections, rate=half_rate)
+            # wrk paces each connection with a fixed delay, so its 16 connections fire in step (bursts
+            # of 16); independent callers arrive as a Poisson process, which binsight's generator
+            # produces (at ~2.5% of one core at this rate).
+            poisson = asyncio.run(
+                run_load(url, [p.read_bytes() for p in photos], args.duration, 16, half_rate, poisson=True)
+            ).summary()
         finally:
             stop(proc)
         results["half_capacity"] = {
@@ -360,6 +397,7 @@ def main() -> int:
             "target_rps": half_rate,
             **half.__dict__,
             "per_minute": half.per_minute,
+            "poisson": {k: poisson[k] for k in ("ok", "statuses", "latency_ms", "client")},
         }
 
     print_tables(results, args)
@@ -373,7 +411,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
     cores = results["cores"]
     rows = results["rows"]
     torchserve = next((v for k, v in rows.items() if k.startswith("TorchServe")), None)
-    naive = next(v for k, v in rows.items() if k.startswith("naive"))
+    naive = next((v for k, v in rows.items() if k.startswith("naive")), None)
     features = ", ".join(results["cpu_features"])
     print(f"\n{cores} cores, CPU features {features}; real ABID JPEGs; wrk, {args.connections} connections")
     print("| server | inv/min | inv/min/core | p50 ms | p99 ms | non-2xx | vs TorchServe | vs naive |")
@@ -382,7 +420,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         vs_ts = f"{r.per_minute / torchserve.per_minute:.1f}x" if torchserve else "n/a"
         print(
             f"| {label} | {r.per_minute:.0f} | {r.per_minute / cores:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
-            f"| {r.non_2xx} | {vs_ts} | {r.per_minute / naive.per_minute:.1f}x |"
+            f"| {r.non_2xx} | {vs_ts} | {f'{r.per_minute / naive.per_minute:.1f}x' if naive else 'n/a'} |"
         )
     print("\n| model, runtime | accuracy (real test split) | model-only img/s | MAC rate vs 2048² GEMM |")
     print("| --- | --- | --- | --- |")
@@ -395,10 +433,20 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         if label.startswith("resnet18"):
             share = f"{r['ceiling_img_s'] * RESNET18_GMAC / results['gemm_gmacs'][precision]:.0%}"
         print(f"| {label} | {r['accuracy']:.4f} | {r['ceiling_img_s']:.0f} | {share} |")
-    half = results["half_capacity"]
+    half = results.get("half_capacity")
+    if half is None:
+        return
     print(
         f"\nhalf capacity ({half['row']}, target {half['target_rps']:.0f} req/s): achieved "
-        f"{half['per_minute'] / 60:.0f} req/s, p50 {half['p50_ms']:.1f} ms, p99 {half['p99_ms']:.1f} ms"
+        f"{half['per_minute'] / 60:.0f} req/s, p50 {half['p50_ms']:.1f} ms, p99 {half['p99_ms']:.1f} ms "
+        "(wrk, connections paced in step)"
+    )
+    poisson = half["poisson"]
+    client_share = 100 * poisson["client"]["cpu_share_of_one_core"]
+    print(
+        f"half capacity, Poisson arrivals (binsight loadtest, {client_share:.1f}%"
+        f" of a core): {poisson['ok'] / args.duration:.0f} req/s, p50 {poisson['latency_ms']['p50']:.1f} ms, "
+        f"p99 {poisson['latency_ms']['p99']:.1f} ms, statuses {poisson['statuses']}"
     )
 
 

@@ -372,6 +372,10 @@ def test_loadtest_open_and_closed_loop(trained: dict[str, Path], capsys: pytest.
         assert opened["client"]["cpu_share_of_one_core"] < 0.5
         samples = metric_samples(httpx.get(f"{s.url}/metrics").text)
         assert samples["binsight_images_total"] == opened["ok"]  # every request reached the server once
+        callers = asyncio.run(
+            run_load(f"{s.url}/invocations", bodies, duration_s=2.0, rate=20, poisson=True, seed=3)
+        ).summary()
+        assert 20 <= callers["requests"] <= 60 and callers["errors"] == 0  # Poisson(40): 40 +- 3 sd
         code = main(
             [
                 "loadtest",

@@ -251,7 +251,9 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     if not files or not files[0].is_file():
         raise BinsightError(f"no .jpg images at {folder}", hint="point --images at a folder of bin photos")
     bodies = [f.read_bytes() for f in files]
-    result = asyncio.run(run_load(args.url, bodies, args.duration, args.concurrency, args.rate))
+    result = asyncio.run(
+        run_load(args.url, bodies, args.duration, args.concurrency, args.rate, poisson=args.poisson)
+    )
     summary = result.summary()
     print(format_summary(summary))
     return 0 if summary["ok"] else 1
@@ -515,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--duration", type=float, default=30.0, help="seconds")
     load.add_argument("--concurrency", type=int, default=8, help="clients in flight (closed loop)")
     load.add_argument("--rate", type=float, default=None, help="requests/s (open loop) instead")
+    load.add_argument(
+        "--poisson", action="store_true", help="open loop: independent callers (exponential gaps)"
+    )
     load.add_argument("--max-images", type=int, default=200)
     load.set_defaults(handler=_cmd_loadtest)
 

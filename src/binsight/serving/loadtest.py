@@ -174,9 +174,12 @@ async def run_load(
     rate: float | None = None,
     content_type: str = "image/jpeg",
     timeout_s: float = 30.0,
+    poisson: bool = False,
+    seed: int = 0,
 ) -> LoadResult:
     """Closed loop with `concurrency` connections, or open loop at `rate` requests/s on up to
-    `concurrency` x 64 connections. Stops by itself after `duration_s`."""
+    `concurrency` x 64 connections, evenly spaced or, with `poisson`, at exponentially distributed
+    intervals (independent callers). Stops by itself after `duration_s`."""
     if not bodies:
         raise ValueError("no request bodies to send")
     host, port, requests = _requests(url, bodies, content_type)
@@ -203,15 +206,16 @@ async def run_load(
             await _send(connection, request, result, timeout_s)
             idle.append(connection)
 
-        interval = 1.0 / rate
+        rng = np.random.default_rng(seed)
+        due = started
         while (now := time.perf_counter()) < deadline:
-            due = started + result.scheduled * interval
             if now < due:
                 await asyncio.sleep(due - now)
                 continue
             result.scheduled += 1
             if now - due > LATE_AFTER_S:
                 result.sent_late += 1
+            due += rng.exponential(1.0 / rate) if poisson else 1.0 / rate
             if idle:
                 connection = idle.pop()
             elif opened < concurrency * 64:
