@@ -442,6 +442,31 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from binsight.monitoring.baseline import Baseline
+    from binsight.monitoring.report import monitor, read_capture, write_report
+    from binsight.serving.runtime import load_counter
+
+    counter = load_counter(args.model, backend="onnxruntime")
+    if not counter.info.baseline:
+        raise BinsightError(
+            f"{args.model} has no monitoring baseline", hint="export it again with this binsight version"
+        )
+    baseline = Baseline.from_json(counter.info.baseline)
+    seen = read_capture(Path(args.capture_dir), tuple(counter.info.classes))
+    result = monitor(baseline, seen, args.window, args.alpha)
+    out = Path(args.out)
+    write_report(result, baseline, seen, out)
+    summary = result.as_dict()
+    print(
+        f"monitor: {summary['photos']} captured photos, {len(result.windows)} windows of {result.window}; "
+        f"latest: {summary['status']}"
+        + (f" ({', '.join(summary['drifted_in_latest'])})" if summary["drifted_in_latest"] else "")
+        + f"; report in {out / 'report.html'}"
+    )
+    return 3 if args.fail_on_drift and summary["drifted_in_latest"] else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from binsight.demo import run_demo
 
@@ -607,6 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--error-rate", type=float, default=0.1, help="share of records to corrupt")
     aud.add_argument("--seed", type=int, default=0)
     aud.set_defaults(handler=_cmd_audit)
+
+    mon = verbs.add_parser("monitor", help="drift of captured traffic against the model's baseline")
+    mon.add_argument("capture_dir", help="the server's --capture-dir")
+    mon.add_argument("--model", type=Path, required=True, help="the served ONNX file (holds the baseline)")
+    mon.add_argument("--out", default="runs/monitor", help="output folder")
+    mon.add_argument("--window", type=int, default=200, help="photos per window")
+    mon.add_argument(
+        "--alpha", type=float, default=0.01, help="chance that a window like the baseline raises an alarm"
+    )
+    mon.add_argument("--fail-on-drift", action="store_true", help="exit 3 when the latest window drifted")
+    mon.set_defaults(handler=_cmd_monitor)
 
     data = verbs.add_parser("data", help="download, index, split, describe or synthesize data")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="STEP")

@@ -71,6 +71,13 @@ def to_model_input(
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> np.ndarray:
     """CHW float32, normalised: what the exported model takes (one image of a batch)."""
-    pixels = np.asarray(resize_to(image, size), dtype=np.float32) * (1.0 / 255.0)
+    return normalise(np.asarray(resize_to(image, size)), mean, std)
+
+
+def normalise(
+    rgb: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> np.ndarray:
+    """HWC uint8 RGB at the model's input size -> CHW float32, normalised."""
+    pixels = rgb.astype(np.float32) * (1.0 / 255.0)
     pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))

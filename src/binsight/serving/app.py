@@ -342,6 +342,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def traffic() -> dict[str, Any]:
         summary = await asyncio.get_running_loop().run_in_executor(None, traffic_summary, config.capture_dir)
         summary["sample_rate"] = config.capture_sample_rate
+        watch = state["service"].watch
+        summary["drift"] = watch.summary() if watch else {"status": "no baseline in the model file"}
         return summary
 
     @app.get(

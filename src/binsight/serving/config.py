@@ -53,6 +53,13 @@ class ServeConfig(BaseModel):
     capture_dir: Path | None = None
     capture_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of requests captured")
     capture_max_file_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    monitor_window: int = Field(
+        200, ge=10, description="drift: compare the newest this many photos with the model's baseline"
+    )
+    monitor_interval_s: float = Field(30.0, ge=0.0, description="drift check period; 0 disables")
+    monitor_alpha: float = Field(
+        0.01, gt=0.0, lt=1.0, description="drift: chance that a window like the baseline raises an alarm"
+    )
     s3_endpoint_url: str | None = None
     s3_unsigned: bool = Field(False, description="anonymous S3 reads (public buckets such as ABID)")
     s3_timeout_s: float = Field(10.0, gt=0.0)

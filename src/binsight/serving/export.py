@@ -23,6 +23,7 @@ from torch import nn
 from binsight.audit.conformal import Calibration
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw
+from binsight.monitoring.baseline import build_baseline
 from binsight.serving.runtime import META_PREFIX, OnnxCounter
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import TrainConfig
@@ -34,13 +35,28 @@ from binsight.utils.io import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
+EMBEDDING_DIM = 16
+
+
 class ProbabilityModel(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """The exported graph: count probabilities, and a compact embedding of the photo for drift
+    monitoring (a fixed random projection of the backbone's pooled features, unit length; random
+    projections keep distances between photos approximately, so a shift in what the backbone sees
+    shows up in 16 numbers the server can capture with every request)."""
+
+    def __init__(self, model: nn.Module, embedding_dim: int = EMBEDDING_DIM) -> None:
         super().__init__()
         self.model = model
+        features = model.head.fc.in_features
+        generator = torch.Generator().manual_seed(0)
+        projection = torch.randn(features, embedding_dim, generator=generator) / embedding_dim**0.5
+        self.register_buffer("projection", projection)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.head.probabilities(self.model(images))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.model.backbone(images)
+        probabilities = self.model.head.probabilities(self.model.head(pooled))
+        embedding = torch.nn.functional.normalize(pooled.flatten(1), dim=1) @ self.projection
+        return probabilities, embedding
 
 
 def _to_onnx_bytes(model: nn.Module, size: Size) -> bytes:
@@ -52,8 +68,8 @@ def _to_onnx_bytes(model: nn.Module, size: Size) -> bytes:
             (torch.zeros(1, 3, *as_hw(size)),),
             buffer,
             input_names=["images"],
-            output_names=["probabilities"],
-            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+            output_names=["probabilities", "embedding"],
+            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}, "embedding": {0: "batch"}},
             opset_version=17,
             dynamo=False,
         )
@@ -103,11 +119,37 @@ def _calibrate(
     )
 
 
-def _add_calibration(path: Path, calibration: Calibration) -> None:
+def _add_metadata(path: Path, entries: dict[str, str]) -> None:
     proto = onnx.load(str(path))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_PREFIX + "calibration", calibration.to_json()
+    for key, value in entries.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + key, value
     atomic_write_bytes(path, proto.SerializeToString())
+
+
+def _describe_for_serving(
+    path: Path, data_dir: Path, config: TrainConfig, num_classes: int, limit: int
+) -> dict[str, Any]:
+    """Write the file's conformal calibration and its monitoring baseline, both from its own outputs on
+    the validation split; returns what was written."""
+    entries, report = {}, {}
+    calibration = _calibrate(path, data_dir, config, num_classes, limit)
+    if calibration is not None:
+        entries["calibration"] = calibration.to_json()
+        report["calibration"] = {"split": "val", "photos_per_count": calibration.sizes()}
+    try:
+        rows = load_split(data_dir, "val")[:limit]
+    except BinsightError:
+        rows = []
+    if rows:
+        baseline = build_baseline(
+            OnnxCounter(path), [data_dir / r["image"] for r in rows], f"val split of {data_dir.name}"
+        )
+        entries["baseline"] = baseline.to_json()
+        report["monitoring_baseline"] = {"split": "val", "photos": baseline.size}
+    if entries:
+        _add_metadata(path, entries)
+    return report
 
 
 def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
@@ -175,6 +217,7 @@ def export(
         "source_checkpoint": str(checkpoint_path),
         "train_fingerprint": checkpoint.get("train_fingerprint", ""),
         "quantized": "",
+        "embedding_dim": str(EMBEDDING_DIM),
     }
     onnx_bytes = _with_metadata(_to_onnx_bytes(model, size), metadata)
     out = Path(out)
@@ -192,7 +235,7 @@ def export(
         )
     check = samples[:verify_images]
     with torch.no_grad():
-        expected = ProbabilityModel(model)(torch.from_numpy(check)).numpy()
+        expected = ProbabilityModel(model)(torch.from_numpy(check))[0].numpy()
     got = OnnxCounter(out).predict(check)
     max_diff = float(np.abs(expected - got).max())
     if max_diff > tolerance:
@@ -216,11 +259,13 @@ def export(
         max_diff,
     )
 
-    conformal = _calibrate(out, data_dir, config, num_classes, calibration_images)
-    if conformal is not None:
-        _add_calibration(out, conformal)
-        report["calibration"] = {"split": "val", "photos_per_count": conformal.sizes()}
-        log.info("conformal calibration on %s validation photos per count", conformal.sizes())
+    report.update(_describe_for_serving(out, data_dir, config, num_classes, calibration_images))
+    if "calibration" in report:
+        log.info(
+            "conformal calibration on %s validation photos per count, monitoring baseline of %d photos",
+            report["calibration"]["photos_per_count"],
+            report.get("monitoring_baseline", {}).get("photos", 0),
+        )
 
     if quantize:
         if targets is None:
@@ -232,9 +277,7 @@ def export(
         calibration = samples[: min(64, len(samples))]
         int8_bytes = _with_metadata(_quantize_int8(out, calibration), {**metadata, "quantized": "int8"})
         atomic_write_bytes(int8_path, int8_bytes)
-        int8_calibration = _calibrate(int8_path, data_dir, config, num_classes, calibration_images)
-        if int8_calibration is not None:
-            _add_calibration(int8_path, int8_calibration)
+        _describe_for_serving(int8_path, data_dir, config, num_classes, calibration_images)
         fp32_metrics = counting_metrics(targets, OnnxCounter(out).predict(samples))
         int8_metrics = counting_metrics(targets, OnnxCounter(int8_path).predict(samples))
         report["int8"] = {

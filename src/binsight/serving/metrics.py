@@ -18,6 +18,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from binsight.monitoring.drift import DriftResult
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 KNOWN_ROUTES = {
@@ -95,6 +97,27 @@ class ServerMetrics:
             ["worker"],
             registry=registry,
         )
+        self.drift_statistic = Gauge(
+            "binsight_drift_statistic",
+            "Drift statistic of the newest window of photos against the baseline, per signal",
+            ["signal", "test"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.drift_threshold = Gauge(
+            "binsight_drift_threshold",
+            "Alarm threshold of each drift statistic (from the baseline's own variability)",
+            ["signal"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.drift_alarm = Gauge(
+            "binsight_drift_alarm",
+            "1 while a signal's statistic is over its threshold",
+            ["signal"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
         self.worker = os.environ.get("BINSIGHT_WORKER", "0")
         self._version: str | None = None
 
@@ -130,6 +153,12 @@ class ServerMetrics:
     def reload_failed(self) -> None:
         self.reload_failures.inc()
         self.reload_failing.set(1)
+
+    def drift(self, result: DriftResult) -> None:
+        for signal in result.signals:
+            self.drift_statistic.labels(signal.signal, signal.test).set(signal.statistic)
+            self.drift_threshold.labels(signal.signal).set(signal.threshold)
+            self.drift_alarm.labels(signal.signal).set(1 if signal.drifted else 0)
 
     def shed(self, images: int) -> None:
         self.shed_images.inc(images)

@@ -40,13 +40,17 @@ class ModelInfo:
     quantized: bool
     # Conformal calibration written by `binsight export` (JSON; see audit/conformal.py), or None.
     calibration: str | None = dataclasses.field(default=None, repr=False)
+    # Drift-monitoring baseline written by `binsight export` (JSON; see monitoring/baseline.py), or None.
+    baseline: str | None = dataclasses.field(default=None, repr=False)
+    embedding_dim: int = 0  # width of the model's second output (0: files exported before it existed)
 
     def describe(self) -> dict[str, object]:
         """What `/v1/model` shows: everything but the calibration's raw scores."""
         described: dict[str, object] = {
-            k: v for k, v in dataclasses.asdict(self).items() if k != "calibration"
+            k: v for k, v in dataclasses.asdict(self).items() if k not in {"calibration", "baseline"}
         }
         described["calibrated"] = self.calibration is not None
+        described["monitoring_baseline"] = self.baseline is not None
         return described
 
     @property
@@ -69,6 +73,8 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
             version=metadata.get(META_PREFIX + "version") or file_digest[:12],
             quantized=metadata.get(META_PREFIX + "quantized") == "int8",
             calibration=metadata.get(META_PREFIX + "calibration") or None,
+            baseline=metadata.get(META_PREFIX + "baseline") or None,
+            embedding_dim=int(metadata.get(META_PREFIX + "embedding_dim") or 0),
         )
     except (KeyError, ValueError) as exc:
         raise BinsightError(
@@ -184,6 +190,11 @@ class OnnxCounter:
         """(N, 3, H, W) float32 -> (N, num_classes) probabilities."""
         return self.session.run(None, {self.input_name: batch})[0]
 
+    def observe(self, batch: np.ndarray) -> np.ndarray:
+        """(N, num_classes + embedding_dim): probabilities, then the photo's embedding, side by side."""
+        outputs = self.session.run(None, {self.input_name: batch})
+        return np.concatenate(outputs[: 2 if self.info.embedding_dim else 1], axis=1)
+
 
 class OpenVinoCounter:
     """The same ONNX file compiled by OpenVINO for the CPU. Thread-safe: one infer request per thread."""
@@ -223,6 +234,14 @@ class OpenVinoCounter:
         request.infer({0: batch})
         return np.array(request.get_output_tensor(0).data, dtype=np.float32)
 
+    def observe(self, batch: np.ndarray) -> np.ndarray:
+        """(N, num_classes + embedding_dim): probabilities, then the photo's embedding, side by side."""
+        probabilities = self.predict(batch)
+        if not self.info.embedding_dim:
+            return probabilities
+        embedding = np.array(self._local.request.get_output_tensor(1).data, dtype=np.float32)
+        return np.concatenate([probabilities, embedding], axis=1)
+
 
 class LoadedModel(Protocol):
     path: Path
@@ -230,6 +249,8 @@ class LoadedModel(Protocol):
     runtime: RuntimeChoice
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def observe(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 def load_counter(

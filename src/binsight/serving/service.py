@@ -24,7 +24,9 @@ from PIL import Image, UnidentifiedImageError
 
 from binsight.audit.verdict import VerdictPolicy, VerdictThresholds, judge, policy_for
 from binsight.errors import BinsightError
-from binsight.imaging import ImageTooLargeError, draft_rgb, open_image, to_model_input
+from binsight.imaging import ImageTooLargeError, open_image
+from binsight.monitoring.baseline import Baseline, observe_photo
+from binsight.monitoring.watch import DriftWatch, Seen
 from binsight.serving.batching import Admission, DynamicBatcher, QueueFullError
 from binsight.serving.capture import DataCapture
 from binsight.serving.metrics import ServerMetrics
@@ -56,6 +58,7 @@ class Prepared:
     height: int
     digest: str
     size_bytes: int
+    signals: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -109,10 +112,11 @@ class CountingService:
         self.counter = self._load(self._signature)
         self.last_reload_failure: ReloadFailure | None = None
         self.policy = self._policy(self.counter)
+        self.watch = self._watch(self.counter)
         self.metrics.model_loaded(self.counter.info.version)
         self.admission = Admission(config.max_queue_ms / 1000.0, ceiling=config.queue_size)
         self.batcher = DynamicBatcher(
-            lambda model, batch: model.predict(batch),
+            lambda model, batch: model.observe(batch),
             config.max_batch_size,
             config.max_wait_ms,
             config.queue_size,
@@ -127,10 +131,34 @@ class CountingService:
         )
         self._s3: Any = None
         self._reloader: asyncio.Task[None] | None = None
+        self._drift_task: asyncio.Task[None] | None = None
 
     def _policy(self, counter: LoadedModel) -> VerdictPolicy:
         thresholds = VerdictThresholds(self.config.ok_above, self.config.mismatch_below)
         return policy_for(counter.info.calibration, thresholds, self.config.alpha, self.config.review_alpha)
+
+    def _watch(self, counter: LoadedModel) -> DriftWatch | None:
+        if not counter.info.baseline:
+            return None
+        baseline = Baseline.from_json(counter.info.baseline)
+        return DriftWatch(baseline, self.config.monitor_window, self.config.monitor_alpha)
+
+    async def _check_drift(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.monitor_interval_s)
+            watch = self.watch
+            if watch is None:
+                continue
+            try:
+                result = await loop.run_in_executor(None, watch.check)
+            except Exception:  # monitoring must never take serving down
+                log.exception("drift check failed")
+                continue
+            if result is not None:
+                self.metrics.drift(result)
+                if result.drifted:
+                    log.warning("drift in the last %d photos: %s", result.window, ", ".join(result.drifted))
 
     def _observe_batch(self, size: int, seconds: float) -> None:
         self.metrics.observe_batch(size, seconds)
@@ -140,12 +168,15 @@ class CountingService:
         self.batcher.start()
         if self.config.reload_interval_s > 0:
             self._reloader = asyncio.get_running_loop().create_task(self._watch_model(), name="model-reload")
+        if self.config.monitor_interval_s > 0:
+            self._drift_task = asyncio.get_running_loop().create_task(self._check_drift(), name="drift")
 
     async def stop(self) -> None:
-        if self._reloader:
-            self._reloader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reloader
+        for task in (self._reloader, self._drift_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.batcher.stop()
         self.decoder.shutdown(wait=False)
         if self.capture:
@@ -192,6 +223,7 @@ class CountingService:
             return False
         previous = self.counter.info.version
         self.policy = self._policy(fresh)
+        self.watch = self._watch(fresh)
         self.counter = fresh
         self._signature = signature
         self.last_reload_failure = None
@@ -216,12 +248,9 @@ class CountingService:
         if not data:
             raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
         model = self.counter
-        size = model.info.input_hw
+        info = model.info
         try:
-            image = open_image(data, max_pixels=self.config.max_image_pixels)
-            width, height = image.size
-            image = draft_rgb(image, size)
-            pixels = to_model_input(image, size, model.info.mean, model.info.std)
+            observed = observe_photo(data, info.input_hw, info.mean, info.std, self.config.max_image_pixels)
         except (ImageTooLargeError, Image.DecompressionBombError) as exc:
             raise RequestError(413, "image_too_large", str(exc)) from None
         except UnidentifiedImageError:
@@ -230,7 +259,15 @@ class CountingService:
             ) from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise RequestError(400, "corrupt_image", f"the image could not be decoded: {exc}") from None
-        return Prepared(model, pixels, width, height, hashlib.sha256(data).hexdigest(), len(data))
+        return Prepared(
+            model,
+            observed.pixels,
+            observed.width,
+            observed.height,
+            hashlib.sha256(data).hexdigest(),
+            len(data),
+            observed.signals,
+        )
 
     async def fetch_s3(self, uri: str) -> bytes:
         try:
@@ -281,11 +318,16 @@ class CountingService:
         started = time.perf_counter()
         prepared = await asyncio.get_running_loop().run_in_executor(self.decoder, self._prepare, data)
         try:
-            probabilities = await self.batcher.submit(prepared.model, prepared.pixels)
+            outputs = await self.batcher.submit(prepared.model, prepared.pixels)
         except QueueFullError:
             raise overloaded() from None
-        probabilities = np.asarray(probabilities, dtype=np.float64)
         info = prepared.model.info
+        probabilities = np.asarray(outputs[: len(info.classes)], dtype=np.float64)
+        embedding = np.asarray(outputs[len(info.classes) :], dtype=np.float64)
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        if self.watch is not None and prepared.model is self.counter:
+            signals = {**prepared.signals, "confidence": float(probabilities.max())}
+            self.watch.add(Seen(signals, int(np.argmax(probabilities)), embedding, now))
         result: dict[str, Any] = {
             "count": int(info.classes[int(np.argmax(probabilities))]),
             "confidence": round(float(probabilities.max()), 6),
@@ -312,7 +354,7 @@ class CountingService:
         if self.capture:
             self.capture.record(
                 {
-                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "time": now,
                     "source": source,
                     "image_sha256": prepared.digest,
                     "bytes": prepared.size_bytes,
@@ -320,6 +362,8 @@ class CountingService:
                     "height": prepared.height,
                     **{k: result[k] for k in ("count", "confidence", "model_version", "latency_ms")},
                     "probabilities": [round(float(p), 5) for p in probabilities],
+                    "signals": {k: round(v, 4) for k, v in prepared.signals.items()},
+                    "embedding": [round(float(v), 4) for v in embedding],
                     **(
                         {"expected_count": expected_count, "verdict": result["verdict"]}
                         if expected_count is not None

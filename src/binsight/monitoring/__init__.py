@@ -1,0 +1,1 @@
+"""Watching a served model: what its photos and answers look like now against its baseline."""

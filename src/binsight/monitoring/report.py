@@ -1,0 +1,136 @@
+"""`binsight monitor`: drift of captured traffic against the model's baseline, window by window, as
+JSON for machines and an HTML report with plots for people."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from binsight.errors import BinsightError
+from binsight.monitoring.baseline import Baseline
+from binsight.monitoring.drift import DriftDetector, DriftResult
+from binsight.monitoring.watch import Seen, window_of
+from binsight.reporting.html import HtmlReport
+from binsight.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def read_capture(folder: Path, classes: tuple[int, ...]) -> list[Seen]:
+    """Captured requests that carry signals (older records do not), oldest first."""
+    if not folder.is_dir():
+        raise BinsightError(f"no capture folder at {folder}", hint="serve with --capture-dir FOLDER")
+    seen: list[Seen] = []
+    for path in sorted(folder.glob("capture-*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                signals = {k: float(v) for k, v in record["signals"].items()}
+                signals["confidence"] = float(record["confidence"])
+                predicted = classes.index(int(record["count"]))
+                embedding = np.asarray(record.get("embedding", []), dtype=np.float64)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line being written, or a record from before signals were captured
+            seen.append(Seen(signals, predicted, embedding, str(record.get("time", ""))))
+    seen.sort(key=lambda s: s.time)
+    return seen
+
+
+@dataclass
+class MonitorResult:
+    windows: list[DriftResult]
+    photos: int
+    window: int
+    alpha: float
+
+    @property
+    def latest(self) -> DriftResult | None:
+        return self.windows[-1] if self.windows else None
+
+    def as_dict(self) -> dict[str, Any]:
+        latest = self.latest
+        return {
+            "photos": self.photos,
+            "window": self.window,
+            "alpha": self.alpha,
+            "status": latest.status if latest else "too few photos",
+            "drifted_in_latest": latest.drifted if latest else [],
+            "windows": [w.as_dict() for w in self.windows],
+        }
+
+
+def monitor(baseline: Baseline, seen: list[Seen], window: int, alpha: float) -> MonitorResult:
+    window = max(10, min(window, baseline.size // 2))
+    detector = DriftDetector(baseline, alpha)
+    # Consecutive windows, the last one ending at the newest photo.
+    ends = list(range(len(seen), window - 1, -window))[::-1]
+    results = [detector.check(window_of(seen[end - window : end])) for end in ends]
+    return MonitorResult(results, len(seen), window, alpha)
+
+
+def write_report(result: MonitorResult, baseline: Baseline, seen: list[Seen], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from binsight.utils.plots import save_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "monitor.json", result.as_dict())
+    report = HtmlReport(f"binsight monitor: {result.photos} captured photos, windows of {result.window}")
+    latest = result.latest
+    if latest is None:
+        report.paragraph(f"Too few captured photos with signals for one window of {result.window}.", "warn")
+        report.write(out / "report.html")
+        return
+    verdict = (
+        f"Drift in the latest window: {', '.join(latest.drifted)}."
+        if latest.drifted
+        else "No drift in the latest window."
+    )
+    report.paragraph(
+        f"{verdict} Each window of {result.window} photos is compared with the model's baseline "
+        f"({baseline.size} validation photos, {baseline.source}); a window like the baseline raises "
+        f"any alarm with probability about {result.alpha:g}.",
+        "warn" if latest.drifted else None,
+    )
+    report.table(
+        ["signal", "test", "statistic", "threshold", "drifted"],
+        [(s.signal, s.test, s.statistic, s.threshold, "yes" if s.drifted else "") for s in latest.signals],
+    )
+
+    names = [s.signal for s in latest.signals]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name in names:
+        ratios = [
+            next((s.statistic / s.threshold for s in w.signals if s.signal == name and s.threshold > 0), 0.0)
+            for w in result.windows
+        ]
+        ax.plot(range(1, len(ratios) + 1), ratios, marker="o", label=name)
+    ax.axhline(1.0, color="C3", linestyle="--", label="alarm threshold")
+    ax.set_xlabel("window (oldest first)")
+    ax.set_ylabel("statistic / threshold")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    save_figure(fig, out / "drift_over_time.png")
+    report.figure(out / "drift_over_time.png", "Each signal's drift statistic over windows, 1 = alarm")
+
+    recent = window_of(seen[-result.window :])
+    scalars = [n for n in names if n in baseline.scalars]
+    if scalars:
+        columns = 4
+        rows = (len(scalars) + columns - 1) // columns
+        fig, axes = plt.subplots(rows, columns, figsize=(12, 2.6 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, scalars, strict=False):
+            ax.hist(baseline.scalars[name], bins=20, alpha=0.5, density=True, label="baseline")
+            ax.hist(recent.scalars[name], bins=20, alpha=0.5, density=True, label="latest window")
+            ax.set_title(name + (" (drift)" if name in latest.drifted else ""), fontsize=9)
+        for ax in list(axes.flat)[len(scalars) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        save_figure(fig, out / "signals.png")
+        report.figure(out / "signals.png", "Baseline against the latest window, per signal")
+    report.write(out / "report.html")
