@@ -63,6 +63,11 @@ def median_bandwidth(points: np.ndarray) -> float:
     return float(np.median(positive)) if positive.size else 1.0
 
 
+def _share_unlike(reference: np.ndarray, current: np.ndarray) -> float:
+    """Share of `current` unlike the constant `reference` (to the precision the baseline keeps)."""
+    return float(np.mean(~np.isclose(current, reference[0], rtol=1e-6, atol=1e-3)))
+
+
 @dataclass(frozen=True)
 class SignalDrift:
     signal: str
@@ -151,7 +156,7 @@ class DriftDetector:
             if np.ptp(values) > 0:
                 tests[name] = ("ks", ks_statistic, values)
             else:  # one fixed camera: every photo the same size, say; any other value is news
-                tests[name] = ("constant", lambda a, b: float(np.mean(b != a[0])), values)
+                tests[name] = ("constant", _share_unlike, values)
         classes = len(self.baseline.classes)
         tests["predicted_count"] = ("psi", lambda a, b: psi(a, b, classes), self.baseline.predicted)
         if self.baseline.embeddings.shape[1]:
