@@ -39,21 +39,28 @@ def psi(reference: np.ndarray, current: np.ndarray, classes: int, floor: float =
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
-def mmd2(reference: np.ndarray, current: np.ndarray, bandwidth: float) -> float:
-    """Unbiased squared maximum mean discrepancy with an RBF kernel."""
+def _kernel_sum(a: np.ndarray, b: np.ndarray, bandwidth: float) -> float:
+    # Differences, not |a|^2 + |b|^2 - 2ab: that form cancels catastrophically for close points.
+    # float32 and row blocks keep the temporaries small (the server runs this beside inference).
+    total = 0.0
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    for start in range(0, len(a32), 64):
+        distances = ((a32[start : start + 64, None, :] - b32[None, :, :]) ** 2).sum(-1)
+        total += float(np.exp(-distances / (2 * bandwidth**2)).sum(dtype=np.float64))
+    return total
 
-    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        # Differences, not |a|^2 + |b|^2 - 2ab: that form cancels catastrophically for close points.
-        distances = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-        return np.exp(-distances / (2 * bandwidth**2))
 
+def mmd2(
+    reference: np.ndarray, current: np.ndarray, bandwidth: float, reference_term: float | None = None
+) -> float:
+    """Unbiased squared maximum mean discrepancy with an RBF kernel. `reference_term`, the mean
+    off-diagonal kernel value within `reference`, may be passed in when it is reused."""
     n, m = len(reference), len(current)
-    k_rr, k_cc, k_rc = kernel(reference, reference), kernel(current, current), kernel(reference, current)
-    return float(
-        (k_rr.sum() - np.trace(k_rr)) / (n * (n - 1))
-        + (k_cc.sum() - np.trace(k_cc)) / (m * (m - 1))
-        - 2 * k_rc.mean()
-    )
+    if reference_term is None:
+        reference_term = (_kernel_sum(reference, reference, bandwidth) - n) / (n * (n - 1))
+    within_current = (_kernel_sum(current, current, bandwidth) - m) / (m * (m - 1))
+    across = _kernel_sum(reference, current, bandwidth) / (n * m)
+    return float(reference_term + within_current - 2 * across)
 
 
 def median_bandwidth(points: np.ndarray) -> float:
@@ -144,6 +151,7 @@ class DriftDetector:
         self._reference_embeddings = self._standardise(embeddings)
         self.bandwidth = median_bandwidth(self._reference_embeddings) if embeddings.shape[1] else 1.0
         self._thresholds: dict[int, dict[str, float]] = {}
+        self._reference_term: float | None = None
 
     def _standardise(self, embeddings: np.ndarray) -> np.ndarray:
         return (embeddings - self._centre) / self._scale if embeddings.shape[1] else embeddings
@@ -195,6 +203,19 @@ class DriftDetector:
                 values = current.predicted
             elif name == "embedding":
                 values = self._standardise(current.embeddings)
+                if self._reference_term is None:  # the baseline's own term, computed once
+                    n = len(reference)
+                    total = _kernel_sum(reference, reference, self.bandwidth)
+                    self._reference_term = (total - n) / (n * (n - 1))
+                result.signals.append(
+                    SignalDrift(
+                        name,
+                        mmd2(reference, values[-size:], self.bandwidth, self._reference_term),
+                        thresholds[name],
+                        test,
+                    )
+                )
+                continue
             else:
                 values = current.scalars.get(name)
                 if values is None or not np.isfinite(values).all():

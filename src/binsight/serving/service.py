@@ -138,10 +138,14 @@ class CountingService:
         return policy_for(counter.info.calibration, thresholds, self.config.alpha, self.config.review_alpha)
 
     def _watch(self, counter: LoadedModel) -> DriftWatch | None:
-        if not counter.info.baseline:
+        """The drift watch for this model, its thresholds drawn now (a second or two of CPU) rather
+        than at the first check, which would land in the middle of traffic."""
+        if not counter.info.baseline or self.config.monitor_interval_s <= 0:
             return None
         baseline = Baseline.from_json(counter.info.baseline)
-        return DriftWatch(baseline, self.config.monitor_window, self.config.monitor_alpha)
+        watch = DriftWatch(baseline, self.config.monitor_window, self.config.monitor_alpha)
+        watch.detector.thresholds(watch.window)
+        return watch
 
     async def _check_drift(self) -> None:
         loop = asyncio.get_running_loop()
@@ -213,6 +217,7 @@ class CountingService:
         loop = asyncio.get_running_loop()
         try:
             fresh = await loop.run_in_executor(None, self._load, signature)
+            fresh_watch = await loop.run_in_executor(None, self._watch, fresh)
         except Exception as exc:  # keep serving the old model; a half-written file may be retried
             log.error("model reload failed, keeping %s: %s", self.counter.info.version, exc)
             self.last_reload_failure = ReloadFailure(
@@ -223,7 +228,7 @@ class CountingService:
             return False
         previous = self.counter.info.version
         self.policy = self._policy(fresh)
-        self.watch = self._watch(fresh)
+        self.watch = fresh_watch
         self.counter = fresh
         self._signature = signature
         self.last_reload_failure = None
