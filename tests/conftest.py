@@ -146,3 +146,56 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[f"onnx_{name}"] = root / f"model-{name}.onnx"
         export(paths[f"checkpoint_{name}"], paths[f"onnx_{name}"], version=f"v-{name}")
     return paths
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL (Debian's package; `.ci/run` installs it) started on 127.0.0.1 for this test
+    session only, with its data in a temporary folder, stopped at the end."""
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not binaries:
+        if os.environ.get("BINSIGHT_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL is required here (Debian: apt-get install postgresql)")
+        pytest.skip("PostgreSQL not installed (Debian: apt-get install postgresql)")
+    bindir = binaries[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="binsight-pg-"))
+    # PostgreSQL refuses to run as root: as root, run it as Debian's `postgres` user.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+    port = unused_loopback_port()
+    data = root / "data"
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(
+            [
+                *as_user,
+                str(bindir / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "binsight",
+            ],
+            capture_output=True,
+        ).returncode:
+            assert time.monotonic() < deadline, (root / "log").read_text()
+            time.sleep(0.3)
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/binsight"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)

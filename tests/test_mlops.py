@@ -295,8 +295,15 @@ def test_audit_evaluation_writes_budgets_and_curve(
     assert (tmp_path / "calibration.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_tune_with_two_parallel_workers_sharing_one_study(trained: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_tune_with_two_parallel_workers_sharing_one_study(
+    trained: dict[str, Path], tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     out = tmp_path / "tune"
+    # SQLite in the study folder (one machine), or a real PostgreSQL server (several machines).
+    storage = (
+        f"sqlite:///{out / 'study.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    )
     fixed = json.dumps(
         {"image_size": 32, "workers": 0, "max_train_batches": 2, "pretrained": False, "tensorboard": False}
     )
@@ -323,6 +330,7 @@ def test_tune_with_two_parallel_workers_sharing_one_study(trained: dict[str, Pat
         fixed,
         "--pruner",
         "median",
+        *(["--storage", storage] if backend == "postgresql" else []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", BINSIGHT_PROGRESS="0")
     out.mkdir()
@@ -332,12 +340,15 @@ def test_tune_with_two_parallel_workers_sharing_one_study(trained: dict[str, Pat
     for worker in workers:
         _, stderr = worker.communicate(timeout=300)
         assert worker.returncode == 0, stderr.decode()[-3000:]
-    study = optuna.load_study(study_name="binsight", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="binsight", storage=storage)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) >= 4
-    assert len({t.number for t in study.trials}) == len(study.trials)
+    # Both workers ran trials of the one study (each trial records the process that ran it).
+    assert len({t.user_attrs.get("worker") for t in study.trials}) == 2, [t.user_attrs for t in study.trials]
     rows = read_csv(out / "results.csv")
-    assert len(rows) == len(study.trials) and {"number", "state", "value", "param_lr"} <= set(rows[0])
+    assert len(rows) == len(study.trials) and {"number", "state", "value", "worker", "param_lr"} <= set(
+        rows[0]
+    )
     best = load_config(out / "best_config.json", {})
     assert best.arch == "mobilenet_v3_small" and best.image_size == 32 and best.lr == study.best_params["lr"]
     assert (out / "report.html").exists() and (out / "optimization_history.png").exists()

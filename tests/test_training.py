@@ -287,3 +287,67 @@ def test_run_folder_is_locked_and_stale_parts_are_cleaned(bins: Path, tmp_path: 
     train(config)  # the holder died without cleaning up: its lock went with it
     assert not stale.exists() and (out / "last.pt").exists()
     assert not list(out.glob(".*.part"))
+
+
+def test_preempted_run_resumes_from_s3_on_a_new_machine(
+    bins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moto_endpoint: str
+) -> None:
+    from .conftest import s3_client
+
+    s3_client(moto_endpoint).create_bucket(Bucket="spot-checkpoints")
+    # How a user points boto3 at another S3 (MinIO, LocalStack): the standard variables.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+    def config(out: Path) -> TrainConfig:
+        return tiny(
+            bins,
+            out,
+            head="classification",
+            image_size=32,
+            epochs=2,
+            max_train_batches=3,
+            optimizer="sgd",
+            augment=1.0,
+            checkpoint_dir="s3://spot-checkpoints/runs/r1",
+        )
+
+    straight = tiny(
+        bins,
+        tmp_path / "straight",
+        head="classification",
+        image_size=32,
+        epochs=2,
+        max_train_batches=3,
+        optimizer="sgd",
+        augment=1.0,
+    )
+    train(straight)
+
+    real_epoch = engine.train_one_epoch
+    calls = []
+
+    def preempted_in_second_epoch(*args: object, **kwargs: object) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the spot instance is reclaimed
+        return real_epoch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "train_one_epoch", preempted_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "machine-a"))
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
+    first_epoch = load_checkpoint(tmp_path / "machine-a" / "last.pt")["history"][0]
+    shutil.rmtree(tmp_path / "machine-a")  # the machine and its disk are gone
+
+    train(config(tmp_path / "machine-b"))  # a new machine, an empty --out
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "machine-b" / "last.pt")
+    assert b["history"][0] == first_epoch, "epoch 1 was not redone: its record came back from S3"
+    assert a["epoch"] == b["epoch"] == 1
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    listed = s3_client(moto_endpoint).list_objects_v2(Bucket="spot-checkpoints", Prefix="runs/r1/")
+    assert {o["Key"] for o in listed["Contents"]} >= {"runs/r1/last.pt", "runs/r1/best.pt"}

@@ -158,6 +158,11 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "select_metric": (str, "accuracy, mae, rmse or loss"),
     "max_train_batches": (int, "cap steps per epoch (quick checks)"),
     "profile_steps": (int, "profile N training steps with torch.profiler"),
+    "checkpoint_dir": (
+        str,
+        "folder or s3://bucket/prefix that outlives the machine: checkpoints copied there each epoch; "
+        "a run whose --out has none resumes from there",
+    ),
 }
 
 

@@ -26,6 +26,11 @@ class TrainConfig(BaseModel):
 
     data: Path = Field(description="dataset directory with splits/{train,val,test}.csv")
     out: Path = Field(Path("runs/train"), description="run directory (checkpoints, logs, report)")
+    checkpoint_dir: str | None = Field(
+        None,
+        description="a folder or s3://bucket/prefix that outlives the machine: checkpoints are copied "
+        "there every epoch, and a run whose --out has none resumes from there (preemptible jobs)",
+    )
 
     arch: str = Field(
         "resnet18", description="backbone: efficientnet_lite0/1/2, a torchvision model, or timm:NAME"

@@ -43,12 +43,14 @@ from binsight.training.monitors import Monitors
 from binsight.utils.io import atomic_write_json, atomic_write_text, exclusive_folder
 from binsight.utils.plots import history_curves
 from binsight.utils.progress import bar
+from binsight.utils.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
 # Settings that may change between a checkpoint and its resumption without changing the experiment.
 RESUMABLE_CHANGES = {
     "out",
+    "checkpoint_dir",
     "epochs",
     "workers",
     "early_stopping",
@@ -324,6 +326,17 @@ def _write_profile_summary(profiler: Any, out: Path, epoch_stats: dict[str, floa
     log.info("profile summary in %s", out / "profile" / "summary.txt")
 
 
+def _fetch_remote_checkpoints(remote: Store, out: Path) -> None:
+    """A new machine for a preempted run: bring its checkpoints home, so it resumes where it stopped."""
+    present = set(remote.list(""))
+    if "last.pt" not in present:
+        return
+    for name in ("best.pt", "last.pt"):
+        if name in present:
+            remote.get_file(name, out / name)
+    log.info("fetched the checkpoints of %s into %s", remote.url, out)
+
+
 def train(
     config: TrainConfig, fresh: bool = False, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
@@ -421,6 +434,9 @@ def _train(
     best: dict[str, Any] = {"epoch": None, "value": None}
     start_epoch, stale_epochs = 0, 0
     last_path, best_path = out / "last.pt", out / "best.pt"
+    remote = open_store(config.checkpoint_dir) if config.checkpoint_dir else None
+    if remote is not None and not fresh and not last_path.exists():
+        _fetch_remote_checkpoints(remote, out)
     # Per-rank stream for dropout and augmentation; a resumed run replaces it with the saved state.
     torch.manual_seed(config.seed * 1000 + context.rank)
     if last_path.exists() and not fresh:
@@ -545,6 +561,11 @@ def _train(
                     "rng": rng_states,
                 },
             )
+            if remote is not None:
+                # best first: a resumed run never finds a last.pt newer than the best.pt beside it.
+                if improved:
+                    remote.put_file("best.pt", best_path)
+                remote.put_file("last.pt", last_path)
             if writer is not None:
                 for key, number in record.items():
                     if key != "epoch" and isinstance(number, float) and math.isfinite(number):

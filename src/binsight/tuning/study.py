@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -112,6 +113,8 @@ def objective(config: TuneConfig) -> Any:
     def run(trial: optuna.Trial) -> float:
         train_config = trial_config(trial, config)
         trial.set_user_attr("out", str(train_config.out))
+        # Which machine and process ran it: several workers share one study.
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         key = "val_accuracy" if config.metric == "accuracy" else "val_mae"
 
         def report(record: dict[str, Any]) -> None:
@@ -182,6 +185,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "value": trial.value,
                 "epochs_reported": len(trial.intermediate_values),
                 "seconds": seconds,
+                "worker": trial.user_attrs.get("worker", ""),
                 **{f"param_{k}": v for k, v in trial.params.items()},
             }
         )
