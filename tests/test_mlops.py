@@ -470,3 +470,19 @@ def test_audit_csv_from_excel_or_with_only_bad_rows(
     err = capsys.readouterr().err
     assert "none of the 3 rows" in err and "line 2" in err
     assert not (tmp_path / "c" / "audit.csv").exists()
+
+
+def test_pipeline_resplit_keeps_the_datasets_own_fractions(tmp_path: Path) -> None:
+    from binsight.data.index import build_index
+    from binsight.data.split import SplitConfig, write_splits
+    from binsight.pipeline.retrain import existing_split_config
+
+    data = tmp_path / "data"
+    generate_dataset(data, SynthConfig(n_images=60, image_size=64, seed=2, workers=1))
+    build_index(data)
+    assert existing_split_config(data, seed=5) == SplitConfig(seed=5)  # never split: the pipeline's seed
+    chosen = SplitConfig(seed=3, val_fraction=0.25, test_fraction=0.3)
+    first = write_splits(data, chosen)
+    assert existing_split_config(data, seed=0) == chosen
+    again = write_splits(data, existing_split_config(data, seed=0))
+    assert again["splits"]["test"]["fingerprint"] == first["splits"]["test"]["fingerprint"]

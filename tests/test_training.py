@@ -314,17 +314,7 @@ def test_preempted_run_resumes_from_s3_on_a_new_machine(
             checkpoint_dir="s3://spot-checkpoints/runs/r1",
         )
 
-    straight = tiny(
-        bins,
-        tmp_path / "straight",
-        head="classification",
-        image_size=32,
-        epochs=2,
-        max_train_batches=3,
-        optimizer="sgd",
-        augment=1.0,
-    )
-    train(straight)
+    train(config(tmp_path / "straight").model_copy(update={"checkpoint_dir": None}))
 
     real_epoch = engine.train_one_epoch
     calls = []
@@ -351,3 +341,9 @@ def test_preempted_run_resumes_from_s3_on_a_new_machine(
         assert torch.equal(tensor, b["model"][key]), key
     listed = s3_client(moto_endpoint).list_objects_v2(Bucket="spot-checkpoints", Prefix="runs/r1/")
     assert {o["Key"] for o in listed["Contents"]} >= {"runs/r1/last.pt", "runs/r1/best.pt"}
+
+
+def test_per_rank_streams_never_collide() -> None:
+    seeds = {engine.stream_seed(0, rank, epoch) for rank in range(64) for epoch in range(100)}
+    assert len(seeds) == 64 * 100
+    assert engine.stream_seed(1, 0) != engine.stream_seed(0, 1000)

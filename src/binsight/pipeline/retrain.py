@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.data.index import build_index
-from binsight.data.split import SplitConfig, fingerprint, write_splits
+from binsight.data.split import SPLIT_DIR, SplitConfig, fingerprint, write_splits
 from binsight.errors import BinsightError
 from binsight.registry import Registry
 from binsight.reporting.html import HtmlReport
@@ -47,7 +47,21 @@ class PipelineConfig(BaseModel):
     margin: float = Field(0.005, ge=0.0, description="how much better the candidate must be on `metric`")
     tolerance: float = Field(0.02, ge=0.0, description="how much worse it may be on the other metrics")
     alias: str = "production"
-    split_seed: int = 0
+    split_seed: int = Field(
+        0, description="seed of the first split; a dataset already split keeps its own seed and fractions"
+    )
+
+
+def existing_split_config(data: Path, seed: int) -> SplitConfig:
+    """The settings the dataset was split with, so re-splitting after new data keeps every old
+    image where it was (the fixed test set stays fixed); `seed` only for a dataset never split."""
+    recorded = data / SPLIT_DIR / "split.json"
+    if recorded.is_file():
+        try:
+            return SplitConfig.model_validate(json.loads(recorded.read_text())["config"])
+        except (ValueError, KeyError) as exc:
+            raise BinsightError(f"{recorded} is not a readable split record: {exc}") from None
+    return SplitConfig(seed=seed)
 
 
 def _ingest_folder(source: Path, data: Path) -> int:
@@ -90,7 +104,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
                 )
             added = _ingest_folder(source, config.data)
     index = build_index(config.data)
-    summary = write_splits(config.data, SplitConfig(seed=config.split_seed))
+    summary = write_splits(config.data, existing_split_config(config.data, config.split_seed))
     return {
         "added_images": added,
         "indexed": len(index.rows),

@@ -326,6 +326,12 @@ def _write_profile_summary(profiler: Any, out: Path, epoch_stats: dict[str, floa
     log.info("profile summary in %s", out / "profile" / "summary.txt")
 
 
+def stream_seed(*parts: int) -> int:
+    """A seed for one (seed, rank, epoch) stream. Arithmetic like seed*1000 + epoch*10 + rank collides
+    (rank 10 of epoch 0 is rank 0 of epoch 1); NumPy's SeedSequence hashes the parts instead."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def _fetch_remote_checkpoints(remote: Store, out: Path) -> None:
     """A new machine for a preempted run: bring its checkpoints home, so it resumes where it stopped."""
     present = set(remote.list(""))
@@ -438,7 +444,7 @@ def _train(
     if remote is not None and not fresh and not last_path.exists():
         _fetch_remote_checkpoints(remote, out)
     # Per-rank stream for dropout and augmentation; a resumed run replaces it with the saved state.
-    torch.manual_seed(config.seed * 1000 + context.rank)
+    torch.manual_seed(stream_seed(config.seed, context.rank))
     if last_path.exists() and not fresh:
         state = load_checkpoint(last_path)
         _check_resumable(state["config"], config)
@@ -477,7 +483,7 @@ def _train(
             break
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(config.seed * 1000 + epoch * 10 + context.rank)
+        train_loader.generator.manual_seed(stream_seed(config.seed, context.rank, epoch))
         profiler = None
         if config.profile_steps and epoch == start_epoch and context.is_main:
             profiler = _make_profiler(config, device, out)
