@@ -106,11 +106,11 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path / "resumed", 2))
     monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1  # epochs finished, as in history
     train(config(tmp_path / "resumed", 2))
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
-    assert a["epoch"] == b["epoch"] == 1
+    assert a["epoch"] == b["epoch"] == 2
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
@@ -336,7 +336,7 @@ def test_preempted_run_resumes_from_s3_on_a_new_machine(
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "machine-b" / "last.pt")
     assert b["history"][0] == first_epoch, "epoch 1 was not redone: its record came back from S3"
-    assert a["epoch"] == b["epoch"] == 1
+    assert a["epoch"] == b["epoch"] == 2
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
     listed = s3_client(moto_endpoint).list_objects_v2(Bucket="spot-checkpoints", Prefix="runs/r1/")
@@ -347,3 +347,10 @@ def test_per_rank_streams_never_collide() -> None:
     seeds = {engine.stream_seed(0, rank, epoch) for rank in range(64) for epoch in range(100)}
     assert len(seeds) == 64 * 100
     assert engine.stream_seed(1, 0) != engine.stream_seed(0, 1000)
+
+
+def test_checkpoints_written_before_format_2_still_resume_at_the_right_epoch() -> None:
+    from binsight.training.checkpoint import epochs_finished
+
+    assert epochs_finished({"epoch": 0}) == 1  # format 1: 0-based index of the last finished epoch
+    assert epochs_finished({"epoch": 1, "checkpoint_format": 2}) == 1

@@ -30,6 +30,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Format 2 counts "epoch" as epochs finished (1-based, as the history does); format 1 (no key) stored
+# the 0-based index of the last finished epoch.
+CHECKPOINT_FORMAT = 2
+
+
+def epochs_finished(checkpoint: dict[str, Any]) -> int:
+    epoch = int(checkpoint.get("epoch", -1))
+    return epoch if checkpoint.get("checkpoint_format", 1) >= 2 else epoch + 1
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)

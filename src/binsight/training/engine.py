@@ -21,7 +21,14 @@ from binsight.data.split import fingerprint
 from binsight.errors import BinsightError
 from binsight.models.factory import build_model
 from binsight.models.heads import CountHead
-from binsight.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from binsight.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    epochs_finished,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from binsight.training.config import TrainConfig
 from binsight.training.data import (
     BinDataset,
@@ -454,7 +461,7 @@ def _train(
         precision.scaler.load_state_dict(state["scaler"])
         monitors.load_state_dict(state["monitors"])
         history, best, stale_epochs = state["history"], state["best"], state["stale_epochs"]
-        start_epoch = state["epoch"] + 1
+        start_epoch = epochs_finished(state)
         restore_rng_state(state["rng"][min(context.rank, len(state["rng"]) - 1)])
         log.info("resumed %s at epoch %d of %d", last_path, start_epoch + 1, config.epochs)
     elif context.is_main:
@@ -544,7 +551,8 @@ def _train(
             meta = {
                 "config": config.model_dump(mode="json"),
                 "num_classes": num_classes,
-                "epoch": epoch,
+                "checkpoint_format": CHECKPOINT_FORMAT,
+                "epoch": epoch + 1,
                 "history": history,
                 "best": best,
                 "train_fingerprint": fingerprint(train_rows),

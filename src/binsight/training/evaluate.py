@@ -15,7 +15,7 @@ from binsight.data.split import fingerprint
 from binsight.errors import BinsightError
 from binsight.models.factory import build_model
 from binsight.reporting.html import HtmlReport
-from binsight.training.checkpoint import load_checkpoint
+from binsight.training.checkpoint import epochs_finished, load_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.data import BinDataset, eval_transform, load_split, make_loader
 from binsight.training.distributed import DistContext
@@ -73,7 +73,7 @@ def evaluate(
         "majority_baseline_accuracy": baseline,
         "arch": config.arch,
         "head": config.head,
-        "epoch": checkpoint.get("epoch", -1) + 1,
+        "epoch": epochs_finished(checkpoint),
         **metrics,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
