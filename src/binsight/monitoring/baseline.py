@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from binsight.errors import BinsightError
 from binsight.imaging import draft_rgb, normalise, open_image, resize_to
 from binsight.monitoring.signals import SCALAR_SIGNALS, jpeg_quality, photo_signals
+
+if TYPE_CHECKING:
+    from binsight.serving.runtime import LoadedModel
 
 DECIMALS = 4
 
@@ -87,9 +91,9 @@ class Baseline:
             raise BinsightError(f"the model's monitoring baseline cannot be read ({exc})") from None
 
 
-def build_baseline(counter: object, photos: list[Path], source: str, batch_size: int = 32) -> Baseline:
-    """Run `counter` (a LoadedModel with `observe`) over `photos` through the serving path."""
-    info = counter.info  # type: ignore[attr-defined]
+def build_baseline(counter: LoadedModel, photos: list[Path], source: str, batch_size: int = 32) -> Baseline:
+    """Run `counter` over `photos` through the serving path."""
+    info = counter.info
     hw, classes = info.input_hw, tuple(info.classes)
     scalars: dict[str, list[float]] = {name: [] for name in (*SCALAR_SIGNALS, "confidence")}
     predicted: list[int] = []
@@ -103,7 +107,7 @@ def build_baseline(counter: object, photos: list[Path], source: str, batch_size:
                 continue  # an unreadable photo is not part of what the model normally sees
         if not observed:
             continue
-        outputs = counter.observe(np.stack([o.pixels for o in observed]))  # type: ignore[attr-defined]
+        outputs = counter.observe(np.stack([o.pixels for o in observed]))
         probabilities, embedding = outputs[:, : len(classes)], outputs[:, len(classes) :]
         for observation, probs in zip(observed, probabilities, strict=True):
             for name in SCALAR_SIGNALS:

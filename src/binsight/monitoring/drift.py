@@ -217,9 +217,10 @@ class DriftDetector:
                 )
                 continue
             else:
-                values = current.scalars.get(name)
-                if values is None or not np.isfinite(values).all():
+                observed = current.scalars.get(name)
+                if observed is None or not np.isfinite(observed).all():
                     continue
+                values = observed
             result.signals.append(
                 SignalDrift(name, statistic(reference, values[-size:]), thresholds[name], test)
             )

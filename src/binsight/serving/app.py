@@ -154,7 +154,7 @@ async def _predict_request(service: CountingService, request: Request) -> tuple[
             f"{len(instances)} images; at most {config.max_images_per_request} per request",
         )
     default_expected = _expected(document.get("expected_count")) if many else None
-    expected = [
+    expected_counts = [
         _expected(item.get("expected_count", default_expected)) if isinstance(item, dict) else None
         for item in instances
     ]
@@ -164,7 +164,7 @@ async def _predict_request(service: CountingService, request: Request) -> tuple[
         predictions = await asyncio.gather(
             *(
                 service.count(data, source, count)
-                for (data, source), count in zip(fetched, expected, strict=True)
+                for (data, source), count in zip(fetched, expected_counts, strict=True)
             )
         )
     return list(predictions), many

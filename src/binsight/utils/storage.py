@@ -114,7 +114,7 @@ class S3Store:
             Path(tmp).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
-        names = set()
+        names: set[str] = set()
         paginator = self.client.get_paginator("list_objects_v2")
         full = self._key(prefix).rstrip("/") + "/"
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
