@@ -78,6 +78,6 @@ def normalise(
     rgb: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> np.ndarray:
     """HWC uint8 RGB at the model's input size -> CHW float32, normalised."""
-    pixels = rgb.astype(np.float32) * (1.0 / 255.0)
-    pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    scaled = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+    normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))

@@ -72,7 +72,7 @@ def _expected(value: Any) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EXPECTED_COUNT:
         raise _bad_expected(repr(value) if not isinstance(value, int) else f"{str(value)[:20]}...")
-    return value
+    return int(value)
 
 
 def _expected_from_query(text: str | None) -> int | None:

@@ -164,8 +164,8 @@ class ServerMetrics:
         self.shed_images.inc(images)
 
     def render(self) -> tuple[bytes, str]:
-        if self.multiprocess:
+        registry = self.registry
+        if registry is None:  # multiprocess mode: sum every worker's files into a fresh registry
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated upstream
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -188,7 +188,7 @@ class OnnxCounter:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) float32 -> (N, num_classes) probabilities."""
-        return self.session.run(None, {self.input_name: batch})[0]
+        return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
     def observe(self, batch: np.ndarray) -> np.ndarray:
         """(N, num_classes + embedding_dim): probabilities, then the photo's embedding, side by side."""

@@ -200,7 +200,7 @@ def _supervise(config: ServeConfig) -> None:
                     continue
                 if index not in restart_at:
                     if process.pid is not None:
-                        multiprocess.mark_process_dead(process.pid)
+                        multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
                     quick_deaths[index] = quick_deaths[index] + 1 if now - started[index] < 10 else 0
                     delay = min(30.0, 2.0 ** quick_deaths[index] - 1)
                     restart_at[index] = now + delay

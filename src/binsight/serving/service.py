@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,7 +34,6 @@ from binsight.serving.runtime import LoadedModel, load_counter
 from binsight.utils.s3 import BadS3Uri, parse_s3_uri, s3_client
 
 if TYPE_CHECKING:
-    from binsight.registry import AliasSource
     from binsight.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,16 @@ class FileSource:
         return self.path
 
 
-def model_source(config: ServeConfig) -> FileSource | AliasSource:
+class ModelSource(Protocol):
+    """Where the served model comes from: a file, or a registry alias. `signature` changes when the
+    model does; `local_path` makes that model a local file."""
+
+    def signature(self) -> Any: ...
+
+    def local_path(self, signature: Any) -> Path: ...
+
+
+def model_source(config: ServeConfig) -> ModelSource:
     if config.model is not None:
         return FileSource(config.model)
     from binsight.registry import AliasSource, Registry

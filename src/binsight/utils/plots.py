@@ -11,11 +11,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from binsight.utils.io import atomic_write_bytes
 
 
-def save_figure(fig: plt.Figure, path: str | os.PathLike[str]) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

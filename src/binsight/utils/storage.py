@@ -78,7 +78,7 @@ class S3Store:
 
     def read(self, key: str) -> bytes | None:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read())
         except self.client.exceptions.NoSuchKey:
             return None
 
