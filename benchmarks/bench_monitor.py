@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from binsight.data.synth import SynthConfig, generate_dataset
-from binsight.monitoring.baseline import Baseline, observe_photo
+from binsight.monitoring.baseline import Baseline, observe_photos
 from binsight.monitoring.drift import DriftDetector
-from binsight.monitoring.watch import Seen, window_of
+from binsight.monitoring.watch import window_of
 from binsight.serving.export import export
-from binsight.serving.runtime import LoadedModel, load_counter
+from binsight.serving.runtime import load_counter
 from binsight.training.data import load_split
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
@@ -41,20 +41,6 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def seen_of(counter: LoadedModel, datas: list[bytes]) -> list[Seen]:
-    info = counter.info
-    k = len(info.classes)
-    seen = []
-    for start in range(0, len(datas), 32):
-        observed = [observe_photo(d, info.input_hw, info.mean, info.std) for d in datas[start : start + 32]]
-        outputs = counter.observe(np.stack([o.pixels for o in observed]))
-        seen += [
-            Seen({**o.signals, "confidence": float(out[:k].max())}, int(out[:k].argmax()), out[k:], "")
-            for o, out in zip(observed, outputs, strict=True)
-        ]
-    return seen
 
 
 def main() -> int:
@@ -81,7 +67,7 @@ def main() -> int:
         assert counter.info.baseline is not None
         baseline = Baseline.from_json(counter.info.baseline)
         photos = [args.data / r["image"] for r in load_split(args.data, "test")]
-        test_seen = seen_of(counter, [p.read_bytes() for p in photos])
+        test_seen = observe_photos(counter, [p.read_bytes() for p in photos])
         synthetic_root = Path(tmp) / "synth"
         generate_dataset(synthetic_root, SynthConfig(n_images=args.window, image_size=256, seed=1, workers=2))
         synthetic = sorted((synthetic_root / "images").glob("*.jpg"))
@@ -114,9 +100,11 @@ def main() -> int:
             "recompressed at JPEG quality 30": lambda im: jpeg(im, quality=30),
         }
         rows = [("unchanged (a random window)", [test_seen[i] for i in sample])]
-        rows += [(name, seen_of(counter, [shift(im) for im in originals])) for name, shift in shifts.items()]
+        rows += [
+            (name, observe_photos(counter, [shift(im) for im in originals])) for name, shift in shifts.items()
+        ]
         rows.append(
-            ("synthetic bins (another dataset)", seen_of(counter, [p.read_bytes() for p in synthetic]))
+            ("synthetic bins (another dataset)", observe_photos(counter, [p.read_bytes() for p in synthetic]))
         )
         names = [s.signal for s in detector.check(window_of(rows[0][1])).signals]
         print("| traffic | status | signals over threshold (statistic / threshold) |")

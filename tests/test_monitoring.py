@@ -16,9 +16,9 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from binsight.cli import main
 from binsight.data.synth import SynthConfig, generate_dataset
-from binsight.monitoring.baseline import Baseline, build_baseline, observe_photo
+from binsight.monitoring.baseline import Baseline, Seen, build_baseline, observe_photos
 from binsight.monitoring.drift import DriftDetector, ks_statistic, mmd2
-from binsight.monitoring.watch import Seen, window_of
+from binsight.monitoring.watch import window_of
 from binsight.serving.runtime import load_counter
 
 from .conftest import post_jpeg
@@ -40,16 +40,7 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
 
 
 def seen_of(model: Path, datas: list[bytes]) -> list[Seen]:
-    """What the server records for these photos: the same preparation, the same model outputs."""
-    counter = load_counter(model, backend="onnxruntime")
-    info = counter.info
-    observed = [observe_photo(d, info.input_hw, info.mean, info.std) for d in datas]
-    outputs = counter.observe(np.stack([o.pixels for o in observed]))
-    k = len(info.classes)
-    return [
-        Seen({**o.signals, "confidence": float(out[:k].max())}, int(out[:k].argmax()), out[k:], f"t{i:05d}")
-        for i, (o, out) in enumerate(zip(observed, outputs, strict=True))
-    ]
+    return observe_photos(load_counter(model, backend="onnxruntime"), datas)
 
 
 SHIFTS: dict[str, tuple[Callable[[Image.Image], bytes], set[str]]] = {

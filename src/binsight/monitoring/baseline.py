@@ -91,36 +91,58 @@ class Baseline:
             raise BinsightError(f"the model's monitoring baseline cannot be read ({exc})") from None
 
 
-def build_baseline(counter: LoadedModel, photos: list[Path], source: str, batch_size: int = 32) -> Baseline:
-    """Run `counter` over `photos` through the serving path."""
+@dataclass(frozen=True)
+class Seen:
+    """One answered photo, as monitoring keeps it: its signals (with the model's confidence), the
+    predicted class index, its embedding, and when it was seen."""
+
+    signals: dict[str, float]
+    predicted: int
+    embedding: np.ndarray
+    time: str
+
+
+def observe_photos(counter: LoadedModel, datas: list[bytes], batch_size: int = 32) -> list[Seen]:
+    """What the server records for these photos: the same preparation, the same model outputs.
+    Photos that cannot be decoded are left out, as the server answers them with an error."""
     info = counter.info
-    hw, classes = info.input_hw, tuple(info.classes)
-    scalars: dict[str, list[float]] = {name: [] for name in (*SCALAR_SIGNALS, "confidence")}
-    predicted: list[int] = []
-    embeddings: list[np.ndarray] = []
-    for start in range(0, len(photos), batch_size):
+    classes = len(info.classes)
+    seen: list[Seen] = []
+    for start in range(0, len(datas), batch_size):
         observed = []
-        for path in photos[start : start + batch_size]:
+        for data in datas[start : start + batch_size]:
             try:
-                observed.append(observe_photo(path.read_bytes(), hw, info.mean, info.std))
+                observed.append(observe_photo(data, info.input_hw, info.mean, info.std))
             except (OSError, SyntaxError, ValueError):
-                continue  # an unreadable photo is not part of what the model normally sees
+                continue
         if not observed:
             continue
         outputs = counter.observe(np.stack([o.pixels for o in observed]))
-        probabilities, embedding = outputs[:, : len(classes)], outputs[:, len(classes) :]
-        for observation, probs in zip(observed, probabilities, strict=True):
-            for name in SCALAR_SIGNALS:
-                scalars[name].append(observation.signals[name])
-            scalars["confidence"].append(float(probs.max()))
-            predicted.append(int(probs.argmax()))
-        embeddings.append(embedding)
-    if not predicted:
+        for observation, output in zip(observed, outputs, strict=True):
+            probabilities = output[:classes]
+            signals = {**observation.signals, "confidence": float(probabilities.max())}
+            seen.append(Seen(signals, int(probabilities.argmax()), output[classes:], ""))
+    return seen
+
+
+def build_baseline(counter: LoadedModel, photos: list[Path], source: str, batch_size: int = 32) -> Baseline:
+    """Run `counter` over `photos` through the serving path, a batch of files in memory at a time."""
+    seen: list[Seen] = []
+    for start in range(0, len(photos), batch_size):
+        datas = []
+        for path in photos[start : start + batch_size]:
+            try:
+                datas.append(path.read_bytes())
+            except OSError:
+                continue  # an unreadable photo is not part of what the model normally sees
+        seen += observe_photos(counter, datas, batch_size)
+    if not seen:
         raise BinsightError("no readable photos to build a monitoring baseline from")
+    names = (*SCALAR_SIGNALS, "confidence")
     return Baseline(
-        {k: np.asarray(v) for k, v in scalars.items()},
-        np.asarray(predicted),
-        np.concatenate(embeddings),
-        classes,
+        {name: np.array([s.signals[name] for s in seen]) for name in names},
+        np.array([s.predicted for s in seen]),
+        np.stack([s.embedding for s in seen]),
+        tuple(counter.info.classes),
         source,
     )

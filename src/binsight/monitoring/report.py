@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from binsight.errors import BinsightError
-from binsight.monitoring.baseline import Baseline
+from binsight.monitoring.baseline import Baseline, Seen
 from binsight.monitoring.drift import DriftDetector, DriftResult
-from binsight.monitoring.watch import Seen, window_of
+from binsight.monitoring.watch import window_of
 from binsight.reporting.html import HtmlReport
 from binsight.utils.io import atomic_write_json
 

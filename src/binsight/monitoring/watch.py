@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from binsight.monitoring.baseline import Baseline
+from binsight.monitoring.baseline import Baseline, Seen
 from binsight.monitoring.drift import DriftDetector, DriftResult, Window
-
-
-@dataclass(frozen=True)
-class Seen:
-    signals: dict[str, float]
-    predicted: int
-    embedding: np.ndarray
-    time: str
 
 
 class DriftWatch:

@@ -25,8 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from binsight.audit.verdict import VerdictPolicy, VerdictThresholds, judge, policy_for
 from binsight.errors import BinsightError
 from binsight.imaging import ImageTooLargeError, open_image
-from binsight.monitoring.baseline import Baseline, observe_photo
-from binsight.monitoring.watch import DriftWatch, Seen
+from binsight.monitoring.baseline import Baseline, Seen, observe_photo
+from binsight.monitoring.watch import DriftWatch
 from binsight.serving.batching import Admission, DynamicBatcher, QueueFullError
 from binsight.serving.capture import DataCapture
 from binsight.serving.metrics import ServerMetrics
