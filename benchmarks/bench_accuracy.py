@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from binsight.data.index import build_index
-from binsight.data.split import SplitConfig, write_splits
+from binsight.data.split import SplitConfig, load_split, write_splits
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import load_config
-from binsight.training.data import BinDataset, eval_transform, load_split, make_loader
+from binsight.training.data import BinDataset, eval_transform, make_loader
 from binsight.training.distributed import DistContext
 from binsight.training.engine import Precision, predict, train
 from binsight.training.evaluate import load_model

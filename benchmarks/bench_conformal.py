@@ -28,20 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from binsight.audit.audit import (
-    ALPHA_GRID,
-    BUDGETS,
-    ImageLoader,
-    catch_curve,
-    conformal_plot,
-    predict_sources,
-    simulate_errors,
-)
-from binsight.audit.conformal import Calibration
-from binsight.audit.verdict import MISMATCH, ConformalPolicy, VerdictThresholds, judge, p_of_count
-from binsight.serving.export import export
-from binsight.serving.runtime import load_counter
-from binsight.training.data import load_split
+from binsight.audit.audit import BUDGETS
+from binsight.audit.evaluation import ALPHA_GRID, catch_curve, conformal_plot, simulate_errors
+from binsight.batch.run import score_photos
+from binsight.data.split import load_split
+from binsight.export.onnx import export
+from binsight.inference.conformal import Calibration
+from binsight.inference.runtime import load_counter
+from binsight.inference.verdict import MISMATCH, ConformalPolicy, VerdictThresholds, judge, p_of_count
 from binsight.utils.io import atomic_write_json
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
@@ -50,7 +44,7 @@ os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 def probabilities_of(model: Path, data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     counter = load_counter(model, backend="onnxruntime")
     rows = load_split(data, split)
-    probs, problems = predict_sources(counter, [str(data / r["image"]) for r in rows], ImageLoader())
+    probs, problems = score_photos(counter, [str(data / r["image"]) for r in rows])
     assert not any(problems), [p for p in problems if p]
     top = len(counter.info.classes) - 1
     return probs, np.minimum(np.array([int(r["count"]) for r in rows]), top)

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from binsight.data.split import load_split
 from binsight.data.synth import SynthConfig, generate_dataset
+from binsight.export.onnx import export
+from binsight.inference.runtime import load_counter
 from binsight.monitoring.baseline import Baseline, observe_photos
 from binsight.monitoring.drift import DriftDetector
 from binsight.monitoring.watch import window_of
-from binsight.serving.export import export
-from binsight.serving.runtime import load_counter
-from binsight.training.data import load_split
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 

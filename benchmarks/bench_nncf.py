@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from binsight.data.split import load_split
+from binsight.export.onnx import export
 from binsight.imaging import decode_image, to_model_input
-from binsight.serving.export import export
-from binsight.serving.runtime import load_counter
-from binsight.training.data import load_split
+from binsight.inference.runtime import load_counter
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 HERE = Path(__file__).resolve().parent

@@ -38,13 +38,14 @@ import httpx
 import numpy as np
 import torch
 
+from binsight.data.split import load_split
+from binsight.export.onnx import export
 from binsight.imaging import decode_image, to_model_input
+from binsight.inference.engines import cpu_features
+from binsight.inference.runtime import load_counter
 from binsight.serving.config import Backend, Precision
-from binsight.serving.export import export
 from binsight.serving.loadtest import run_load
-from binsight.serving.runtime import cpu_features, load_counter
 from binsight.training.checkpoint import load_checkpoint
-from binsight.training.data import load_split
 from binsight.training.evaluate import load_model
 from binsight.utils.io import atomic_write_json
 from wrk_load import WrkResult, have_wrk, run_wrk

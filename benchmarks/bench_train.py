@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from binsight.data.index import build_index
-from binsight.data.split import SplitConfig, write_splits
+from binsight.data.split import SplitConfig, load_split, write_splits
 from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.models.factory import build_model
 from binsight.training.config import TrainConfig
-from binsight.training.data import BinDataset, cache_path, load_split, make_loader, train_transform
+from binsight.training.data import BinDataset, cache_path, make_loader, train_transform
 from binsight.training.distributed import DistContext
 from binsight.training.engine import (
     Precision,

@@ -117,7 +117,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small indexed dataset, two quickly trained models (different seeds) and their ONNX exports."""
     from binsight.data.index import build_index
     from binsight.data.split import SplitConfig, write_splits
-    from binsight.serving.export import export
+    from binsight.export.onnx import export
     from binsight.training.config import TrainConfig
     from binsight.training.engine import train
 

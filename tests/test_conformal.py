@@ -6,8 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from binsight.audit.conformal import Calibration
-from binsight.audit.verdict import MISMATCH, OK, REVIEW, ConformalPolicy, VerdictThresholds, judge, policy_for
+from binsight.inference.conformal import Calibration
+from binsight.inference.verdict import (
+    MISMATCH,
+    OK,
+    REVIEW,
+    ConformalPolicy,
+    VerdictThresholds,
+    judge,
+    policy_for,
+)
 
 CLASSES = (0, 1, 2, 3, 4, 5)
 

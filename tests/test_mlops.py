@@ -16,17 +16,17 @@ import numpy as np
 import optuna
 import pytest
 
-from binsight.audit.audit import catch_curve, simulate_errors
+from binsight.audit.evaluation import catch_curve, simulate_errors
 from binsight.cli import main
 from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.errors import BinsightError
 from binsight.pipeline.retrain import Pipeline, PipelineConfig, compare
 from binsight.registry import Registry
 from binsight.serving.app import create_app
-from binsight.serving.background import BackgroundServer
 from binsight.serving.config import ServeConfig
 from binsight.training.config import load_config
 from binsight.utils.io import read_csv
+from tests.background import BackgroundServer
 
 from .conftest import post_jpeg, s3_client
 

@@ -16,10 +16,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from binsight.cli import main
 from binsight.data.synth import SynthConfig, generate_dataset
+from binsight.inference.runtime import load_counter
 from binsight.monitoring.baseline import Baseline, Seen, build_baseline, observe_photos
 from binsight.monitoring.drift import DriftDetector, ks_statistic, mmd2
 from binsight.monitoring.watch import window_of
-from binsight.serving.runtime import load_counter
 
 from .conftest import post_jpeg
 from .test_serving import server

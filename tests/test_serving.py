@@ -27,14 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from binsight.cli import main
 from binsight.errors import BinsightError
+from binsight.export.onnx import export
 from binsight.imaging import decode_image, to_model_input
-from binsight.serving import runtime
+from binsight.inference import engines
+from binsight.inference.runtime import OnnxCounter, load_counter
 from binsight.serving.app import create_app
-from binsight.serving.background import BackgroundServer
 from binsight.serving.config import ServeConfig
-from binsight.serving.export import export
 from binsight.serving.loadtest import run_load
-from binsight.serving.runtime import OnnxCounter, load_counter
+from tests.background import BackgroundServer
 
 from .conftest import BUCKET, post_jpeg, unused_loopback_port
 
@@ -88,13 +88,13 @@ def test_engines_agree_and_the_choice_is_explained(
     bf16 = load_counter(trained["onnx_a"], backend="openvino", precision="bf16")
     assert np.abs(bf16.predict(batch) - reference).max() < 0.05  # bf16 keeps 8 bits of mantissa
 
-    monkeypatch.setattr(runtime, "cpu_features", lambda: {"avx512f", "avx512_vnni"})
-    plain = runtime.choose_runtime("auto", "auto")
+    monkeypatch.setattr(engines, "cpu_features", lambda: {"avx512f", "avx512_vnni"})
+    plain = engines.choose_runtime("auto", "auto")
     assert (plain.backend, plain.precision) == ("openvino", "fp32") and "no native bf16" in plain.reason
-    monkeypatch.setattr(runtime, "cpu_features", lambda: {"avx512f", "amx_bf16", "amx_int8"})
-    assert runtime.choose_runtime("auto", "auto").precision == "bf16"
+    monkeypatch.setattr(engines, "cpu_features", lambda: {"avx512f", "amx_bf16", "amx_int8"})
+    assert engines.choose_runtime("auto", "auto").precision == "bf16"
     with pytest.raises(BinsightError, match="no bf16 path"):
-        runtime.choose_runtime("onnxruntime", "bf16")
+        engines.choose_runtime("onnxruntime", "bf16")
     with server(trained, backend="openvino", precision="fp32") as s:
         described = httpx.get(f"{s.url}/v1/model").json()["runtime"]
     assert described == {"backend": "openvino", "precision": "fp32", "reason": "asked for"}

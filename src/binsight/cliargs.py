@@ -30,11 +30,47 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
+def _composite_parser(annotation: Any, flag: str) -> tuple[str, Any] | None:
+    """Command-line spellings of a range (`LOW:HIGH`), a list (`A,B,C`) and a JSON object."""
+    origin, members = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple and len(members) == 2 and members[0] == members[1] and members[0] in _SCALARS:
+        kind = members[0]
+
+        def as_range(text: str) -> tuple[Any, Any]:
+            low, _, high = text.partition(":")
+            try:
+                return kind(low), kind(high or low)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a range like LOW:HIGH") from None
+
+        return "LOW:HIGH", as_range
+    if origin is list and len(members) == 1 and members[0] in _SCALARS:
+        kind = members[0]
+
+        def as_list(text: str) -> list[Any]:
+            try:
+                return [kind(part.strip()) for part in text.split(",") if part.strip()]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+
+        return "A,B,...", as_list
+    if origin is dict:
+
+        def as_object(text: str) -> dict[str, Any]:
+            try:
+                return json_object(text, flag)
+            except BinsightError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        return "JSON", as_object
+    return None
+
+
 def add_config_arguments(
     parser: argparse.ArgumentParser,
     model: type[BaseModel],
     *,
-    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    skip: frozenset[str] | set[str] = frozenset(),
     title: str | None = None,
 ) -> None:
     group = parser.add_argument_group(title or f"{model.__name__} settings")
@@ -44,8 +80,12 @@ def add_config_arguments(
             continue
         flag = "--" + name.replace("_", "-")
         annotation = _unwrap_optional(field.annotation)
-        default = field.get_default(call_default_factory=True)
-        help_text = (field.description or "") + (f" (default {default})" if default is not None else "")
+        if field.is_required():
+            suffix = " (required, here or in --config)"
+        else:
+            default = field.get_default(call_default_factory=True)
+            suffix = f" (default {default})" if default is not None else ""
+        help_text = (field.description or "") + suffix
         if annotation is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(annotation) is Literal:
@@ -53,6 +93,9 @@ def add_config_arguments(
             group.add_argument(flag, choices=choices, default=None, help=help_text)
         elif annotation in _SCALARS:
             group.add_argument(flag, type=_SCALARS[annotation], default=None, help=help_text)
+        elif (parse := _composite_parser(annotation, flag)) is not None:
+            metavar, convert = parse
+            group.add_argument(flag, type=convert, default=None, metavar=metavar, help=help_text)
         else:
             raise TypeError(f"{model.__name__}.{name}: no command-line form for {annotation!r}")
 
@@ -77,3 +120,14 @@ def config_from_args(args: argparse.Namespace, model: type[Config], **fixed: Any
             for e in exc.errors()
         )
         raise BinsightError(f"invalid settings: {problems}") from None
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    """A JSON object given on the command line (`flag` names it in the error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BinsightError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BinsightError(f"{flag} must be a JSON object of settings")
+    return value

@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) -> None:
-    from binsight.audit.audit import evaluate_audit
-    from binsight.serving.export import export
-    from binsight.serving.runtime import load_counter
+    from binsight.audit.evaluation import evaluate_audit
+    from binsight.export.onnx import export
+    from binsight.inference.runtime import load_counter
     from binsight.training.config import load_config
     from binsight.training.engine import train
     from binsight.training.evaluate import evaluate

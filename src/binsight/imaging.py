@@ -77,7 +77,8 @@ def to_model_input(
 def normalise(
     rgb: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> np.ndarray:
-    """HWC uint8 RGB at the model's input size -> CHW float32, normalised."""
+    """HWC uint8 RGB at the model's input size -> CHW float32, normalised; a batch (NHWC) -> NCHW."""
     scaled = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
     normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+    channels_first = (2, 0, 1) if rgb.ndim == 3 else (0, 3, 1, 2)
+    return np.ascontiguousarray(normalised.transpose(channels_first))

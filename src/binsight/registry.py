@@ -146,6 +146,18 @@ class Registry:
         return destination
 
 
+def fetch_alias(
+    url: str, alias: str, destination_dir: Path, endpoint_url: str | None = None
+) -> tuple[Path, str]:
+    """The ONNX file an alias (or a version name) points at, fetched once into `destination_dir`."""
+    registry = Registry(url, endpoint_url)
+    version = registry.resolve(alias)
+    target = destination_dir / f"{version}.onnx"
+    if not target.is_file():
+        registry.fetch(version, "model.onnx", target)
+    return target, version
+
+
 class AliasSource:
     """What a server loads when it follows a registry alias: the alias's version, fetched locally."""
 

@@ -170,7 +170,7 @@ def _get_bytes(client: Any, bucket: str, key: str, retries: int) -> bytes:
         expected = response.get("ContentLength")
         if expected is not None and len(body) != expected:
             raise IncompleteReadError(actual_bytes=len(body), expected_bytes=expected)
-        return body
+        return bytes(body)
 
     return _with_retries(fetch, retries)
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.data.index import INDEX_FIELDS, load_index
 from binsight.errors import BinsightError
-from binsight.utils.io import atomic_write_csv, atomic_write_json
+from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 
 SPLITS = ("train", "val", "test")
 SPLIT_DIR = "splits"
@@ -89,3 +89,17 @@ def write_splits(
         }
     atomic_write_json(out / "split.json", summary)
     return summary
+
+
+def load_split(data_dir: Path, split: str) -> list[dict[str, str]]:
+    """The rows of one split (train, val or test) of a dataset, with a hint when it is missing."""
+    path = data_dir / SPLIT_DIR / f"{split}.csv"
+    if not path.exists():
+        raise BinsightError(
+            f"no {split} split at {path}",
+            hint=f"run `binsight data index {data_dir}` and `binsight data split {data_dir}`",
+        )
+    rows = read_csv(path)
+    if not rows:
+        raise BinsightError(f"the {split} split at {path} is empty", hint="add data or change the fractions")
+    return rows

@@ -67,7 +67,8 @@ class SynthConfig(BaseModel):
         else:
             # Beyond the default range, ABID's counts fall off roughly geometrically.
             weights = np.array([0.5] + [0.9**k for k in range(self.max_count)])
-        return weights / weights.sum()
+        normalised: np.ndarray = weights / weights.sum()
+        return normalised
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ def _overlap_fraction(a: tuple[int, int, int, int], boxes: list[tuple[int, int, 
 def render_bin(rng: np.random.Generator, count: int, size: int) -> tuple[Image.Image, list[Item]]:
     """Draw one bin holding exactly `count` objects; return the photo and its item records."""
     photo = _background(rng, size)
-    fabric = photo.getpixel((size // 2, size // 2))
+    red, green, blue = photo.getpixel((size // 2, size // 2))[:3]  # type: ignore[index]  # RGB: a tuple
+    fabric = (int(red), int(green), int(blue))
     products: list[tuple[Appearance, str]] = []
     quantities: list[int] = []
     placed: list[tuple[int, int, int, int]] = []

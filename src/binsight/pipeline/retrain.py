@@ -37,16 +37,20 @@ class PipelineConfig(BaseModel):
 
     data: Path = Field(description="dataset directory (ABID layout); re-indexed and split each run")
     registry: str = Field(description="model registry: a folder or s3://bucket/prefix")
-    work_dir: Path = Path("runs/pipeline")
+    work_dir: Path = Field(Path("runs/pipeline"), description="where each run keeps its steps and state")
     run_id: str | None = Field(None, description="re-use to resume a crashed run (default: a timestamp)")
     new_data: str | None = Field(None, description="folder or s3://bucket/prefix with new images + metadata")
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default AWS)")
     train_config: Path | None = Field(None, description="JSON training config (e.g. from `binsight tune`)")
-    train_overrides: dict[str, Any] = Field(default_factory=dict)
-    metric: Literal["accuracy", "off_by_one_accuracy", "mae", "rmse"] = "accuracy"
+    train_overrides: dict[str, Any] = Field(
+        default_factory=dict, description='training settings on top, e.g. {"pretrained": false}'
+    )
+    metric: Literal["accuracy", "off_by_one_accuracy", "mae", "rmse"] = Field(
+        "accuracy", description="the metric the candidate must improve"
+    )
     margin: float = Field(0.005, ge=0.0, description="how much better the candidate must be on `metric`")
     tolerance: float = Field(0.02, ge=0.0, description="how much worse it may be on the other metrics")
-    alias: str = "production"
+    alias: str = Field("production", description="registry alias to promote")
     split_seed: int = Field(
         0, description="seed of the first split; a dataset already split keeps its own seed and fractions"
     )
@@ -167,7 +171,7 @@ class Pipeline:
         return {"checkpoint": str(self.dir / "train" / "best.pt"), "best": summary["best"]}
 
     def _export(self) -> dict[str, Any]:
-        from binsight.serving.export import export
+        from binsight.export.onnx import export
 
         report = export(self.dir / "train" / "best.pt", self.dir / "model.onnx", data=self.config.data)
         return {"onnx": report["onnx"], "max_abs_diff_vs_pytorch": report["max_abs_diff_vs_pytorch"]}

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Backend = Literal["auto", "onnxruntime", "openvino"]
-Precision = Literal["auto", "fp32", "bf16"]
+from binsight.inference.engines import Backend, Precision
 
 
 class ServeConfig(BaseModel):

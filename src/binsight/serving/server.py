@@ -145,7 +145,7 @@ def _worker(config_json: str, index: int, port: int) -> None:
 
 
 def serve(config: ServeConfig) -> None:
-    from binsight.serving.runtime import load_counter
+    from binsight.inference.runtime import load_counter
     from binsight.serving.service import model_source
 
     source = model_source(config)

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from binsight.audit.verdict import VerdictPolicy, VerdictThresholds, judge, policy_for
 from binsight.errors import BinsightError
 from binsight.imaging import ImageTooLargeError, open_image
+from binsight.inference.runtime import LoadedModel, load_counter
+from binsight.inference.verdict import VerdictPolicy, VerdictThresholds, judge, policy_for
 from binsight.monitoring.baseline import Baseline, Seen, observe_photo
 from binsight.monitoring.watch import DriftWatch
 from binsight.serving.batching import Admission, DynamicBatcher, QueueFullError
 from binsight.serving.capture import DataCapture
 from binsight.serving.metrics import ServerMetrics
-from binsight.serving.runtime import LoadedModel, load_counter
 from binsight.utils.s3 import BadS3Uri, parse_s3_uri, s3_client
 
 if TYPE_CHECKING:

@@ -53,6 +53,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         # Checkpoints hold numpy RNG state and plain containers, hence weights_only=False: only load
         # checkpoints you made or trust, as with any pickle.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+        return checkpoint
     except Exception as exc:
         raise BinsightError(f"{path} is not a readable binsight checkpoint: {exc}") from None

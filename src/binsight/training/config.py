@@ -33,17 +33,21 @@ class TrainConfig(BaseModel):
     )
 
     arch: str = Field(
-        "resnet18", description="backbone: efficientnet_lite0/1/2, a torchvision model, or timm:NAME"
+        "resnet18",
+        description="backbone: efficientnet_lite0/1/2 (weights installed), resnet18/34/50, efficientnet_b0, "
+        "mobilenet_v3_small/large, convnext_tiny, or timm:NAME",
     )
-    head: str = "classification"
-    pretrained: bool = True
-    weights: Path | None = Field(None, description="ImageNet weights file (default: torch hub cache)")
+    head: str = Field("classification", description="classification, ordinal or regression")
+    pretrained: bool = Field(True, description="start from ImageNet weights (--no-pretrained: random)")
+    weights: Path | None = Field(
+        None, description="ImageNet weights file (default: packaged, or $TORCH_HOME/hub/checkpoints)"
+    )
     num_classes: int | None = Field(
         None,
         ge=2,
         description="classes 0..K-1; the last one means K-1 or more (default: from data, max count + 1)",
     )
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the head")
 
     image_size: int = Field(DEFAULT_IMAGE_SIZE, ge=32, le=1024, description="model input height in pixels")
     image_width: int | None = Field(
@@ -52,18 +56,20 @@ class TrainConfig(BaseModel):
     normalization: Literal["backbone", "imagenet"] = Field(
         "backbone", description="pixel mean/std: the backbone's own, or ImageNet's whatever the backbone"
     )
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="epochs to train")
     batch_size: int = Field(64, ge=1, description="per process; the global batch is this times world size")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="peak learning rate")
     backbone_lr_scale: float = Field(
         1.0, gt=0.0, le=1.0, description="backbone learning rate as a fraction of the head's"
     )
-    weight_decay: float = Field(0.05, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.05, ge=0.0, description="decoupled weight decay")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    schedule: Literal["cosine", "onecycle", "constant"] = Field(
+        "cosine", description="learning-rate schedule"
+    )
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up length")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="classification label smoothing")
     neighbour_smoothing: float = Field(
         0.0, ge=0.0, lt=1.0, description="classification: target mass moved to the adjacent counts"
     )
@@ -71,7 +77,7 @@ class TrainConfig(BaseModel):
         1.0, ge=0.0, le=2.0, description="crop and colour augmentation strength, 0 turns them off"
     )
     flip: Literal["none", "h", "hv"] = Field("h", description="random flips: none, horizontal, or both")
-    grad_clip: float | None = Field(None, gt=0.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
 
     amp: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -82,12 +88,14 @@ class TrainConfig(BaseModel):
     workers: int = Field(2, ge=0, description="data loader processes per training process")
     cache: bool = Field(False, description="decode and resize every image once into a uint8 cache")
 
-    seed: int = 0
+    seed: int = Field(0, description="random seed")
     early_stopping: int | None = Field(5, ge=1, description="epochs without val improvement before stopping")
-    select_metric: Literal["accuracy", "mae", "rmse", "loss"] = "accuracy"
+    select_metric: Literal["accuracy", "mae", "rmse", "loss"] = Field(
+        "accuracy", description="validation metric that picks best.pt and drives early stopping"
+    )
     max_train_batches: int | None = Field(None, ge=1, description="cap per epoch (smoke tests)")
     profile_steps: int = Field(0, ge=0, description="record a torch.profiler trace of N steps")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="write TensorBoard logs in the run directory")
 
     @model_validator(mode="before")
     @classmethod

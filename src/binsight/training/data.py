@@ -20,13 +20,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from binsight.data.split import SPLIT_DIR
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw, decode_image, resize_to
-from binsight.utils.io import read_csv
 from binsight.utils.progress import track
 
 log = logging.getLogger(__name__)
+# (image, class, row index) batches, as BinDataset yields them.
+Loader = DataLoader[tuple[torch.Tensor, int, int]]
 
 
 Stats = tuple[float, ...]
@@ -84,19 +84,6 @@ def eval_transform(size: Size, mean: Stats, std: Stats) -> v2.Compose:
             v2.Normalize(list(mean), list(std)),
         ]
     )
-
-
-def load_split(data_dir: Path, split: str) -> list[dict[str, str]]:
-    path = data_dir / SPLIT_DIR / f"{split}.csv"
-    if not path.exists():
-        raise BinsightError(
-            f"no {split} split at {path}",
-            hint=f"run `binsight data index {data_dir}` and `binsight data split {data_dir}`",
-        )
-    rows = read_csv(path)
-    if not rows:
-        raise BinsightError(f"the {split} split at {path} is empty", hint="add data or change the fractions")
-    return rows
 
 
 class BinDataset(Dataset[tuple[torch.Tensor, int, int]]):
@@ -162,7 +149,7 @@ def build_cache(paths: list[str], size: Size, target: Path) -> np.ndarray:
     height, width = as_hw(size)
     shape = (len(paths), height, width, 3)
     if target.exists():
-        cache = np.load(target, mmap_mode="r")
+        cache: np.ndarray = np.load(target, mmap_mode="r")
         if cache.shape == shape:
             return cache
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +165,8 @@ def build_cache(paths: list[str], size: Size, target: Path) -> np.ndarray:
             pass
     array.flush()
     os.replace(partial, target)
-    return np.load(target, mmap_mode="r")
+    built: np.ndarray = np.load(target, mmap_mode="r")
+    return built
 
 
 def seed_worker(worker_id: int) -> None:
@@ -194,8 +182,10 @@ def make_loader(
     seed: int,
     distributed: bool,
     pin_memory: bool,
-) -> DataLoader:
-    sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False) if distributed else None
+) -> Loader:
+    sampler: DistributedSampler[tuple[torch.Tensor, int, int]] | None = (
+        DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False) if distributed else None
+    )
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(

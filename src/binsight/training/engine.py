@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
-from binsight.data.split import fingerprint
+from binsight.data.split import fingerprint, load_split
 from binsight.errors import BinsightError
 from binsight.models.factory import build_model
-from binsight.models.heads import CountHead
+from binsight.models.heads import CountHead, CountingModel
 from binsight.training.checkpoint import (
     CHECKPOINT_FORMAT,
     epochs_finished,
@@ -32,9 +32,9 @@ from binsight.training.checkpoint import (
 from binsight.training.config import TrainConfig
 from binsight.training.data import (
     BinDataset,
+    Loader,
     cache_path,
     eval_transform,
-    load_split,
     make_loader,
     train_transform,
 )
@@ -82,8 +82,10 @@ def resolve_device(requested: str, context: DistContext) -> torch.device:
     return device
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def unwrap(model: nn.Module) -> CountingModel:
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    assert isinstance(inner, CountingModel)
+    return inner
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -92,7 +94,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     the ImageNet features rather than overwriting them in the first noisy steps of the head."""
     groups = []
     for part, scale in ((unwrap(model).backbone, config.backbone_lr_scale), (unwrap(model).head, 1.0)):
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for parameter in part.parameters():
             if parameter.requires_grad:
                 (no_decay if parameter.ndim <= 1 else decay).append(parameter)
@@ -156,7 +159,7 @@ class Precision:
 
 
 def _batches(
-    loader: DataLoader, device: torch.device, channels_last: bool
+    loader: Loader, device: torch.device, channels_last: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
     """Batches on the device, with the seconds spent waiting for each (the loader's share of time)."""
     iterator = iter(loader)
@@ -176,7 +179,7 @@ def _batches(
 def train_one_epoch(
     model: nn.Module,
     head: CountHead,
-    loader: DataLoader,
+    loader: Loader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision,
@@ -196,7 +199,9 @@ def train_one_epoch(
     )
     started = time.perf_counter()
     with bar(
-        total_steps * loader.batch_size * context.world_size, f"epoch {epoch + 1}/{config.epochs}", unit="img"
+        total_steps * (loader.batch_size or 1) * context.world_size,
+        f"epoch {epoch + 1}/{config.epochs}",
+        unit="img",
     ) as progress:
         for images, targets, _, waited in _batches(loader, device, channels_last):
             if steps >= total_steps:
@@ -210,7 +215,7 @@ def train_one_epoch(
                 neighbour_smoothing=config.neighbour_smoothing,
             )
             optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(loss).backward()
+            precision.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # untyped in torch
             precision.scaler.unscale_(optimizer)
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.grad_clip or float("inf"))
@@ -250,7 +255,7 @@ def train_one_epoch(
 def predict(
     model: nn.Module,
     head: CountHead,
-    loader: DataLoader,
+    loader: Loader,
     device: torch.device,
     precision: Precision,
     context: DistContext,
@@ -259,7 +264,10 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(targets, probabilities, mean loss) over the whole dataset, gathered from every process."""
     model.eval()
-    indices_all, probs_all, targets_all, losses_all = [], [], [], []
+    indices_all: list[np.ndarray] = []
+    probs_all: list[np.ndarray] = []
+    targets_all: list[np.ndarray] = []
+    losses_all: list[np.ndarray] = []
     for images, targets, indices, _ in _batches(loader, device, channels_last):
         with precision.autocast():
             outputs = model(images)
@@ -280,9 +288,8 @@ def predict(
             merged.setdefault(int(index), (prob, int(target), float(loss)))
     order = sorted(merged)
     probabilities = np.stack([merged[i][0] for i in order])
-    targets = np.array([merged[i][1] for i in order])
-    loss = float(np.mean([merged[i][2] for i in order]))
-    return targets, probabilities, loss
+    gathered_targets = np.array([merged[i][1] for i in order])
+    return gathered_targets, probabilities, float(np.mean([merged[i][2] for i in order]))
 
 
 def _channels_last(config: TrainConfig, device: torch.device) -> bool:
@@ -391,8 +398,8 @@ def _train(
     ).to(device)
     channels_last = _channels_last(config, device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    head: CountHead = model.head  # type: ignore[assignment]
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
+    head = model.head
     head.start_from_prior(
         torch.bincount(torch.from_numpy(np.minimum(train_counts, num_classes - 1)), minlength=num_classes)
     )
@@ -433,9 +440,10 @@ def _train(
         else min(len(train_loader), config.max_train_batches)
     )
 
+    trained: nn.Module = model
     if context.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, config)
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(trained, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     precision = Precision(config, device)
     monitors = Monitors()
@@ -496,7 +504,7 @@ def _train(
             profiler = _make_profiler(config, device, out)
             profiler.start()
         stats = train_one_epoch(
-            model,
+            trained,
             head,
             train_loader,
             optimizer,
@@ -513,7 +521,7 @@ def _train(
             profiler.stop()
             _write_profile_summary(profiler, out, stats)
         _, probabilities, val_loss = predict(
-            model, head, val_loader, device, precision, context, channels_last, config.label_smoothing
+            trained, head, val_loader, device, precision, context, channels_last, config.label_smoothing
         )
         metrics = counting_metrics(val_set.counts, probabilities)
         record = {
@@ -620,4 +628,5 @@ def _train(
             best["epoch"],
             out / "history.json",
         )
-    return json.loads(json.dumps(summary, default=float))
+    plain: dict[str, Any] = json.loads(json.dumps(summary, default=float))
+    return plain

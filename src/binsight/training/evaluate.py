@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
-from binsight.data.split import fingerprint
+from binsight.data.split import fingerprint, load_split
 from binsight.errors import BinsightError
 from binsight.models.factory import build_model
+from binsight.models.heads import CountingModel
 from binsight.reporting.html import HtmlReport
 from binsight.training.checkpoint import epochs_finished, load_checkpoint
 from binsight.training.config import TrainConfig
-from binsight.training.data import BinDataset, eval_transform, load_split, make_loader
+from binsight.training.data import BinDataset, eval_transform, make_loader
 from binsight.training.distributed import DistContext
 from binsight.training.engine import Precision, predict, resolve_device
 from binsight.training.metrics import counting_metrics, majority_baseline
@@ -27,7 +27,7 @@ from binsight.utils.plots import confusion_matrix_plot, history_curves
 log = logging.getLogger(__name__)
 
 
-def load_model(checkpoint: dict[str, Any]) -> tuple[nn.Module, TrainConfig, int]:
+def load_model(checkpoint: dict[str, Any]) -> tuple[CountingModel, TrainConfig, int]:
     """Rebuild the trained model from a checkpoint alone (no pretrained weights needed)."""
     config = TrainConfig.model_validate(checkpoint["config"])
     num_classes = int(checkpoint["num_classes"])

@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class Monitors:
             "tiny_grad_steps": self._tiny_grad_steps,
         }
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.findings = [Finding(**f) for f in state["findings"]]  # type: ignore[union-attr, arg-type]
-        self._fired = set(state["fired"])  # type: ignore[arg-type]
-        self._tiny_grad_steps = int(state["tiny_grad_steps"])  # type: ignore[arg-type]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.findings = [Finding(**f) for f in state["findings"]]
+        self._fired = set(state["fired"])
+        self._tiny_grad_steps = int(state["tiny_grad_steps"])

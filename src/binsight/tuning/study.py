@@ -15,6 +15,7 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,22 +33,27 @@ log = logging.getLogger(__name__)
 class TuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: Path
-    out: Path = Path("runs/tune")
-    study_name: str = "binsight"
+    data: Path = Field(description="dataset directory with splits/")
+    out: Path = Field(Path("runs/tune"), description="study folder (results, report, best config)")
+    study_name: str = Field("binsight", description="the study's name in the storage")
     storage: str | None = Field(None, description="Optuna RDB URL or journal:PATH (default sqlite in out/)")
     n_trials: int = Field(20, ge=1, description="finished trials in the whole study, all workers together")
-    timeout_s: float | None = Field(None, gt=0)
-    metric: Literal["accuracy", "mae"] = "accuracy"
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    lr: tuple[float, float] = (1e-4, 1e-1)
-    batch_sizes: list[int] = Field(default_factory=lambda: [64, 128, 256])
-    epochs: tuple[int, int] = (3, 15)
-    archs: list[str] = Field(default_factory=lambda: ["resnet18", "mobilenet_v3_large", "efficientnet_b0"])
-    augment: tuple[float, float] = (0.0, 2.0)
+    timeout_s: float | None = Field(None, gt=0, description="seconds this worker may search")
+    metric: Literal["accuracy", "mae"] = Field("accuracy", description="validation metric to optimise")
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="stops weak trials early")
+    lr: tuple[float, float] = Field((1e-4, 1e-1), description="learning-rate range (searched on a log scale)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [64, 128, 256], description="batch sizes to try")
+    epochs: tuple[int, int] = Field((3, 15), description="range of epochs")
+    archs: list[str] = Field(
+        default_factory=lambda: ["resnet18", "mobilenet_v3_large", "efficientnet_b0"],
+        description="backbones to try",
+    )
+    augment: tuple[float, float] = Field((0.0, 2.0), description="range of augmentation strength")
     base_config: Path | None = Field(None, description="JSON training config for everything not searched")
-    fixed: dict[str, Any] = Field(default_factory=dict, description="training settings fixed for every trial")
-    seed: int | None = None
+    fixed: dict[str, Any] = Field(
+        default_factory=dict, description='training settings fixed for every trial, e.g. {"image_size": 128}'
+    )
+    seed: int | None = Field(None, description="sampler seed")
 
     @model_validator(mode="after")
     def _ranges(self) -> TuneConfig:
@@ -88,7 +94,7 @@ def _pruner(kind: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def trial_config(trial: optuna.Trial, config: TuneConfig) -> TrainConfig:
+def trial_config(trial: optuna.trial.BaseTrial, config: TuneConfig) -> TrainConfig:
     sampled = {
         "lr": trial.suggest_float("lr", *config.lr, log=True),
         "batch_size": trial.suggest_categorical("batch_size", config.batch_sizes),
@@ -175,7 +181,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     for trial in study.get_trials(deepcopy=False):
         seconds = (
             (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if trial.datetime_complete
+            if trial.datetime_complete and trial.datetime_start
             else None
         )
         rows.append(
@@ -237,7 +243,7 @@ def _report(study: optuna.Study, config: TuneConfig, summary: dict[str, Any]) ->
         f"{summary['best_value']:.4f} (trial {summary['best_trial']}) with {summary['best_params']}."
     )
     report.paragraph(f"Train it: binsight train --config {summary['best_config']}")
-    plots = {
+    plots: dict[str, Callable[[optuna.Study], Any]] = {
         "optimization_history": optuna_plots.plot_optimization_history,
         "intermediate_values": optuna_plots.plot_intermediate_values,
         "slice": optuna_plots.plot_slice,

@@ -22,9 +22,11 @@ import onnx
 import onnxruntime as ort
 
 from binsight.errors import BinsightError
-from binsight.serving.config import Backend, Precision
+from binsight.inference.engines import Backend, Precision, RuntimeChoice, choose_runtime
 
 META_PREFIX = "binsight."
+ONNXRUNTIME_FP32 = RuntimeChoice("onnxruntime", "fp32", "asked for")
+OPENVINO_FP32 = RuntimeChoice("openvino", "fp32", "asked for")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class ModelInfo:
     head: str
     version: str
     quantized: bool
-    # Conformal calibration written by `binsight export` (JSON; see audit/conformal.py), or None.
+    # Conformal calibration written by `binsight export` (JSON; see inference/conformal.py), or None.
     calibration: str | None = dataclasses.field(default=None, repr=False)
     # Drift-monitoring baseline written by `binsight export` (JSON; see monitoring/baseline.py), or None.
     baseline: str | None = dataclasses.field(default=None, repr=False)
@@ -82,64 +84,6 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
         ) from None
 
 
-@dataclass(frozen=True)
-class RuntimeChoice:
-    """Which engine runs the model, at what precision, and why: reported by `/v1/model` and the log."""
-
-    backend: str
-    precision: str  # fp32, bf16, or int8 (an int8 file runs in int8 whatever was asked)
-    reason: str
-
-
-def cpu_features() -> set[str]:
-    """The CPU flags that decide the fast path (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split()) & {
-                "avx512f",
-                "avx512_bf16",
-                "avx512_vnni",
-                "amx_bf16",
-                "amx_int8",
-            }
-    return set()
-
-
-def choose_runtime(backend: Backend, precision: Precision) -> RuntimeChoice:
-    """OpenVINO where it is installed and the CPU is x86 (its oneDNN kernels use AMX, AVX512-BF16 and
-    VNNI, which ONNX Runtime's CPU provider leaves idle for bf16); ONNX Runtime otherwise, the portable
-    fallback. bf16 is chosen only where the CPU computes it natively (AMX or AVX512-BF16)."""
-    features = cpu_features()
-    if backend == "auto":
-        try:
-            import openvino  # noqa: F401
-
-            have_openvino = True
-        except ImportError:
-            have_openvino = False
-        x86 = bool(features) or os.uname().machine in ("x86_64", "AMD64")
-        backend = "openvino" if have_openvino and x86 else "onnxruntime"
-        why = (
-            "OpenVINO installed on an x86 CPU" if backend == "openvino" else "OpenVINO unavailable or not x86"
-        )
-    else:
-        why = "asked for"
-    native_bf16 = bool(features & {"amx_bf16", "avx512_bf16"})
-    if precision == "auto":
-        precision = "bf16" if native_bf16 and backend == "openvino" else "fp32"
-        flags = "+".join(sorted(features & {"amx_bf16", "avx512_bf16"})) or "no native bf16"
-        why += f"; {precision} because the CPU has {flags}"
-    elif precision == "bf16" and backend == "onnxruntime":
-        raise BinsightError(
-            "ONNX Runtime's CPU provider has no bf16 path", hint="use --backend openvino or --precision fp32"
-        )
-    return RuntimeChoice(backend, precision, why)
-
-
 def _as_int8(choice: RuntimeChoice) -> RuntimeChoice:
     return RuntimeChoice(
         choice.backend, "int8", f"{choice.reason}; the model file is int8-quantised, so int8"
@@ -162,6 +106,11 @@ def _read_model(path: Path, version: str | None) -> tuple[bytes, ModelInfo]:
     return data, info
 
 
+def model_info(path: Path, version: str | None = None) -> ModelInfo:
+    """What a model file says about itself, without compiling it."""
+    return _read_model(path, version)[1]
+
+
 class OnnxCounter:
     """One loaded model. Thread-safe: ONNX Runtime sessions may be run from several threads."""
 
@@ -170,7 +119,7 @@ class OnnxCounter:
         path: str | os.PathLike[str],
         threads: int | None = None,
         version: str | None = None,
-        choice: RuntimeChoice = RuntimeChoice("onnxruntime", "fp32", "asked for"),
+        choice: RuntimeChoice = ONNXRUNTIME_FP32,
     ) -> None:
         self.path = Path(path)
         data, self.info = _read_model(self.path, version)
@@ -204,7 +153,7 @@ class OpenVinoCounter:
         path: str | os.PathLike[str],
         threads: int | None = None,
         version: str | None = None,
-        choice: RuntimeChoice = RuntimeChoice("openvino", "fp32", "asked for"),
+        choice: RuntimeChoice = OPENVINO_FP32,
     ) -> None:
         import openvino as ov
 

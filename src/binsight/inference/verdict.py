@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from binsight.audit.conformal import Calibration
+from binsight.inference.conformal import Calibration
 
 OK, MISMATCH, REVIEW = "ok", "mismatch", "review"
 

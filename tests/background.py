@@ -1,5 +1,5 @@
-"""Run an ASGI app with uvicorn in a background thread on a free loopback port (benchmarks, tests),
-with the same connection limits as `binsight serve`."""
+"""Test helper: run an ASGI app with uvicorn in a background thread on a free loopback port, with the
+same connection limits as `binsight serve`."""
 
 from __future__ import annotations
 

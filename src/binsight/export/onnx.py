@@ -20,14 +20,16 @@ import onnx
 import torch
 from torch import nn
 
-from binsight.audit.conformal import Calibration
+from binsight.data.split import load_split
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw
+from binsight.inference.conformal import Calibration
+from binsight.inference.runtime import META_PREFIX, OnnxCounter
+from binsight.models.heads import CountingModel
 from binsight.monitoring.baseline import build_baseline
-from binsight.serving.runtime import META_PREFIX, OnnxCounter
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import TrainConfig
-from binsight.training.data import BinDataset, eval_transform, load_split
+from binsight.training.data import BinDataset, eval_transform
 from binsight.training.evaluate import load_model
 from binsight.training.metrics import counting_metrics
 from binsight.utils.io import atomic_write_bytes
@@ -44,7 +46,9 @@ class ProbabilityModel(nn.Module):
     projections keep distances between photos approximately, so a shift in what the backbone sees
     shows up in 16 numbers the server can capture with every request)."""
 
-    def __init__(self, model: nn.Module, embedding_dim: int = EMBEDDING_DIM) -> None:
+    projection: torch.Tensor
+
+    def __init__(self, model: CountingModel, embedding_dim: int = EMBEDDING_DIM) -> None:
         super().__init__()
         self.model = model
         features = model.head.fc.in_features
@@ -59,14 +63,14 @@ class ProbabilityModel(nn.Module):
         return probabilities, embedding
 
 
-def _to_onnx_bytes(model: nn.Module, size: Size) -> bytes:
+def _to_onnx_bytes(model: CountingModel, size: Size) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         torch.onnx.export(
             ProbabilityModel(model).eval(),
             (torch.zeros(1, 3, *as_hw(size)),),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the stub says path; torch.onnx writes to any file object
             input_names=["images"],
             output_names=["probabilities", "embedding"],
             dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}, "embedding": {0: "batch"}},
@@ -82,7 +86,7 @@ def _with_metadata(onnx_bytes: bytes, metadata: dict[str, str]) -> bytes:
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, value
-    return proto.SerializeToString()
+    return bytes(proto.SerializeToString())
 
 
 def _sample_inputs(
@@ -132,7 +136,8 @@ def _describe_for_serving(
 ) -> dict[str, Any]:
     """Write the file's conformal calibration and its monitoring baseline, both from its own outputs on
     the validation split; returns what was written."""
-    entries, report = {}, {}
+    entries: dict[str, str] = {}
+    report: dict[str, Any] = {}
     calibration = _calibrate(path, data_dir, config, num_classes, limit)
     if calibration is not None:
         entries["calibration"] = calibration.to_json()
@@ -158,7 +163,7 @@ def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
         def __init__(self) -> None:
             self.batches = iter([{"images": calibration[i : i + 8]} for i in range(0, len(calibration), 8)])
 

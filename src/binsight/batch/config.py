@@ -1,0 +1,75 @@
+"""Settings of `binsight predict` and `binsight audit`: one typed model each, from which the command
+line is generated (`cliargs.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from binsight.inference.engines import Backend, Precision
+
+
+class BatchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(
+        None,
+        description="photos: a manifest (.csv with an image column, or .txt of one image per line; local "
+        "or s3://), a folder, or an s3://bucket/prefix/",
+    )
+    out: Path = Field(Path("runs/predict"), description="output folder (Parquet shards, summary)")
+    model: Path | None = Field(None, description="ONNX model file from `binsight export`")
+    registry: str | None = Field(None, description="or a model registry (folder or s3://), with --alias")
+    alias: str = Field("production", description="registry alias to use")
+    ray: str | None = Field(
+        None,
+        description="run on Ray: 'auto' (the cluster in RAY_ADDRESS, else a local one) or a cluster "
+        "address; without it, one process",
+    )
+    replicas: int = Field(1, ge=1, description="Ray: model replicas (actors)")
+    replica_cpus: int = Field(1, ge=1, description="Ray: CPUs (inference threads) per model replica")
+    decode_cpus: float = Field(1.0, gt=0.0, description="Ray: CPUs per decode task")
+    threads: int | None = Field(
+        None, ge=1, description="inference threads per model (default: all cores; on Ray, --replica-cpus)"
+    )
+    batch_size: int = Field(32, ge=1, le=1024, description="photos per model call")
+    shard_size: int = Field(4096, ge=1, description="photos per Parquet shard (the unit of resumption)")
+    fetch_threads: int = Field(16, ge=1, le=256, description="concurrent reads per decode task")
+    backend: Backend = Field("auto", description="auto, onnxruntime or openvino")
+    precision: Precision = Field("auto", description="auto, fp32 or bf16; an int8 model file runs in int8")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default AWS)")
+    s3_unsigned: bool = Field(False, description="read S3 anonymously (public buckets such as ABID's)")
+    restart: bool = Field(False, description="discard results of an earlier run in --out and start over")
+
+    @model_validator(mode="after")
+    def _one_model(self) -> BatchConfig:
+        if (self.model is None) == (self.registry is None):
+            raise ValueError("give either --model FILE.onnx or --registry URL (with --alias)")
+        return self
+
+
+class AuditConfig(BatchConfig):
+    out: Path = Field(Path("runs/audit"), description="output folder (ranked audit.csv, report.html, shards)")
+    alpha: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="calibrated models: mismatch when the record is outside the conformal prediction set "
+        "at this level; at most this share of correct records is flagged",
+    )
+    review_alpha: float = Field(0.2, gt=0.0, lt=1.0, description="calibrated models: review level")
+    ok_above: float = Field(
+        0.5, ge=0.0, le=1.0, description="uncalibrated models: P(recorded) above which ok"
+    )
+    mismatch_below: float = Field(
+        0.1, ge=0.0, le=1.0, description="uncalibrated models: P(recorded) below which mismatch"
+    )
+    review_budget: float | None = Field(
+        None, gt=0.0, le=1.0, description="flag exactly this share of bins, the most suspicious (e.g. 0.1)"
+    )
+    evaluate: bool = Field(False, description="simulate inventory errors on labelled data (with --data)")
+    data: Path | None = Field(None, description="dataset with splits (for --evaluate)")
+    split: str = Field("test", description="split to evaluate on")
+    error_rate: float = Field(0.1, gt=0.0, lt=1.0, description="--evaluate: share of records to corrupt")
+    seed: int = Field(0, description="--evaluate: seed of the simulated errors")

@@ -1,0 +1,202 @@
+"""The two stages of a batch run, written once for both executors: `fetch_and_decode` (I/O and JPEG
+decoding, CPU tasks) and `Scorer` (the model, one long-lived instance per replica: a Ray actor or the
+single process). Batches are dicts of NumPy columns, Ray Data's "numpy" batch format.
+
+The decode stage ships uint8 pixels at the model's input size (a quarter of float32's bytes through
+Ray's object store); the scorer normalises them with the same `imaging.normalise` the server uses.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from binsight.batch.sources import NO_RECORD
+from binsight.imaging import decode_image, normalise, resize_to
+from binsight.inference.engines import Backend, Precision
+from binsight.inference.runtime import LoadedModel, load_counter
+from binsight.inference.verdict import VerdictThresholds, judge, policy_for
+
+Batch = dict[str, np.ndarray]
+_clients: dict[tuple[str | None, bool], Any] = {}
+
+
+def _client(endpoint_url: str | None, unsigned: bool) -> Any:
+    """One S3 client per process and endpoint: clients are thread-safe and costly to build."""
+    key = (endpoint_url, unsigned)
+    if key not in _clients:
+        from binsight.utils.s3 import s3_client
+
+        _clients[key] = s3_client(endpoint_url, unsigned=unsigned, max_pool_connections=32)
+    return _clients[key]
+
+
+def read_source(uri: str, endpoint_url: str | None, unsigned: bool) -> bytes:
+    if not uri.startswith("s3://"):
+        return Path(uri).read_bytes()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from binsight.utils.s3 import BadS3Uri, parse_s3_uri
+
+    try:
+        location = parse_s3_uri(uri)
+    except BadS3Uri as exc:
+        raise OSError(str(exc)) from None
+    try:
+        response = _client(endpoint_url, unsigned).get_object(Bucket=location.bucket, Key=location.key)
+        return bytes(response["Body"].read())
+    except (ClientError, BotoCoreError) as exc:
+        raise OSError(f"cannot fetch {uri}: {exc}") from None
+
+
+def _recorded_from(uri: str, endpoint_url: str | None, unsigned: bool) -> int:
+    from binsight.data.abid import MetadataError, parse_metadata
+
+    try:
+        return parse_metadata(read_source(uri, endpoint_url, unsigned), uri).count
+    except MetadataError as exc:
+        raise ValueError(f"bad metadata {uri}: {exc}") from None
+
+
+def fetch_and_decode(
+    batch: Batch,
+    *,
+    input_hw: tuple[int, int],
+    endpoint_url: str | None = None,
+    unsigned: bool = False,
+    threads: int = 16,
+) -> Batch:
+    """Rows (row, image, recorded, record_source) -> the same rows with uint8 pixels at the model's
+    input size, recorded quantities read from metadata where asked, and a problem per failed row.
+    Threads overlap the S3 round trips; Pillow releases the GIL while it decodes."""
+    images, sources = batch["image"], batch["record_source"]
+    recorded = np.asarray(batch["recorded"], dtype=np.int64).copy()
+    height, width = input_hw
+    pixels = np.zeros((len(images), height, width, 3), dtype=np.uint8)
+    problems = [""] * len(images)
+
+    def load(index: int) -> None:
+        try:
+            if sources[index]:
+                recorded[index] = _recorded_from(str(sources[index]), endpoint_url, unsigned)
+            image = decode_image(read_source(str(images[index]), endpoint_url, unsigned), input_hw)
+            pixels[index] = np.asarray(resize_to(image, input_hw))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            problems[index] = f"unreadable: {exc}"
+
+    with ThreadPoolExecutor(max(1, min(threads, len(images)))) as pool:
+        list(pool.map(load, range(len(images))))
+    return {
+        "row": np.asarray(batch["row"], dtype=np.int64),
+        "image": np.asarray(images, dtype=object),
+        "recorded": recorded,
+        "pixels": pixels,
+        "problem": np.asarray(problems, dtype=object),
+    }
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """How a replica loads its model and judges records; picklable, so Ray can ship it to actors."""
+
+    backend: Backend = "auto"
+    precision: Precision = "auto"
+    threads: int | None = None
+    version: str | None = None
+    judge: bool = False  # audit: verdict columns against the recorded quantity
+    alpha: float = 0.05
+    review_alpha: float = 0.2
+    ok_above: float = 0.5
+    mismatch_below: float = 0.1
+
+
+def _load(model: str | bytes, settings: ScorerSettings) -> LoadedModel:
+    if isinstance(model, bytes):
+        handle, path = tempfile.mkstemp(suffix=".onnx")
+        with os.fdopen(handle, "wb") as out:
+            out.write(model)
+        try:
+            return load_counter(
+                path, settings.threads, settings.version, settings.backend, settings.precision
+            )
+        finally:
+            os.unlink(path)  # both engines hold the model in memory once loaded
+    return load_counter(model, settings.threads, settings.version, settings.backend, settings.precision)
+
+
+class Scorer:
+    """The model replica: normalised pixels -> probabilities (and verdicts when judging)."""
+
+    def __init__(self, model: Any, settings: ScorerSettings) -> None:
+        """`model`: a loaded model, a file path, the file's bytes, or [a Ray object reference to them]."""
+        if isinstance(model, str | bytes):
+            model = _load(model, settings)
+        elif isinstance(model, list):
+            import ray
+
+            data = ray.get(model[0])
+            model = _load(bytes(data), settings)
+        self.counter: LoadedModel = model
+        info = self.counter.info
+        self.settings = settings
+        self.policy = policy_for(
+            info.calibration,
+            VerdictThresholds(settings.ok_above, settings.mismatch_below),
+            settings.alpha,
+            settings.review_alpha,
+        )
+        self.classes = np.asarray(info.classes, dtype=np.int64)
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows = len(batch["row"])
+        info = self.counter.info
+        problems = np.asarray(batch["problem"], dtype=object)
+        good = np.flatnonzero(problems == "")
+        probabilities = np.full((rows, len(info.classes)), np.nan, dtype=np.float32)
+        predicted = np.full(rows, -1, dtype=np.int64)
+        confidence = np.full(rows, np.nan, dtype=np.float32)
+        if len(good):
+            inputs = normalise(np.asarray(batch["pixels"])[good], info.mean, info.std)
+            probabilities[good] = self.counter.predict(inputs)
+            predicted[good] = self.classes[probabilities[good].argmax(1)]
+            confidence[good] = probabilities[good].max(1)
+        result: Batch = {
+            "row": np.asarray(batch["row"], dtype=np.int64),
+            "image": np.asarray(batch["image"], dtype=object),
+            "predicted_count": predicted,
+            "confidence": confidence,
+            "probabilities": probabilities,
+            "problem": problems,
+        }
+        if self.settings.judge:
+            result.update(self._judge(probabilities, np.asarray(batch["recorded"]), problems))
+        return result
+
+    def _judge(self, probabilities: np.ndarray, recorded: np.ndarray, problems: np.ndarray) -> Batch:
+        p_recorded = np.full(len(recorded), np.nan)
+        p_values = np.full(len(recorded), np.nan)
+        verdicts = np.full(len(recorded), "error", dtype=object)
+        for i, (probs, count) in enumerate(zip(probabilities, recorded, strict=True)):
+            if problems[i] != "":
+                continue
+            if count == NO_RECORD:
+                problems[i] = "no recorded quantity"
+                continue
+            verdict = judge(probs, int(count), self.policy)
+            p_recorded[i], verdicts[i] = verdict.p_expected, verdict.verdict
+            p_values[i] = np.nan if verdict.p_value is None else verdict.p_value
+        return {
+            "recorded_quantity": recorded.astype(np.int64),
+            "p_recorded": p_recorded,
+            "p_record_wrong": 1 - p_recorded,
+            "p_value": p_values,
+            "verdict": verdicts,
+            "problem": problems,
+        }

@@ -1,0 +1,102 @@
+"""`binsight train`, `evaluate` and `tune`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from binsight.cliargs import add_config_arguments, config_from_args
+
+log = logging.getLogger("binsight")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from binsight.training.config import TrainConfig, load_config
+    from binsight.training.engine import train
+    from binsight.training.evaluate import evaluate
+
+    overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
+    config = load_config(args.config, overrides, recipe=args.recipe)
+    summary = train(config, fresh=args.fresh)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    best = summary["best"]
+    print(
+        f"train: best val {best['metric']} {best['value']:.4f} at epoch {best['epoch']} "
+        f"(majority-class accuracy {summary['majority_baseline_val_accuracy']:.3f}); run in {config.out}"
+    )
+    result = evaluate(Path(config.out) / "best.pt", split="val", workers=config.workers)
+    print(
+        f"val report: {Path(config.out) / 'eval-val' / 'report.html'} "
+        f"(accuracy {result['accuracy']:.3f}, MAE {result['mae']:.3f})"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from binsight.training.evaluate import evaluate
+
+    result = evaluate(
+        args.checkpoint,
+        data=args.data,
+        split=args.split,
+        out=args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+    )
+    print(
+        f"{args.split}: accuracy {result['accuracy']:.4f}  off-by-one {result['off_by_one_accuracy']:.4f}  "
+        f"MAE {result['mae']:.4f}  RMSE {result['rmse']:.4f}  ECE {result['ece']:.4f}  n={result['n']}"
+    )
+    out = args.out or Path(args.checkpoint).parent / f"eval-{args.split}"
+    print(f"metrics.json, confusion_matrix.png, curves.png and report.html in {out}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from binsight.tuning.study import TuneConfig, tune
+
+    config = config_from_args(args, TuneConfig)
+    summary = tune(config)
+    print(f"tune: {summary['trials']} trials {summary['states']} in {summary['storage']}")
+    if "best_value" in summary:
+        print(
+            f"best {config.metric} {summary['best_value']:.4f} (trial {summary['best_trial']}): "
+            f"{summary['best_params']}\nbest config: {summary['best_config']} (binsight train --config ...)"
+        )
+    return 0
+
+
+def register(verbs: Any) -> None:
+    train = verbs.add_parser("train", help="train a counting model (also under torchrun for DDP)")
+    train.add_argument(
+        "--recipe",
+        default=None,
+        help="a named, measured set of settings (abid: real ABID photos; see docs/recipes.md); "
+        "--config and flags override it",
+    )
+    train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    from binsight.training.config import TrainConfig
+
+    add_config_arguments(train, TrainConfig, title="training")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="metrics, confusion matrix and HTML report for a model")
+    evaluate.add_argument("checkpoint", help="best.pt or last.pt of a training run")
+    evaluate.add_argument("--data", default=None, help="dataset directory (default: the one trained on)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    tune = verbs.add_parser("tune", help="Optuna hyperparameter search (parallel workers share a study)")
+    from binsight.tuning.study import TuneConfig
+
+    add_config_arguments(tune, TuneConfig, title="search")
+    tune.set_defaults(handler=_cmd_tune)

@@ -1,0 +1,72 @@
+"""Which engine runs a model and at what precision, from what the CPU offers: plain logic, no engine
+imported, so configs can name the choices without loading ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from binsight.errors import BinsightError
+
+Backend = Literal["auto", "onnxruntime", "openvino"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which engine runs the model, at what precision, and why: reported by `/v1/model` and the log."""
+
+    backend: str
+    precision: str  # fp32, bf16, or int8 (an int8 file runs in int8 whatever was asked)
+    reason: str
+
+
+def cpu_features() -> set[str]:
+    """The CPU flags that decide the fast path (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split()) & {
+                "avx512f",
+                "avx512_bf16",
+                "avx512_vnni",
+                "amx_bf16",
+                "amx_int8",
+            }
+    return set()
+
+
+def choose_runtime(backend: Backend, precision: Precision) -> RuntimeChoice:
+    """OpenVINO where it is installed and the CPU is x86 (its oneDNN kernels use AMX, AVX512-BF16 and
+    VNNI, which ONNX Runtime's CPU provider leaves idle for bf16); ONNX Runtime otherwise, the portable
+    fallback. bf16 is chosen only where the CPU computes it natively (AMX or AVX512-BF16)."""
+    features = cpu_features()
+    if backend == "auto":
+        try:
+            import openvino  # noqa: F401
+
+            have_openvino = True
+        except ImportError:
+            have_openvino = False
+        x86 = bool(features) or os.uname().machine in ("x86_64", "AMD64")
+        backend = "openvino" if have_openvino and x86 else "onnxruntime"
+        why = (
+            "OpenVINO installed on an x86 CPU" if backend == "openvino" else "OpenVINO unavailable or not x86"
+        )
+    else:
+        why = "asked for"
+    native_bf16 = bool(features & {"amx_bf16", "avx512_bf16"})
+    if precision == "auto":
+        precision = "bf16" if native_bf16 and backend == "openvino" else "fp32"
+        flags = "+".join(sorted(features & {"amx_bf16", "avx512_bf16"})) or "no native bf16"
+        why += f"; {precision} because the CPU has {flags}"
+    elif precision == "bf16" and backend == "onnxruntime":
+        raise BinsightError(
+            "ONNX Runtime's CPU provider has no bf16 path", hint="use --backend openvino or --precision fp32"
+        )
+    return RuntimeChoice(backend, precision, why)
