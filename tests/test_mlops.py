@@ -25,6 +25,7 @@ from binsight.registry import Registry
 from binsight.serving.app import create_app
 from binsight.serving.config import ServeConfig
 from binsight.training.config import load_config
+from binsight.training.metrics import Metric
 from binsight.utils.io import read_csv
 from tests.background import BackgroundServer
 
@@ -108,14 +109,14 @@ def test_server_follows_a_registry_alias(trained: dict[str, Path], tmp_path: Pat
 def test_compare_promotes_only_a_real_improvement() -> None:
     production = {"accuracy": 0.60, "off_by_one_accuracy": 0.90, "mae": 0.50, "rmse": 0.80}
     better = {**production, "accuracy": 0.63}
-    assert compare(better, production, "accuracy", 0.01, 0.02)["promote"] is True
-    assert compare(better, production, "accuracy", 0.05, 0.02)["promote"] is False
+    assert compare(better, production, Metric.ACCURACY, 0.01, 0.02)["promote"] is True
+    assert compare(better, production, Metric.ACCURACY, 0.05, 0.02)["promote"] is False
     worse_elsewhere = {**better, "mae": 0.60}
-    decision = compare(worse_elsewhere, production, "accuracy", 0.01, 0.02)
+    decision = compare(worse_elsewhere, production, Metric.ACCURACY, 0.01, 0.02)
     assert decision["promote"] is False and "mae" in decision["reason"]
     lower_mae = {**production, "mae": 0.40}
-    assert compare(lower_mae, production, "mae", 0.05, 0.02)["promote"] is True
-    assert compare(better, None, "accuracy", 0.01, 0.02) == {
+    assert compare(lower_mae, production, Metric.MAE, 0.05, 0.02)["promote"] is True
+    assert compare(better, None, Metric.ACCURACY, 0.01, 0.02) == {
         "promote": True,
         "reason": "no production model yet",
     }

@@ -8,6 +8,7 @@ flags left out keep the model's default (they parse to None and are dropped befo
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import types
 import typing
@@ -91,6 +92,9 @@ def add_config_arguments(
         elif typing.get_origin(annotation) is Literal:
             choices = typing.get_args(annotation)
             group.add_argument(flag, choices=choices, default=None, help=help_text)
+        elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            values = [member.value for member in annotation]
+            group.add_argument(flag, choices=values, default=None, help=help_text)
         elif annotation in _SCALARS:
             group.add_argument(flag, type=_SCALARS[annotation], default=None, help=help_text)
         elif (parse := _composite_parser(annotation, flag)) is not None:

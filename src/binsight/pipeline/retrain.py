@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,11 +25,13 @@ from binsight.data.split import SPLIT_DIR, SplitConfig, fingerprint, write_split
 from binsight.errors import BinsightError
 from binsight.registry import Registry
 from binsight.reporting.html import HtmlReport
+from binsight.training.metrics import Metric
 from binsight.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-HIGHER_IS_BETTER = {"accuracy": True, "off_by_one_accuracy": True, "mae": False, "rmse": False}
+# The test metrics a candidate is compared on (its loss depends on the head, so it is not one of them).
+COMPARED = (Metric.ACCURACY, Metric.OFF_BY_ONE_ACCURACY, Metric.MAE, Metric.RMSE)
 
 
 class PipelineConfig(BaseModel):
@@ -45,9 +47,7 @@ class PipelineConfig(BaseModel):
     train_overrides: dict[str, Any] = Field(
         default_factory=dict, description='training settings on top, e.g. {"pretrained": false}'
     )
-    metric: Literal["accuracy", "off_by_one_accuracy", "mae", "rmse"] = Field(
-        "accuracy", description="the metric the candidate must improve"
-    )
+    metric: Metric = Field(Metric.ACCURACY, description="the metric the candidate must improve")
     margin: float = Field(0.005, ge=0.0, description="how much better the candidate must be on `metric`")
     tolerance: float = Field(0.02, ge=0.0, description="how much worse it may be on the other metrics")
     alias: str = Field("production", description="registry alias to promote")
@@ -121,7 +121,7 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
 def compare(
     candidate: dict[str, float],
     production: dict[str, float] | None,
-    metric: str,
+    metric: Metric,
     margin: float,
     tolerance: float,
 ) -> dict[str, Any]:
@@ -129,14 +129,13 @@ def compare(
     `tolerance` on any other metric."""
     if production is None:
         return {"promote": True, "reason": "no production model yet"}
-    sign = 1 if HIGHER_IS_BETTER[metric] else -1
-    gain = sign * (candidate[metric] - production[metric])
+    gain = metric.gain(candidate[metric], production[metric])
     if gain < margin:
         return {"promote": False, "reason": f"{metric} gain {gain:+.4f} is below the margin {margin}"}
-    for other, higher in HIGHER_IS_BETTER.items():
+    for other in COMPARED:
         if other == metric:
             continue
-        loss = (production[other] - candidate[other]) * (1 if higher else -1)
+        loss = -other.gain(candidate[other], production[other])
         if loss > tolerance:
             return {"promote": False, "reason": f"{other} is worse by {loss:.4f} (tolerance {tolerance})"}
     return {"promote": True, "reason": f"{metric} improves by {gain:+.4f}"}

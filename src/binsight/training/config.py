@@ -16,6 +16,7 @@ from binsight.errors import BinsightError
 from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD
 from binsight.models.backbones import check_arch, normalisation
 from binsight.models.heads import HEADS
+from binsight.training.metrics import Metric
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 DEFAULT_IMAGE_SIZE = 224
@@ -90,8 +91,8 @@ class TrainConfig(BaseModel):
 
     seed: int = Field(0, description="random seed")
     early_stopping: int | None = Field(5, ge=1, description="epochs without val improvement before stopping")
-    select_metric: Literal["accuracy", "mae", "rmse", "loss"] = Field(
-        "accuracy", description="validation metric that picks best.pt and drives early stopping"
+    select_metric: Metric = Field(
+        Metric.ACCURACY, description="validation metric that picks best.pt and drives early stopping"
     )
     max_train_batches: int | None = Field(None, ge=1, description="cap per epoch (smoke tests)")
     profile_steps: int = Field(0, ge=0, description="record a torch.profiler trace of N steps")
@@ -116,10 +117,6 @@ class TrainConfig(BaseModel):
         if self.head not in HEADS:
             raise ValueError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
         return self
-
-    @property
-    def lower_is_better(self) -> bool:
-        return self.select_metric != "accuracy"
 
     @property
     def input_hw(self) -> tuple[int, int]:

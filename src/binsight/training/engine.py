@@ -45,7 +45,7 @@ from binsight.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from binsight.training.metrics import counting_metrics, majority_baseline
+from binsight.training.metrics import Metric, counting_metrics, majority_baseline
 from binsight.training.monitors import Monitors
 from binsight.utils.io import atomic_write_json, atomic_write_text, exclusive_folder
 from binsight.utils.plots import history_curves
@@ -533,10 +533,8 @@ def _train(
         }
         history.append(record)
         monitors.check_epoch(epoch, [h["train_loss"] for h in history], [h["val_loss"] for h in history])
-        value = val_loss if config.select_metric == "loss" else metrics[config.select_metric]
-        improved = best["value"] is None or (
-            value < best["value"] if config.lower_is_better else value > best["value"]
-        )
+        value = val_loss if config.select_metric == Metric.LOSS else metrics[config.select_metric]
+        improved = config.select_metric.improves(value, best["value"])
         if improved:
             best, stale_epochs = {"epoch": epoch + 1, "value": value, "metric": config.select_metric}, 0
         else:

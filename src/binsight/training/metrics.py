@@ -12,9 +12,36 @@ least recognised as large. The confusion matrix and ECE are over classes (12 is 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
 
 import numpy as np
+
+
+class Metric(StrEnum):
+    """A metric a run can be judged by, with its direction: training picks `best.pt` by one, a
+    search optimises one, and the pipeline promotes on one; all three read the direction here."""
+
+    ACCURACY = "accuracy"
+    OFF_BY_ONE_ACCURACY = "off_by_one_accuracy"
+    MAE = "mae"
+    RMSE = "rmse"
+    LOSS = "loss"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self in (Metric.ACCURACY, Metric.OFF_BY_ONE_ACCURACY)
+
+    def gain(self, new: float, old: float) -> float:
+        """How much better `new` is than `old` (negative when worse), whichever the direction."""
+        return new - old if self.higher_is_better else old - new
+
+    def improves(self, new: float, best: float | None) -> bool:
+        return best is None or self.gain(new, best) > 0
+
+    @property
+    def optuna_direction(self) -> Literal["maximize", "minimize"]:
+        return "maximize" if self.higher_is_better else "minimize"
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

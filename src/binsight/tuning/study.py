@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from binsight.errors import BinsightError
 from binsight.reporting.html import HtmlReport
 from binsight.training.config import TrainConfig, load_config
+from binsight.training.metrics import Metric
 from binsight.utils.io import atomic_write_csv, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class TuneConfig(BaseModel):
     storage: str | None = Field(None, description="Optuna RDB URL or journal:PATH (default sqlite in out/)")
     n_trials: int = Field(20, ge=1, description="finished trials in the whole study, all workers together")
     timeout_s: float | None = Field(None, gt=0, description="seconds this worker may search")
-    metric: Literal["accuracy", "mae"] = Field("accuracy", description="validation metric to optimise")
+    metric: Metric = Field(Metric.ACCURACY, description="validation metric to optimise")
     pruner: Literal["median", "hyperband", "none"] = Field("median", description="stops weak trials early")
     lr: tuple[float, float] = Field((1e-4, 1e-1), description="learning-rate range (searched on a log scale)")
     batch_sizes: list[int] = Field(default_factory=lambda: [64, 128, 256], description="batch sizes to try")
@@ -121,7 +122,7 @@ def objective(config: TuneConfig) -> Any:
         trial.set_user_attr("out", str(train_config.out))
         # Which machine and process ran it: several workers share one study.
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        key = "val_accuracy" if config.metric == "accuracy" else "val_mae"
+        key = f"val_{config.metric}"
 
         def report(record: dict[str, Any]) -> None:
             trial.report(record[key], record["epoch"])
@@ -144,7 +145,7 @@ def _open_study(config: TuneConfig) -> optuna.Study:
             return optuna.create_study(
                 study_name=config.study_name,
                 storage=make_storage(config.storage_url()),
-                direction="maximize" if config.metric == "accuracy" else "minimize",
+                direction=config.metric.optuna_direction,
                 sampler=optuna.samplers.TPESampler(
                     seed=None if config.seed is None else config.seed + os.getpid(), n_startup_trials=5
                 ),
