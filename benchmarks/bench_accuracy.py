@@ -40,8 +40,10 @@ from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import load_config
 from binsight.training.data import BinDataset, eval_transform, make_loader
 from binsight.training.distributed import DistContext
-from binsight.training.engine import Precision, predict, train
+from binsight.training.engine import train
 from binsight.training.evaluate import load_model
+from binsight.training.hardware import Precision
+from binsight.training.loop import predict
 from binsight.training.metrics import counting_metrics, majority_baseline
 from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 

@@ -25,14 +25,10 @@ from binsight.models.factory import build_model
 from binsight.training.config import TrainConfig
 from binsight.training.data import BinDataset, cache_path, make_loader, train_transform
 from binsight.training.distributed import DistContext
-from binsight.training.engine import (
-    Precision,
-    build_optimizer,
-    build_scheduler,
-    resolve_device,
-    train_one_epoch,
-)
+from binsight.training.hardware import Precision, resolve_device
+from binsight.training.loop import train_one_epoch
 from binsight.training.monitors import Monitors
+from binsight.training.optim import build_optimizer, build_scheduler
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 

@@ -96,9 +96,9 @@ def test_stats_writes_plots_and_numbers(dataset: Path) -> None:
     [
         (["data", "index", "/nonexistent/dir"], "not a dataset directory"),
         (["data", "split", "/nonexistent/dir"], "no index at"),
-        (["data", "split", ".", "--val", "0.6", "--test", "0.5"], "below 1"),
-        (["data", "synth", "/tmp/x", "--n", "0"], "n_images"),
-        (["data", "download", "/tmp/x", "--classes", "a-b"], "not like"),
+        (["data", "split", ".", "--val-fraction", "0.6", "--test-fraction", "0.5"], "below 1"),
+        (["data", "synth", "/tmp/x", "--n-images", "0"], "--n-images"),
+        (["data", "download", "/tmp/x", "--classes", "a-b"], "not a range"),
     ],
 )
 def test_cli_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:

@@ -38,14 +38,17 @@ def _composite_parser(annotation: Any, flag: str) -> tuple[str, Any] | None:
         kind = members[0]
 
         def as_range(text: str) -> tuple[Any, Any]:
-            low, _, high = text.partition(":")
+            # Whole-number ranges may also be written LOW-HIGH (count ranges: 0-5).
+            separator = "-" if kind is int and ":" not in text and "-" in text[1:] else ":"
+            low, _, high = text.partition(separator)
             try:
                 return kind(low), kind(high or low)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{text!r} is not a range like LOW:HIGH") from None
 
         return "LOW:HIGH", as_range
-    if origin is list and len(members) == 1 and members[0] in _SCALARS:
+    variadic = origin is tuple and len(members) == 2 and members[1] is Ellipsis
+    if ((origin is list and len(members) == 1) or variadic) and members[0] in _SCALARS:
         kind = members[0]
 
         def as_list(text: str) -> list[Any]:
@@ -72,12 +75,21 @@ def add_config_arguments(
     model: type[BaseModel],
     *,
     skip: frozenset[str] | set[str] = frozenset(),
+    positional: tuple[str, ...] = (),
     title: str | None = None,
 ) -> None:
+    """Flags for `model`'s fields; those in `positional` are positional arguments instead (optional on
+    the command line, so that `--config` may give them)."""
+    for name in positional:
+        field = model.model_fields[name]
+        kind = _SCALARS.get(_unwrap_optional(field.annotation), str)
+        parser.add_argument(
+            name, nargs="?", type=kind, default=None, metavar=name.upper(), help=field.description
+        )
     group = parser.add_argument_group(title or f"{model.__name__} settings")
     group.add_argument("--config", type=Path, default=None, help="JSON file of settings; flags override it")
     for name, field in model.model_fields.items():
-        if name in skip:
+        if name in skip or name in positional:
             continue
         flag = "--" + name.replace("_", "-")
         annotation = _unwrap_optional(field.annotation)

@@ -10,7 +10,8 @@ Layout, the same on disk and on S3 (``s3://bucket/prefix``)::
 
 An alias moves by rewriting one small object (atomic rename on disk, a single PUT on S3), so a reader
 sees the old or the new version, never a mixture. `rollback` moves an alias back along its history.
-Servers follow an alias through `AliasSource`, which notices the change and fetches the new ONNX file.
+Servers follow an alias through `serving.sources.AliasSource`, which notices the change and fetches the
+new ONNX file.
 """
 
 from __future__ import annotations
@@ -156,19 +157,3 @@ def fetch_alias(
     if not target.is_file():
         registry.fetch(version, "model.onnx", target)
     return target, version
-
-
-class AliasSource:
-    """What a server loads when it follows a registry alias: the alias's version, fetched locally."""
-
-    def __init__(self, registry: Registry, alias: str, cache_dir: Path) -> None:
-        self.registry, self.alias, self.cache_dir = registry, alias, cache_dir
-
-    def signature(self) -> str:
-        return self.registry.resolve(self.alias)
-
-    def local_path(self, signature: str) -> Path:
-        target = self.cache_dir / f"{signature}.onnx"
-        if not target.exists():
-            self.registry.fetch(signature, "model.onnx", target)
-        return target

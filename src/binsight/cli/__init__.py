@@ -8,10 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from binsight import __version__
 from binsight.cli import batch, data, mlops, serving, training
+from binsight.cliargs import add_config_arguments, config_from_args
 from binsight.errors import BinsightError
 
 log = logging.getLogger("binsight")
@@ -25,10 +26,19 @@ def _format_validation_error(exc: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(problems)
 
 
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(Path("runs/demo"), description="output directory")
+    n_images: int = Field(1500, ge=100, description="synthetic bin photos to generate")
+    seed: int = Field(0, description="seed of the photos, the split and the training")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from binsight.demo import run_demo
 
-    run_demo(Path(args.out), n_images=args.n, seed=args.seed)
+    config = config_from_args(args, DemoConfig)
+    run_demo(config.out, n_images=config.n_images, seed=config.seed)
     return 0
 
 
@@ -46,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     demo = verbs.add_parser("demo", help="the whole job on synthetic bins (no network, no GPU)")
-    demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.add_argument("--n", type=int, default=1500, help="synthetic images to generate")
-    demo.add_argument("--seed", type=int, default=0)
+    add_config_arguments(demo, DemoConfig, title="demo")
     demo.set_defaults(handler=_cmd_demo)
     for group in (data, training, serving, mlops, batch):
         group.register(verbs)
@@ -57,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or the help): its code, returned
+        return int(exc.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

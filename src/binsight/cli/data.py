@@ -8,55 +8,69 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from binsight.cliargs import add_config_arguments, config_from_args
+from binsight.data.download import DownloadConfig
+from binsight.data.split import SplitConfig
+from binsight.data.synth import SynthConfig
+
 log = logging.getLogger("binsight")
+
+
+class SynthSettings(SynthConfig):
+    out: Path = Field(description="dataset directory to write")
+
+
+class IndexSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(
+        description="photo folder: bucket layout, <count>/<id>.jpg folders, or images/ with labels.csv"
+    )
+    labels: Path | None = Field(None, description="CSV of id,count (default: DATA/labels.csv)")
+    out: Path | None = Field(None, description="where index.csv (and then splits/) go (default: DATA)")
+    workers: int | None = Field(None, ge=1, description="parallel readers (default: all cores)")
+
+
+class SplitSettings(SplitConfig):
+    data: Path = Field(description="dataset directory with index.csv")
+
+
+class StatsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="dataset directory with index.csv")
+    out: Path | None = Field(None, description="where to write plots (default DATA/stats)")
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     import time
 
-    from binsight.data.synth import SynthConfig, generate_dataset
+    from binsight.data.synth import generate_dataset
 
-    config = SynthConfig(
-        n_images=args.n,
-        image_size=args.size,
-        max_count=args.max_count,
-        seed=args.seed,
-        start_index=args.start_index,
-        **({"workers": args.workers} if args.workers else {}),
-    )
+    settings = config_from_args(args, SynthSettings)
+    config = SynthConfig.model_validate(settings.model_dump(exclude={"out"}))
     started = time.perf_counter()
-    written = generate_dataset(args.out, config)
+    written = generate_dataset(settings.out, config)
     seconds = time.perf_counter() - started
     print(
-        f"synth: {written} new images ({config.n_images - written} already there) in {args.out}"
+        f"synth: {written} new images ({config.n_images - written} already there) in {settings.out}"
         f" at {written / max(seconds, 1e-9):.0f} images/s"
     )
     return 0
 
 
 def _cmd_data_download(args: argparse.Namespace) -> int:
-    from binsight.data.download import DownloadConfig, download, parse_class_range
+    from binsight.data.download import download
 
-    config = DownloadConfig(
-        out=args.out,
-        bucket=args.bucket,
-        endpoint_url=args.endpoint_url,
-        ids=[i.strip() for i in args.ids.split(",") if i.strip()] if args.ids else None,
-        file_list=args.file_list,
-        classes=parse_class_range(args.classes) if args.classes else None,
-        per_class=args.per_class,
-        limit=args.limit,
-        max_scan=args.max_scan,
-        seed=args.seed,
-        workers=args.workers,
-        retries=args.retries,
-    )
+    config = config_from_args(args, DownloadConfig)
     report = download(config)
     print(
         f"download: {report['selected']} selected, {report['downloaded']} downloaded, "
         f"{report['already_present']} already present, {report['failed']} failed "
         f"({report['images_per_second'] or 0} images/s); report in "
-        f"{Path(args.out) / 'download_report.json'}"
+        f"{config.out / 'download_report.json'}"
     )
     for problem in report["problems"][:10]:
         print(f"  {problem['id']}: {problem['problem']}", file=sys.stderr)
@@ -68,7 +82,8 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 def _cmd_data_index(args: argparse.Namespace) -> int:
     from binsight.data.index import build_index
 
-    result = build_index(args.data, workers=args.workers, out=args.out, labels=args.labels)
+    settings = config_from_args(args, IndexSettings)
+    result = build_index(settings.data, workers=settings.workers, out=settings.out, labels=settings.labels)
     mismatches = sum(int(r["quantity_mismatch"]) for r in result.rows)
     print(
         f"index ({result.layout} layout): {len(result.rows)} images indexed, {len(result.skipped)} skipped, "
@@ -80,10 +95,10 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_split(args: argparse.Namespace) -> int:
-    from binsight.data.split import SplitConfig, write_splits
+    from binsight.data.split import write_splits
 
-    config = SplitConfig(val_fraction=args.val, test_fraction=args.test, seed=args.seed)
-    summary = write_splits(args.data, config)
+    settings = config_from_args(args, SplitSettings)
+    summary = write_splits(settings.data, SplitConfig.model_validate(settings.model_dump(exclude={"data"})))
     for name, info in summary["splits"].items():
         print(
             f"{name:>5}: {info['images']:>6} images  fingerprint {info['fingerprint']}  "
@@ -95,9 +110,10 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from binsight.data.stats import dataset_stats, format_stats
 
-    stats = dataset_stats(args.data, args.out)
+    settings = config_from_args(args, StatsSettings)
+    stats = dataset_stats(settings.data, settings.out)
     print(format_stats(stats))
-    print(f"plots and stats.json in {args.out or Path(args.data) / 'stats'}")
+    print(f"plots and stats.json in {settings.out or settings.data / 'stats'}")
     return 0
 
 
@@ -106,64 +122,26 @@ def register(verbs: Any) -> None:
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="STEP")
 
     synth = data_verbs.add_parser("synth", help="generate synthetic bin photos (ABID layout)")
-    synth.add_argument("out", help="dataset directory to write")
-    synth.add_argument("--n", type=int, default=1200, help="number of images")
-    synth.add_argument("--size", type=int, default=224, help="image side in pixels")
-    synth.add_argument("--max-count", type=int, default=5, help="largest object count")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--start-index", type=int, default=0, help="first image index (to add more later)")
-    synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    add_config_arguments(synth, SynthSettings, positional=("out",), title="synthetic bins")
     synth.set_defaults(handler=_cmd_data_synth)
 
-    dl = data_verbs.add_parser(
+    download = data_verbs.add_parser(
         "download",
         help="fetch an ABID subset from S3 anonymously (resumable)",
         description="Select by --ids, --file-list, or --classes with optional --per-class/--limit. "
         "With no selection, the whole bucket (536k images) is fetched.",
     )
-    dl.add_argument("out", help="dataset directory to write")
-    dl.add_argument("--bucket", default="aft-vbi-pds")
-    dl.add_argument("--endpoint-url", default=None, help="any S3-compatible endpoint")
-    dl.add_argument("--ids", default=None, help="comma-separated image ids, e.g. 523,100313")
-    dl.add_argument(
-        "--file-list",
-        type=Path,
-        default=None,
-        help="text file of ids/keys, or the JSON {count: [metadata paths]} subset list",
-    )
-    dl.add_argument("--classes", default=None, help="count range to keep, e.g. 0-5 or 1-5")
-    dl.add_argument("--per-class", type=int, default=None, help="random images per count class")
-    dl.add_argument("--limit", type=int, default=None, help="at most this many images")
-    dl.add_argument(
-        "--max-scan",
-        type=int,
-        default=None,
-        help="read at most this many metadata files while selecting by class",
-    )
-    dl.add_argument("--seed", type=int, default=0, help="seed of the random selection order")
-    dl.add_argument("--workers", type=int, default=16, help="parallel connections")
-    dl.add_argument("--retries", type=int, default=5, help="retries per object")
-    dl.set_defaults(handler=_cmd_data_download)
+    add_config_arguments(download, DownloadConfig, positional=("out",), title="download")
+    download.set_defaults(handler=_cmd_data_download)
 
     index = data_verbs.add_parser("index", help="build index.csv from a dataset directory")
-    index.add_argument(
-        "data", help="photo folder: bucket layout, <count>/<id>.jpg folders, or images/ with labels.csv"
-    )
-    index.add_argument("--labels", type=Path, default=None, help="CSV of id,count (default: DATA/labels.csv)")
-    index.add_argument(
-        "--out", type=Path, default=None, help="where index.csv (and then splits/) go (default: DATA)"
-    )
-    index.add_argument("--workers", type=int, default=None)
+    add_config_arguments(index, IndexSettings, positional=("data",), title="index")
     index.set_defaults(handler=_cmd_data_index)
 
     split = data_verbs.add_parser("split", help="stratified, stable train/val/test split")
-    split.add_argument("data", help="dataset directory with index.csv")
-    split.add_argument("--val", type=float, default=0.1, help="validation fraction")
-    split.add_argument("--test", type=float, default=0.1, help="test fraction")
-    split.add_argument("--seed", type=int, default=0)
+    add_config_arguments(split, SplitSettings, positional=("data",), title="split")
     split.set_defaults(handler=_cmd_data_split)
 
     stats = data_verbs.add_parser("stats", help="class histogram and image-size statistics")
-    stats.add_argument("data", help="dataset directory with index.csv")
-    stats.add_argument("--out", default=None, help="where to write plots (default DATA/stats)")
+    add_config_arguments(stats, StatsSettings, positional=("data",), title="statistics")
     stats.set_defaults(handler=_cmd_data_stats)

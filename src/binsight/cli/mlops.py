@@ -5,18 +5,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.cliargs import add_config_arguments, config_from_args
 
 log = logging.getLogger("binsight")
 
 
+class ModelsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["list", "show", "promote", "rollback"] = Field(
+        "list", description="list, show, promote or rollback"
+    )
+    target: str = Field("production", description="version (v0003) or alias to show or promote")
+    registry: str = Field(description="folder or s3://bucket/prefix")
+    alias: str = Field("production", description="alias to move (promote, rollback)")
+    reason: str | None = Field(None, description="recorded with the alias's move")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default AWS)")
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from binsight.registry import Registry
 
-    registry = Registry(args.registry, args.s3_endpoint_url)
-    if args.action == "list":
+    config = config_from_args(args, ModelsConfig)
+    registry = Registry(config.registry, config.s3_endpoint_url)
+    if config.action == "list":
         aliases = registry.aliases()
         print(f"{'version':<8} {'created':<26} {'accuracy':>9} {'mae':>7}  aliases")
         for name in registry.versions():
@@ -24,8 +40,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
             tags = ", ".join(a for a, v in aliases.items() if v == name)
             accuracy, mae = (version.metrics.get(k, float("nan")) for k in ("accuracy", "mae"))
             print(f"{name:<8} {version.meta.get('created', ''):<26} {accuracy:>9.4f} {mae:>7.3f}  {tags}")
-    elif args.action == "show":
-        version = registry.get(registry.resolve(args.target))
+    elif config.action == "show":
+        version = registry.get(registry.resolve(config.target))
         print(
             json.dumps(
                 {"version": version.name, "meta": version.meta, "metrics": version.metrics},
@@ -33,14 +49,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 default=str,
             )
         )
-    elif args.action == "promote":
+    elif config.action == "promote":
         record = registry.set_alias(
-            args.alias, registry.resolve(args.target), args.reason or "manual promote"
+            config.alias, registry.resolve(config.target), config.reason or "manual promote"
         )
-        print(f"{args.alias} -> {record['version']}")
+        print(f"{config.alias} -> {record['version']}")
     else:
-        record = registry.rollback(args.alias)
-        print(f"{args.alias} rolled back to {record['version']}")
+        record = registry.rollback(config.alias)
+        print(f"{config.alias} rolled back to {record['version']}")
     return 0
 
 
@@ -59,12 +75,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def register(verbs: Any) -> None:
     models = verbs.add_parser("models", help="model registry: list, show, promote, rollback")
-    models.add_argument("action", choices=["list", "show", "promote", "rollback"])
-    models.add_argument("target", nargs="?", default="production", help="version (v0003) or alias")
-    models.add_argument("--registry", required=True, help="folder or s3://bucket/prefix")
-    models.add_argument("--alias", default="production", help="alias to move (promote/rollback)")
-    models.add_argument("--reason", default=None)
-    models.add_argument("--s3-endpoint-url", default=None)
+    add_config_arguments(models, ModelsConfig, positional=("action", "target"), title="registry")
     models.set_defaults(handler=_cmd_models)
 
     pipe = verbs.add_parser("pipeline", help="retrain, compare with production, promote if better")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.cliargs import add_config_arguments, config_from_args
 from binsight.errors import BinsightError
@@ -16,8 +18,13 @@ log = logging.getLogger("binsight")
 def _cmd_export(args: argparse.Namespace) -> int:
     from binsight.export.onnx import export
 
+    config = config_from_args(args, ExportConfig)
     report = export(
-        args.checkpoint, args.out, data=args.data, quantize=args.quantize == "int8", version=args.version
+        config.checkpoint,
+        config.out,
+        data=config.data,
+        quantize=config.quantize == "int8",
+        version=config.version,
     )
     print(
         f"export: {report['onnx']} ({report['bytes'] / 1e6:.1f} MB); ONNX Runtime matches PyTorch within "
@@ -46,13 +53,14 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
     from binsight.serving.loadtest import format_summary, run_load
 
-    folder = Path(args.images)
-    files = sorted(folder.glob("*.jpg"))[: args.max_images] if folder.is_dir() else [folder]
+    config = config_from_args(args, LoadtestConfig)
+    folder = config.images
+    files = sorted(folder.glob("*.jpg"))[: config.max_images] if folder.is_dir() else [folder]
     if not files or not files[0].is_file():
         raise BinsightError(f"no .jpg images at {folder}", hint="point --images at a folder of bin photos")
     bodies = [f.read_bytes() for f in files]
     result = asyncio.run(
-        run_load(args.url, bodies, args.duration, args.concurrency, args.rate, poisson=args.poisson)
+        run_load(config.url, bodies, config.duration, config.concurrency, config.rate, poisson=config.poisson)
     )
     summary = result.summary()
     print(format_summary(summary))
@@ -64,15 +72,16 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     from binsight.monitoring.baseline import Baseline
     from binsight.monitoring.report import monitor, read_capture, write_report
 
-    counter = load_counter(args.model, backend="onnxruntime")
+    config = config_from_args(args, MonitorConfig)
+    counter = load_counter(config.model, backend="onnxruntime")
     if not counter.info.baseline:
         raise BinsightError(
-            f"{args.model} has no monitoring baseline", hint="export it again with this binsight version"
+            f"{config.model} has no monitoring baseline", hint="export it again with this binsight version"
         )
     baseline = Baseline.from_json(counter.info.baseline)
-    seen = read_capture(Path(args.capture_dir), tuple(counter.info.classes))
-    result = monitor(baseline, seen, args.window, args.alpha)
-    out = Path(args.out)
+    seen = read_capture(config.capture_dir, tuple(counter.info.classes))
+    result = monitor(baseline, seen, config.window, config.alpha)
+    out = config.out
     write_report(result, baseline, seen, out)
     summary = result.as_dict()
     print(
@@ -81,18 +90,49 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         + (f" ({', '.join(summary['drifted_in_latest'])})" if summary["drifted_in_latest"] else "")
         + f"; report in {out / 'report.html'}"
     )
-    return 3 if args.fail_on_drift and summary["drifted_in_latest"] else 0
+    return 3 if config.fail_on_drift and summary["drifted_in_latest"] else 0
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="best.pt of a training run")
+    out: Path = Field(description="ONNX file to write")
+    data: Path | None = Field(
+        None, description="dataset for verification and calibration (default: trained on)"
+    )
+    quantize: Literal["int8"] | None = Field(None, description="also write MODEL.int8.onnx")
+    version: str | None = Field(None, description="version string stored in the file")
+
+
+class LoadtestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="e.g. http://127.0.0.1:8080/invocations")
+    images: Path = Field(description="folder of .jpg bin photos (or one file)")
+    duration: float = Field(30.0, gt=0.0, description="seconds")
+    concurrency: int = Field(8, ge=1, description="clients in flight (closed loop)")
+    rate: float | None = Field(None, gt=0.0, description="requests/s (open loop) instead")
+    poisson: bool = Field(False, description="open loop: independent callers (exponential gaps)")
+    max_images: int = Field(200, ge=1, description="photos read from --images at most")
+
+
+class MonitorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    capture_dir: Path = Field(description="the server's --capture-dir")
+    model: Path = Field(description="the served ONNX file (it holds the baseline)")
+    out: Path = Field(Path("runs/monitor"), description="output folder")
+    window: int = Field(200, ge=10, description="photos per window")
+    alpha: float = Field(
+        0.01, gt=0.0, lt=1.0, description="chance that a window like the baseline raises an alarm"
+    )
+    fail_on_drift: bool = Field(False, description="exit 3 when the latest window drifted")
 
 
 def register(verbs: Any) -> None:
     export = verbs.add_parser("export", help="checkpoint -> verified ONNX file (optionally int8)")
-    export.add_argument("checkpoint", help="best.pt of a training run")
-    export.add_argument("--out", required=True, help="ONNX file to write")
-    export.add_argument(
-        "--data", default=None, help="dataset for verification/calibration (default: trained on)"
-    )
-    export.add_argument("--quantize", choices=["int8"], default=None, help="also write MODEL.int8.onnx")
-    export.add_argument("--version", default=None, help="version string stored in the file")
+    add_config_arguments(export, ExportConfig, positional=("checkpoint",), title="export")
     export.set_defaults(handler=_cmd_export)
 
     serve = verbs.add_parser("serve", help="HTTP counting endpoint (SageMaker-compatible)")
@@ -102,24 +142,9 @@ def register(verbs: Any) -> None:
     serve.set_defaults(handler=_cmd_serve)
 
     load = verbs.add_parser("loadtest", help="drive an endpoint and report invocations/min and latency")
-    load.add_argument("url", help="e.g. http://127.0.0.1:8080/invocations")
-    load.add_argument("--images", required=True, help="folder of .jpg bin photos (or one file)")
-    load.add_argument("--duration", type=float, default=30.0, help="seconds")
-    load.add_argument("--concurrency", type=int, default=8, help="clients in flight (closed loop)")
-    load.add_argument("--rate", type=float, default=None, help="requests/s (open loop) instead")
-    load.add_argument(
-        "--poisson", action="store_true", help="open loop: independent callers (exponential gaps)"
-    )
-    load.add_argument("--max-images", type=int, default=200)
+    add_config_arguments(load, LoadtestConfig, positional=("url",), title="load")
     load.set_defaults(handler=_cmd_loadtest)
 
     mon = verbs.add_parser("monitor", help="drift of captured traffic against the model's baseline")
-    mon.add_argument("capture_dir", help="the server's --capture-dir")
-    mon.add_argument("--model", type=Path, required=True, help="the served ONNX file (holds the baseline)")
-    mon.add_argument("--out", default="runs/monitor", help="output folder")
-    mon.add_argument("--window", type=int, default=200, help="photos per window")
-    mon.add_argument(
-        "--alpha", type=float, default=0.01, help="chance that a window like the baseline raises an alarm"
-    )
-    mon.add_argument("--fail-on-drift", action="store_true", help="exit 3 when the latest window drifted")
+    add_config_arguments(mon, MonitorConfig, positional=("capture_dir",), title="monitoring")
     mon.set_defaults(handler=_cmd_monitor)

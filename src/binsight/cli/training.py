@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.cliargs import add_config_arguments, config_from_args
 
@@ -39,20 +41,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from binsight.training.evaluate import evaluate
 
+    config = config_from_args(args, EvaluateConfig)
     result = evaluate(
-        args.checkpoint,
-        data=args.data,
-        split=args.split,
-        out=args.out,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
+        config.checkpoint,
+        data=config.data,
+        split=config.split,
+        out=config.out,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        device=config.device,
     )
     print(
-        f"{args.split}: accuracy {result['accuracy']:.4f}  off-by-one {result['off_by_one_accuracy']:.4f}  "
+        f"{config.split}: accuracy {result['accuracy']:.4f}  off-by-one {result['off_by_one_accuracy']:.4f}  "
         f"MAE {result['mae']:.4f}  RMSE {result['rmse']:.4f}  ECE {result['ece']:.4f}  n={result['n']}"
     )
-    out = args.out or Path(args.checkpoint).parent / f"eval-{args.split}"
+    out = config.out or config.checkpoint.parent / f"eval-{config.split}"
     print(f"metrics.json, confusion_matrix.png, curves.png and report.html in {out}")
     return 0
 
@@ -71,6 +74,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="best.pt or last.pt of a training run")
+    data: Path | None = Field(None, description="dataset directory (default: the one trained on)")
+    split: Literal["train", "val", "test"] = Field("test", description="split to evaluate on")
+    out: Path | None = Field(None, description="output directory (default RUN/eval-SPLIT)")
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    workers: int = Field(2, ge=0, description="data loader processes")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+
 def register(verbs: Any) -> None:
     train = verbs.add_parser("train", help="train a counting model (also under torchrun for DDP)")
     train.add_argument(
@@ -86,13 +101,7 @@ def register(verbs: Any) -> None:
     train.set_defaults(handler=_cmd_train)
 
     evaluate = verbs.add_parser("evaluate", help="metrics, confusion matrix and HTML report for a model")
-    evaluate.add_argument("checkpoint", help="best.pt or last.pt of a training run")
-    evaluate.add_argument("--data", default=None, help="dataset directory (default: the one trained on)")
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--out", default=None, help="output directory (default RUN/eval-SPLIT)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--workers", type=int, default=2)
-    evaluate.add_argument("--device", default="auto")
+    add_config_arguments(evaluate, EvaluateConfig, positional=("checkpoint",), title="evaluation")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     tune = verbs.add_parser("tune", help="Optuna hyperparameter search (parallel workers share a study)")

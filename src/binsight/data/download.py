@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import re
 import shutil
 import time
 from collections import Counter
@@ -61,21 +60,21 @@ _TRANSIENT = (
 class DownloadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    out: Path
-    bucket: str = ABID_BUCKET
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    images_prefix: str = "bin-images/"
-    metadata_prefix: str = "metadata/"
+    out: Path = Field(description="dataset directory to write")
+    bucket: str = Field(ABID_BUCKET, description="bucket to read (ABID's public one by default)")
+    endpoint_url: str | None = Field(None, description="any S3-compatible endpoint (default AWS)")
+    region: str = Field("us-east-1", description="the bucket's region")
+    images_prefix: str = Field("bin-images/", description="where the photos are in the bucket")
+    metadata_prefix: str = Field("metadata/", description="where the metadata documents are")
     ids: list[str] | None = Field(None, description="explicit image ids")
     file_list: Path | None = Field(None, description="text (one id or key per line) or JSON list")
-    classes: tuple[int, int] | None = Field(None, description="inclusive count range, e.g. (1, 5)")
+    classes: tuple[int, int] | None = Field(None, description="inclusive count range, e.g. 0-5")
     per_class: int | None = Field(None, ge=1, description="images per count class")
     limit: int | None = Field(None, ge=1, description="stop after this many images")
     max_scan: int | None = Field(None, ge=1, description="metadata files to read at most")
-    seed: int = 0
-    workers: int = Field(16, ge=1, le=256)
-    retries: int = Field(5, ge=0, le=20)
+    seed: int = Field(0, description="seed of the random selection order")
+    workers: int = Field(16, ge=1, le=256, description="parallel connections")
+    retries: int = Field(5, ge=0, le=20, description="retries per object")
 
     @model_validator(mode="after")
     def _coherent(self) -> DownloadConfig:
@@ -86,17 +85,6 @@ class DownloadConfig(BaseModel):
         if self.classes is not None and not 0 <= self.classes[0] <= self.classes[1]:
             raise ValueError(f"class range {self.classes[0]}-{self.classes[1]} is empty or negative")
         return self
-
-
-def parse_class_range(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
-    if not match:
-        raise BinsightError(f"class range {text!r} is not like '3' or '1-5'")
-    low = int(match.group(1))
-    high = int(match.group(2)) if match.group(2) is not None else low
-    if high < low:
-        raise BinsightError(f"class range {text!r} is empty", hint="write the smaller count first")
-    return low, high
 
 
 def _id_from_key(key: str) -> str:

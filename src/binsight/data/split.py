@@ -26,9 +26,9 @@ SPLIT_DIR = "splits"
 class SplitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of each count class for validation")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of each count class for testing")
+    seed: int = Field(0, description="seed of the stable assignment")
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitConfig:

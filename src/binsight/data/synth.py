@@ -43,9 +43,9 @@ class SynthConfig(BaseModel):
     class_weights: tuple[float, ...] | None = Field(
         None, description="relative frequency of counts 0..max_count (default: ABID-like)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="random seed (the photos are deterministic given it)")
     start_index: int = Field(0, ge=0, description="first image index (ids continue a previous batch)")
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="processes")
 
     @model_validator(mode="after")
     def _weights_match_classes(self) -> SynthConfig:

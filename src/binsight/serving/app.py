@@ -35,8 +35,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from binsight.serving.api_schema import ERROR_RESPONSES, invocation_body, invocation_responses
 from binsight.serving.config import ServeConfig
+from binsight.serving.inputs import RequestError, overloaded
 from binsight.serving.metrics import ServerMetrics
-from binsight.serving.service import CountingService, RequestError, overloaded
+from binsight.serving.service import CountingService
 from binsight.serving.web import static_file, traffic_summary
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ async def _instance_bytes(service: CountingService, instance: Any) -> tuple[byte
         uri = instance["s3_uri"]
         if not isinstance(uri, str):
             raise RequestError(400, "bad_s3_uri", "'s3_uri' must be a string")
-        return await service.fetch_s3(uri), uri
+        return await service.inputs.fetch_s3(uri), uri
     raise RequestError(400, "missing_image", "give 'image' (base64) or 's3_uri'")
 
 
@@ -133,7 +134,7 @@ async def _predict_request(service: CountingService, request: Request) -> tuple[
     if content_type in IMAGE_TYPES:
         expected = _expected_from_query(request.query_params.get("expected_count"))
         with _admitted(service, 1):
-            service.check_request_pixels([body])
+            service.inputs.check_request_pixels([body])
             return [await service.count(body, "body", expected)], False
     if content_type != "application/json":
         raise RequestError(
@@ -160,7 +161,7 @@ async def _predict_request(service: CountingService, request: Request) -> tuple[
     ]
     with _admitted(service, len(instances)):
         fetched = await asyncio.gather(*(_instance_bytes(service, item) for item in instances))
-        service.check_request_pixels([data for data, _ in fetched])
+        service.inputs.check_request_pixels([data for data, _ in fetched])
         predictions = await asyncio.gather(
             *(
                 service.count(data, source, count)

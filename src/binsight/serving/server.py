@@ -146,7 +146,7 @@ def _worker(config_json: str, index: int, port: int) -> None:
 
 def serve(config: ServeConfig) -> None:
     from binsight.inference.runtime import load_counter
-    from binsight.serving.service import model_source
+    from binsight.serving.sources import model_source
 
     source = model_source(config)
     # Fail here, clearly, rather than in every worker.

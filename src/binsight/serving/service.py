@@ -1,114 +1,38 @@
 """One server process's counting service: the model (hot-reloaded), the batcher, admission, capture.
 
-Routes (`app.py`) turn HTTP into calls here; everything here is independent of HTTP except
-`RequestError`, which carries the status a failure should be answered with.
+Routes (`app.py`) turn HTTP into calls here; a request's images are read and prepared by `inputs.py`,
+and the model comes from a `sources.py` source. Nothing here depends on HTTP but the status codes
+that `RequestError`s carry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from binsight.errors import BinsightError
-from binsight.imaging import ImageTooLargeError, open_image
 from binsight.inference.runtime import LoadedModel, load_counter
 from binsight.inference.verdict import VerdictPolicy, VerdictThresholds, judge, policy_for
-from binsight.monitoring.baseline import Baseline, Seen, observe_photo
+from binsight.monitoring.baseline import Baseline, Seen
 from binsight.monitoring.watch import DriftWatch
 from binsight.serving.batching import Admission, DynamicBatcher, QueueFullError
 from binsight.serving.capture import DataCapture
+from binsight.serving.inputs import RequestInputs, overloaded
 from binsight.serving.metrics import ServerMetrics
-from binsight.utils.s3 import BadS3Uri, parse_s3_uri, s3_client
+from binsight.serving.sources import ReloadFailure, model_source
 
 if TYPE_CHECKING:
     from binsight.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def overloaded() -> RequestError:
-    return RequestError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
-
-
-@dataclass
-class Prepared:
-    model: LoadedModel
-    pixels: np.ndarray
-    width: int
-    height: int
-    digest: str
-    size_bytes: int
-    signals: dict[str, float]
-
-
-@dataclass(frozen=True)
-class ReloadFailure:
-    at: str
-    error: str
-
-
-class FileSource:
-    """A model file; it changes when its inode, size or mtime does (an atomic replace changes all)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def signature(self) -> tuple[int, int, int] | None:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-    def local_path(self, signature: object) -> Path:
-        return self.path
-
-
-class ModelSource(Protocol):
-    """Where the served model comes from: a file, or a registry alias. `signature` changes when the
-    model does; `local_path` makes that model a local file."""
-
-    def signature(self) -> Any: ...
-
-    def local_path(self, signature: Any) -> Path: ...
-
-
-def model_source(config: ServeConfig) -> ModelSource:
-    if config.model is not None:
-        return FileSource(config.model)
-    from binsight.registry import AliasSource, Registry
-
-    assert config.registry is not None  # the config validator allows exactly one source
-    cache = config.registry_cache or Path(tempfile.gettempdir()) / "binsight-registry-cache"
-    return AliasSource(Registry(config.registry), config.alias, cache)
-
-
-def header_pixels(data: bytes) -> int:
-    """Pixels the image header claims (0 if unreadable: decoding will say what is wrong)."""
-    try:
-        width, height = open_image(data).size
-    except Exception:
-        return 0
-    return width * height
 
 
 class CountingService:
@@ -137,7 +61,7 @@ class CountingService:
             if config.capture_dir
             else None
         )
-        self._s3: Any = None
+        self.inputs = RequestInputs(config, self.decoder)
         self._reloader: asyncio.Task[None] | None = None
         self._drift_task: asyncio.Task[None] | None = None
 
@@ -244,92 +168,14 @@ class CountingService:
         log.info("model reloaded: %s -> %s", previous, fresh.info.version)
         return True
 
-    # ------------------------------------------------------------------ inputs
-
-    def check_request_pixels(self, images: list[bytes]) -> None:
-        """Refuse a request whose images together would take too long to decode, before decoding any."""
-        total = sum(header_pixels(data) for data in images)
-        if total > self.config.max_request_pixels:
-            raise RequestError(
-                413,
-                "too_many_pixels",
-                f"the request's images hold {total:,} pixels together; the limit is "
-                f"{self.config.max_request_pixels:,} per request (send fewer or smaller images)",
-            )
-
-    def _prepare(self, data: bytes) -> Prepared:
-        if not data:
-            raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
-        model = self.counter
-        info = model.info
-        try:
-            observed = observe_photo(data, info.input_hw, info.mean, info.std, self.config.max_image_pixels)
-        except (ImageTooLargeError, Image.DecompressionBombError) as exc:
-            raise RequestError(413, "image_too_large", str(exc)) from None
-        except UnidentifiedImageError:
-            raise RequestError(
-                400, "not_an_image", "the body is not an image Pillow can read (JPEG, PNG, ...)"
-            ) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestError(400, "corrupt_image", f"the image could not be decoded: {exc}") from None
-        return Prepared(
-            model,
-            observed.pixels,
-            observed.width,
-            observed.height,
-            hashlib.sha256(data).hexdigest(),
-            len(data),
-            observed.signals,
-        )
-
-    async def fetch_s3(self, uri: str) -> bytes:
-        try:
-            location = parse_s3_uri(uri)
-        except BadS3Uri as exc:
-            raise RequestError(400, "bad_s3_uri", exc.message) from None
-        return await asyncio.get_running_loop().run_in_executor(
-            self.decoder, self._get_s3_object, uri, location.bucket, location.key
-        )
-
-    def _get_s3_object(self, uri: str, bucket: str, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        if self._s3 is None:
-            self._s3 = s3_client(
-                self.config.s3_endpoint_url,
-                unsigned=self.config.s3_unsigned,
-                timeout_s=self.config.s3_timeout_s,
-                max_attempts=2,
-            )
-        try:
-            response = self._s3.get_object(Bucket=bucket, Key=key)
-            if response.get("ContentLength", 0) > self.config.max_body_bytes:
-                raise RequestError(
-                    413, "image_too_large", f"{uri} is over {self.config.max_body_bytes} bytes"
-                )
-            return bytes(response["Body"].read())
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in {"NoSuchKey", "NoSuchBucket", "404"}:
-                raise RequestError(404, "s3_not_found", f"{uri} does not exist") from None
-            if code in {"AccessDenied", "403"}:
-                raise RequestError(403, "s3_access_denied", f"access to {uri} was denied") from None
-            raise RequestError(502, "s3_error", f"S3 answered {code or 'an error'} for {uri}") from None
-        except NoCredentialsError:
-            raise RequestError(
-                502,
-                "s3_no_credentials",
-                f"the server has no AWS credentials to read {uri} (public buckets: serve with --s3-unsigned)",
-            ) from None
-        except BotoCoreError as exc:
-            raise RequestError(502, "s3_unreachable", f"could not fetch {uri}: {exc}") from None
-
     # ------------------------------------------------------------------ prediction
 
     async def count(self, data: bytes, source: str, expected_count: int | None) -> dict[str, Any]:
         """Count the objects in one admitted image (the caller holds its place in `admission`)."""
         started = time.perf_counter()
-        prepared = await asyncio.get_running_loop().run_in_executor(self.decoder, self._prepare, data)
+        prepared = await asyncio.get_running_loop().run_in_executor(
+            self.decoder, self.inputs.prepare, data, self.counter
+        )
         try:
             outputs = await self.batcher.submit(prepared.model, prepared.pixels)
         except QueueFullError:

@@ -12,6 +12,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from binsight.models.heads import CountingModel
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,9 @@ def all_reduce_sum(context: DistContext, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def unwrap(model: nn.Module) -> CountingModel:
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    assert isinstance(inner, CountingModel)
+    return inner

@@ -1,13 +1,12 @@
-"""The training loop: one epoch of SGD, one pass of evaluation, and the run that strings them together."""
+"""A training run: data, model and optimiser set up, resumed where a checkpoint says, then epochs of
+training and validation (`loop.py`) with checkpoints, history and monitors after each."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from torch.utils.data import DistributedSampler
 from binsight.data.split import fingerprint, load_split
 from binsight.errors import BinsightError
 from binsight.models.factory import build_model
-from binsight.models.heads import CountHead, CountingModel
 from binsight.training.checkpoint import (
     CHECKPOINT_FORMAT,
     epochs_finished,
@@ -32,7 +30,6 @@ from binsight.training.checkpoint import (
 from binsight.training.config import TrainConfig
 from binsight.training.data import (
     BinDataset,
-    Loader,
     cache_path,
     eval_transform,
     make_loader,
@@ -40,16 +37,19 @@ from binsight.training.data import (
 )
 from binsight.training.distributed import (
     DistContext,
-    all_reduce_sum,
     gather_objects,
     init_distributed,
     shutdown_distributed,
+    unwrap,
 )
+from binsight.training.hardware import Precision, resolve_device, wants_channels_last
+from binsight.training.loop import predict, train_one_epoch
 from binsight.training.metrics import Metric, counting_metrics, majority_baseline
 from binsight.training.monitors import Monitors
-from binsight.utils.io import atomic_write_json, atomic_write_text, exclusive_folder
+from binsight.training.optim import build_optimizer, build_scheduler
+from binsight.training.profiling import make_profiler, write_profile_summary
+from binsight.utils.io import atomic_write_json, exclusive_folder
 from binsight.utils.plots import history_curves
-from binsight.utils.progress import bar
 from binsight.utils.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -68,237 +68,6 @@ RESUMABLE_CHANGES = {
 }
 
 
-def resolve_device(requested: str, context: DistContext) -> torch.device:
-    if requested == "auto":
-        return torch.device(f"cuda:{context.local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BinsightError(
-            f"device {requested!r} asked for, but no CUDA GPU is visible",
-            hint="use --device cpu or --device auto",
-        )
-    if device.type == "cuda" and context.enabled:
-        device = torch.device(f"cuda:{context.local_rank}")
-    return device
-
-
-def unwrap(model: nn.Module) -> CountingModel:
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    assert isinstance(inner, CountingModel)
-    return inner
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """No weight decay on norms and biases (decaying them only hurts, as in timm and torchvision refs);
-    the pretrained backbone moves at `backbone_lr_scale` of the new head's rate, so fine-tuning adapts
-    the ImageNet features rather than overwriting them in the first noisy steps of the head."""
-    groups = []
-    for part, scale in ((unwrap(model).backbone, config.backbone_lr_scale), (unwrap(model).head, 1.0)):
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for parameter in part.parameters():
-            if parameter.requires_grad:
-                (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-        groups += [
-            {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr * scale},
-            {"params": no_decay, "weight_decay": 0.0, "lr": config.lr * scale},
-        ]
-    groups = [g for g in groups if g["params"]]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    total = max(1, config.epochs * steps_per_epoch)
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=[group["lr"] for group in optimizer.param_groups],
-            total_steps=total,
-            pct_start=max(0.05, config.warmup_epochs / config.epochs),
-        )
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions at 2x or more the fp32 rate (measured in
-    docs/benchmarks.md); elsewhere bf16 on CPU is emulated and slower than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-class Precision:
-    """Mixed precision: bfloat16 where the hardware runs it natively (no loss scaling needed), float16 on
-    GPUs without bf16."""
-
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-        enabled = config.amp == "on" or (config.amp == "auto" and native)
-        self.device_type = device.type
-        if device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.dtype = torch.bfloat16
-        self.enabled = enabled
-        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == torch.float16)
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
-
-
-def _batches(
-    loader: Loader, device: torch.device, channels_last: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-    """Batches on the device, with the seconds spent waiting for each (the loader's share of time)."""
-    iterator = iter(loader)
-    while True:
-        started = time.perf_counter()
-        try:
-            images, targets, indices = next(iterator)
-        except StopIteration:
-            return
-        waited = time.perf_counter() - started
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        yield images, targets.to(device, non_blocking=True), indices, waited
-
-
-def train_one_epoch(
-    model: nn.Module,
-    head: CountHead,
-    loader: Loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    precision: Precision,
-    device: torch.device,
-    config: TrainConfig,
-    monitors: Monitors,
-    epoch: int,
-    context: DistContext,
-    profiler: Any = None,
-) -> dict[str, float]:
-    model.train()
-    channels_last = _channels_last(config, device)
-    loss_sum, seen, data_seconds, steps = 0.0, 0, 0.0, 0
-    grad_norms: list[float] = []
-    total_steps = (
-        len(loader) if config.max_train_batches is None else min(len(loader), config.max_train_batches)
-    )
-    started = time.perf_counter()
-    with bar(
-        total_steps * (loader.batch_size or 1) * context.world_size,
-        f"epoch {epoch + 1}/{config.epochs}",
-        unit="img",
-    ) as progress:
-        for images, targets, _, waited in _batches(loader, device, channels_last):
-            if steps >= total_steps:
-                break
-            with precision.autocast():
-                outputs = model(images)
-            loss = head.loss(
-                outputs.float(),
-                targets,
-                config.label_smoothing,
-                neighbour_smoothing=config.neighbour_smoothing,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # untyped in torch
-            precision.scaler.unscale_(optimizer)
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.grad_clip or float("inf"))
-            )
-            monitors.check_gradient(grad_norm, epoch, steps)
-            if math.isfinite(grad_norm) or precision.scaler.is_enabled():
-                precision.scaler.step(optimizer)  # skips the step itself on inf/nan under fp16
-            precision.scaler.update()
-            scheduler.step()
-            if profiler is not None:
-                profiler.step()
-
-            steps += 1
-            batch = targets.shape[0]
-            loss_sum += float(loss.detach()) * batch
-            seen += batch
-            data_seconds += waited
-            grad_norms.append(grad_norm)
-            progress.update(batch * context.world_size)
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
-    loss_total, seen_total = all_reduce_sum(context, [loss_sum, float(seen)])
-    finite = [g for g in grad_norms if math.isfinite(g)]
-    return {
-        "train_loss": loss_total / max(seen_total, 1.0),
-        "train_images_per_second": seen_total / seconds,
-        "data_wait_fraction": data_seconds / seconds,
-        "grad_norm_mean": float(np.mean(finite)) if finite else float("nan"),
-        "grad_norm_max": float(np.max(finite)) if finite else float("nan"),
-        "seconds": seconds,
-    }
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    head: CountHead,
-    loader: Loader,
-    device: torch.device,
-    precision: Precision,
-    context: DistContext,
-    channels_last: bool = False,
-    label_smoothing: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """(targets, probabilities, mean loss) over the whole dataset, gathered from every process."""
-    model.eval()
-    indices_all: list[np.ndarray] = []
-    probs_all: list[np.ndarray] = []
-    targets_all: list[np.ndarray] = []
-    losses_all: list[np.ndarray] = []
-    for images, targets, indices, _ in _batches(loader, device, channels_last):
-        with precision.autocast():
-            outputs = model(images)
-        outputs = outputs.float()
-        losses = head.loss(outputs, targets, label_smoothing, reduction="none")
-        indices_all.append(indices.numpy())
-        probs_all.append(head.probabilities(outputs).cpu().numpy())
-        targets_all.append(targets.cpu().numpy())
-        losses_all.append(losses.cpu().numpy())
-    local = tuple(
-        np.concatenate(parts) if parts else np.zeros(0)
-        for parts in (indices_all, probs_all, targets_all, losses_all)
-    )
-    # A DistributedSampler pads the last shard with repeats; keep one prediction per image.
-    merged: dict[int, tuple[np.ndarray, int, float]] = {}
-    for idx, probs, tgts, losses in gather_objects(context, local):
-        for index, prob, target, loss in zip(idx, probs, tgts, losses, strict=True):
-            merged.setdefault(int(index), (prob, int(target), float(loss)))
-    order = sorted(merged)
-    probabilities = np.stack([merged[i][0] for i in order])
-    gathered_targets = np.array([merged[i][1] for i in order])
-    return gathered_targets, probabilities, float(np.mean([merged[i][2] for i in order]))
-
-
-def _channels_last(config: TrainConfig, device: torch.device) -> bool:
-    # oneDNN's and cuDNN's fast bf16/fp16 convolutions want NHWC; in fp32 on CPU it is a wash.
-    return config.channels_last == "on" or (
-        config.channels_last == "auto" and Precision(config, device).enabled
-    )
-
-
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     current = config.model_dump(mode="json")
     changed = sorted(k for k, v in saved.items() if k not in RESUMABLE_CHANGES and current.get(k) != v)
@@ -307,37 +76,6 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
             f"{config.out} holds a run with different settings ({', '.join(changed)})",
             hint="use a new --out for a new experiment, or --fresh to overwrite this one",
         )
-
-
-def _make_profiler(config: TrainConfig, device: torch.device, out: Path) -> Any:
-    """Profile `profile_steps` steps after one warm-up step; the trace is written when they end."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    def write_trace(profiler: Any) -> None:
-        folder = out / "profile"
-        folder.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(folder / "trace.json"))
-        sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        profiler.binsight_table = profiler.key_averages().table(sort_by=sort_key, row_limit=15)
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    return profile(
-        activities=activities,
-        schedule=schedule(wait=0, warmup=1, active=config.profile_steps, repeat=1),
-        on_trace_ready=write_trace,
-    )
-
-
-def _write_profile_summary(profiler: Any, out: Path, epoch_stats: dict[str, float]) -> None:
-    table = getattr(profiler, "binsight_table", "(the epoch ended before the profiled steps did)")
-    summary = (
-        f"data loading: {100 * epoch_stats['data_wait_fraction']:.1f}% of epoch time spent waiting "
-        f"for batches; {epoch_stats['train_images_per_second']:.1f} images/s\n\n"
-        f"Top operators by self time over {out / 'profile' / 'trace.json'} "
-        f"(open it in Perfetto or chrome://tracing):\n{table}\n"
-    )
-    atomic_write_text(out / "profile" / "summary.txt", summary)
-    log.info("profile summary in %s", out / "profile" / "summary.txt")
 
 
 def stream_seed(*parts: int) -> int:
@@ -396,7 +134,7 @@ def _train(
     model = build_model(
         config.arch, config.head, num_classes, config.pretrained, config.weights, config.dropout
     ).to(device)
-    channels_last = _channels_last(config, device)
+    channels_last = wants_channels_last(config, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
     head = model.head
@@ -501,7 +239,7 @@ def _train(
         train_loader.generator.manual_seed(stream_seed(config.seed, context.rank, epoch))
         profiler = None
         if config.profile_steps and epoch == start_epoch and context.is_main:
-            profiler = _make_profiler(config, device, out)
+            profiler = make_profiler(config, device, out)
             profiler.start()
         stats = train_one_epoch(
             trained,
@@ -519,7 +257,7 @@ def _train(
         )
         if profiler is not None:
             profiler.stop()
-            _write_profile_summary(profiler, out, stats)
+            write_profile_summary(profiler, out, stats)
         _, probabilities, val_loss = predict(
             trained, head, val_loader, device, precision, context, channels_last, config.label_smoothing
         )

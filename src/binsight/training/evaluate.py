@@ -19,7 +19,8 @@ from binsight.training.checkpoint import epochs_finished, load_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.data import BinDataset, eval_transform, make_loader
 from binsight.training.distributed import DistContext
-from binsight.training.engine import Precision, predict, resolve_device
+from binsight.training.hardware import Precision, resolve_device
+from binsight.training.loop import predict
 from binsight.training.metrics import counting_metrics, majority_baseline
 from binsight.utils.io import atomic_write_json
 from binsight.utils.plots import confusion_matrix_plot, history_curves

@@ -1,0 +1,59 @@
+"""Where and in what precision training runs: the device, mixed precision where the hardware computes it
+natively, and the memory layout its fast kernels want."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from binsight.errors import BinsightError
+from binsight.training.config import TrainConfig
+from binsight.training.distributed import DistContext
+
+
+def resolve_device(requested: str, context: DistContext) -> torch.device:
+    if requested == "auto":
+        return torch.device(f"cuda:{context.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BinsightError(
+            f"device {requested!r} asked for, but no CUDA GPU is visible",
+            hint="use --device cpu or --device auto",
+        )
+    if device.type == "cuda" and context.enabled:
+        device = torch.device(f"cuda:{context.local_rank}")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions at 2x or more the fp32 rate (measured in
+    docs/benchmarks.md); elsewhere bf16 on CPU is emulated and slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+class Precision:
+    """Mixed precision: bfloat16 where the hardware runs it natively (no loss scaling needed), float16 on
+    GPUs without bf16."""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        enabled = config.amp == "on" or (config.amp == "auto" and native)
+        self.device_type = device.type
+        if device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            self.dtype = torch.bfloat16
+        self.enabled = enabled
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def wants_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    # oneDNN's and cuDNN's fast bf16/fp16 convolutions want NHWC; in fp32 on CPU it is a wash.
+    return config.channels_last == "on" or (
+        config.channels_last == "auto" and Precision(config, device).enabled
+    )

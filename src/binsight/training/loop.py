@@ -1,0 +1,154 @@
+"""One epoch of training and one pass of prediction, with the loader's share of the time measured."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from binsight.models.heads import CountHead
+from binsight.training.config import TrainConfig
+from binsight.training.data import Loader
+from binsight.training.distributed import DistContext, all_reduce_sum, gather_objects
+from binsight.training.hardware import Precision, wants_channels_last
+from binsight.training.monitors import Monitors
+from binsight.utils.progress import bar
+
+
+def _batches(
+    loader: Loader, device: torch.device, channels_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    """Batches on the device, with the seconds spent waiting for each (the loader's share of time)."""
+    iterator = iter(loader)
+    while True:
+        started = time.perf_counter()
+        try:
+            images, targets, indices = next(iterator)
+        except StopIteration:
+            return
+        waited = time.perf_counter() - started
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        yield images, targets.to(device, non_blocking=True), indices, waited
+
+
+def train_one_epoch(
+    model: nn.Module,
+    head: CountHead,
+    loader: Loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    device: torch.device,
+    config: TrainConfig,
+    monitors: Monitors,
+    epoch: int,
+    context: DistContext,
+    profiler: Any = None,
+) -> dict[str, float]:
+    model.train()
+    channels_last = wants_channels_last(config, device)
+    loss_sum, seen, data_seconds, steps = 0.0, 0, 0.0, 0
+    grad_norms: list[float] = []
+    total_steps = (
+        len(loader) if config.max_train_batches is None else min(len(loader), config.max_train_batches)
+    )
+    started = time.perf_counter()
+    with bar(
+        total_steps * (loader.batch_size or 1) * context.world_size,
+        f"epoch {epoch + 1}/{config.epochs}",
+        unit="img",
+    ) as progress:
+        for images, targets, _, waited in _batches(loader, device, channels_last):
+            if steps >= total_steps:
+                break
+            with precision.autocast():
+                outputs = model(images)
+            loss = head.loss(
+                outputs.float(),
+                targets,
+                config.label_smoothing,
+                neighbour_smoothing=config.neighbour_smoothing,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            precision.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # untyped in torch
+            precision.scaler.unscale_(optimizer)
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.grad_clip or float("inf"))
+            )
+            monitors.check_gradient(grad_norm, epoch, steps)
+            if math.isfinite(grad_norm) or precision.scaler.is_enabled():
+                precision.scaler.step(optimizer)  # skips the step itself on inf/nan under fp16
+            precision.scaler.update()
+            scheduler.step()
+            if profiler is not None:
+                profiler.step()
+
+            steps += 1
+            batch = targets.shape[0]
+            loss_sum += float(loss.detach()) * batch
+            seen += batch
+            data_seconds += waited
+            grad_norms.append(grad_norm)
+            progress.update(batch * context.world_size)
+            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    loss_total, seen_total = all_reduce_sum(context, [loss_sum, float(seen)])
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    return {
+        "train_loss": loss_total / max(seen_total, 1.0),
+        "train_images_per_second": seen_total / seconds,
+        "data_wait_fraction": data_seconds / seconds,
+        "grad_norm_mean": float(np.mean(finite)) if finite else float("nan"),
+        "grad_norm_max": float(np.max(finite)) if finite else float("nan"),
+        "seconds": seconds,
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    head: CountHead,
+    loader: Loader,
+    device: torch.device,
+    precision: Precision,
+    context: DistContext,
+    channels_last: bool = False,
+    label_smoothing: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(targets, probabilities, mean loss) over the whole dataset, gathered from every process."""
+    model.eval()
+    indices_all: list[np.ndarray] = []
+    probs_all: list[np.ndarray] = []
+    targets_all: list[np.ndarray] = []
+    losses_all: list[np.ndarray] = []
+    for images, targets, indices, _ in _batches(loader, device, channels_last):
+        with precision.autocast():
+            outputs = model(images)
+        outputs = outputs.float()
+        losses = head.loss(outputs, targets, label_smoothing, reduction="none")
+        indices_all.append(indices.numpy())
+        probs_all.append(head.probabilities(outputs).cpu().numpy())
+        targets_all.append(targets.cpu().numpy())
+        losses_all.append(losses.cpu().numpy())
+    local = tuple(
+        np.concatenate(parts) if parts else np.zeros(0)
+        for parts in (indices_all, probs_all, targets_all, losses_all)
+    )
+    # A DistributedSampler pads the last shard with repeats; keep one prediction per image.
+    merged: dict[int, tuple[np.ndarray, int, float]] = {}
+    for idx, probs, tgts, losses in gather_objects(context, local):
+        for index, prob, target, loss in zip(idx, probs, tgts, losses, strict=True):
+            merged.setdefault(int(index), (prob, int(target), float(loss)))
+    order = sorted(merged)
+    probabilities = np.stack([merged[i][0] for i in order])
+    gathered_targets = np.array([merged[i][1] for i in order])
+    return gathered_targets, probabilities, float(np.mean([merged[i][2] for i in order]))

@@ -1,0 +1,56 @@
+"""Optimiser and learning-rate schedule, the way torchvision's and timm's references set them up."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from binsight.training.config import TrainConfig
+from binsight.training.distributed import unwrap
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on norms and biases (decaying them only hurts, as in timm and torchvision refs);
+    the pretrained backbone moves at `backbone_lr_scale` of the new head's rate, so fine-tuning adapts
+    the ImageNet features rather than overwriting them in the first noisy steps of the head."""
+    groups = []
+    for part, scale in ((unwrap(model).backbone, config.backbone_lr_scale), (unwrap(model).head, 1.0)):
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for parameter in part.parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+        groups += [
+            {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr * scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr": config.lr * scale},
+        ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total,
+            pct_start=max(0.05, config.warmup_epochs / config.epochs),
+        )
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
