@@ -23,6 +23,8 @@ from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import evaluate
+from binsight.training.metrics import Metric
+from binsight.training.results import EvaluationReport, TrainSummary
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +58,10 @@ def tiny(bins: Path, out: Path, **changes: object) -> TrainConfig:
 
 def test_a_small_model_learns_to_count_and_is_reported(bins: Path, tmp_path: Path) -> None:
     summary = train(tiny(bins, tmp_path / "run", tensorboard=True))
-    baseline = summary["majority_baseline_val_accuracy"]
-    assert summary["best"]["value"] >= baseline + 0.1, (summary["best"], baseline)
-    history = summary["history"]
+    baseline = summary.majority_baseline_val_accuracy
+    assert (summary.best.value or 0) >= baseline + 0.1, (summary.best, baseline)
+    history = summary.history
+    assert TrainSummary.read(tmp_path / "run" / "history.json") == summary  # what is written is what is read
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
     assert history[-1]["val_mae"] < 1.0
     for name in ("best.pt", "last.pt", "history.json", "curves.png", "config.json"):
@@ -66,10 +69,10 @@ def test_a_small_model_learns_to_count_and_is_reported(bins: Path, tmp_path: Pat
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
     result = evaluate(tmp_path / "run" / "best.pt", split="test", workers=0)
-    assert result["n"] == 90 and result["accuracy"] > result["majority_baseline_accuracy"]
+    assert result.n == 90 and result.accuracy > (result.majority_baseline_accuracy or 1.0)
     out = tmp_path / "run" / "eval-test"
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["accuracy"] == result["accuracy"] and len(saved["confusion_matrix"]) == 6
+    assert EvaluationReport.read(out / "metrics.json") == result  # what is written is what is read
+    assert len(result.confusion_matrix) == 6 and result.value(Metric.MAE) == result.mae
     report = (out / "report.html").read_text()
     assert "Confusion matrix" in report and "data:image/png;base64," in report
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
@@ -249,10 +252,10 @@ def test_ddp_with_two_cpu_processes(bins: Path, tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", BINSIGHT_PROGRESS="0")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((out / "history.json").read_text())
-    assert summary["world_size"] == 2
-    assert summary["replicas_in_sync"] is True
-    assert summary["epochs_run"] == 2
+    summary = TrainSummary.read(out / "history.json")
+    assert summary.world_size == 2
+    assert summary.replicas_in_sync is True
+    assert summary.epochs_run == 2
     # Validation was sharded over both ranks and gathered: every image counted exactly once.
     best = load_checkpoint(out / "best.pt")
     assert best["val_metrics"]["n"] == 90

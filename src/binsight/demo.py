@@ -50,15 +50,15 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
     )
     print(f"[5/8] fine-tuning {config.arch} (ImageNet weights) for {epochs} epochs on CPU...")
     result = train(config)
-    best = result["best"]
+    best = result.best
     print(
-        f"      best val accuracy {best['value']:.3f} at epoch {best['epoch']} "
-        f"(always answering the most common count: {result['majority_baseline_val_accuracy']:.3f})"
+        f"      best val accuracy {best.value or float('nan'):.3f} at epoch {best.epoch} "
+        f"(always answering the most common count: {result.majority_baseline_val_accuracy:.3f})"
     )
     metrics = evaluate(out / "model" / "best.pt", split="test")
     print(
-        f"[6/8] test: accuracy {metrics['accuracy']:.3f}, off-by-one {metrics['off_by_one_accuracy']:.3f}, "
-        f"MAE {metrics['mae']:.3f}, RMSE {metrics['rmse']:.3f}, ECE {metrics['ece']:.3f}"
+        f"[6/8] test: accuracy {metrics.accuracy:.3f}, off-by-one {metrics.off_by_one_accuracy:.3f}, "
+        f"MAE {metrics.mae:.3f}, RMSE {metrics.rmse:.3f}, ECE {metrics.ece:.3f}"
     )
     onnx = export(out / "model" / "best.pt", out / "model.onnx", quantize=True)
     int8 = onnx["int8"]

@@ -25,15 +25,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(config, fresh=args.fresh)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    best = summary["best"]
+    best = summary.best
     print(
-        f"train: best val {best['metric']} {best['value']:.4f} at epoch {best['epoch']} "
-        f"(majority-class accuracy {summary['majority_baseline_val_accuracy']:.3f}); run in {config.out}"
+        f"train: best val {best.metric} {best.value or float('nan'):.4f} at epoch {best.epoch} "
+        f"(majority-class accuracy {summary.majority_baseline_val_accuracy:.3f}); run in {config.out}"
     )
     result = evaluate(Path(config.out) / "best.pt", split="val", workers=config.workers)
     print(
         f"val report: {Path(config.out) / 'eval-val' / 'report.html'} "
-        f"(accuracy {result['accuracy']:.3f}, MAE {result['mae']:.3f})"
+        f"(accuracy {result.accuracy:.3f}, MAE {result.mae:.3f})"
     )
     return 0
 
@@ -52,8 +52,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         device=config.device,
     )
     print(
-        f"{config.split}: accuracy {result['accuracy']:.4f}  off-by-one {result['off_by_one_accuracy']:.4f}  "
-        f"MAE {result['mae']:.4f}  RMSE {result['rmse']:.4f}  ECE {result['ece']:.4f}  n={result['n']}"
+        f"{config.split}: accuracy {result.accuracy:.4f}  off-by-one {result.off_by_one_accuracy:.4f}  "
+        f"MAE {result.mae:.4f}  RMSE {result.rmse:.4f}  ECE {result.ece:.4f}  n={result.n}"
     )
     out = config.out or config.checkpoint.parent / f"eval-{config.split}"
     print(f"metrics.json, confusion_matrix.png, curves.png and report.html in {out}")

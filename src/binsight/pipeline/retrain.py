@@ -167,7 +167,10 @@ class Pipeline:
 
         overrides = {**self.config.train_overrides, "data": self.config.data, "out": self.dir / "train"}
         summary = train(load_config(self.config.train_config, overrides))
-        return {"checkpoint": str(self.dir / "train" / "best.pt"), "best": summary["best"]}
+        return {
+            "checkpoint": str(self.dir / "train" / "best.pt"),
+            "best": summary.best.model_dump(mode="json"),
+        }
 
     def _export(self) -> dict[str, Any]:
         from binsight.export.onnx import export
@@ -187,7 +190,7 @@ class Pipeline:
             workers=0,
         )
         result: dict[str, Any] = {
-            "candidate": {k: candidate[k] for k in keys},
+            "candidate": candidate.model_dump(include=set(keys)),
             "production": None,
             "production_version": None,
         }
@@ -198,7 +201,7 @@ class Pipeline:
             production = evaluate(
                 checkpoint, data=self.config.data, split="test", out=self.dir / "eval-production", workers=0
             )
-            result["production"] = {k: production[k] for k in keys}
+            result["production"] = production.model_dump(include=set(keys))
             result["production_version"] = version
         return result
 

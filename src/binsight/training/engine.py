@@ -3,7 +3,6 @@ training and validation (`loop.py`) with checkpoints, history and monitors after
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from binsight.training.metrics import Metric, counting_metrics, majority_baselin
 from binsight.training.monitors import Monitors
 from binsight.training.optim import build_optimizer, build_scheduler
 from binsight.training.profiling import make_profiler, write_profile_summary
+from binsight.training.results import BestEpoch, TrainSummary
 from binsight.utils.io import atomic_write_json, exclusive_folder
 from binsight.utils.plots import history_curves
 from binsight.utils.storage import Store, open_store
@@ -97,7 +97,7 @@ def _fetch_remote_checkpoints(remote: Store, out: Path) -> None:
 
 def train(
     config: TrainConfig, fresh: bool = False, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
+) -> TrainSummary:
     """Train, validate every epoch, keep the best model; returns the run summary.
 
     `on_epoch_end` sees each epoch's record after its checkpoint is saved; an exception it raises (a
@@ -121,7 +121,7 @@ def _train(
     context: DistContext,
     fresh: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
-) -> dict[str, Any]:
+) -> TrainSummary:
     device = resolve_device(config.device, context)
     out = Path(config.out)
     data_dir = Path(config.data)
@@ -190,7 +190,7 @@ def _train(
     )
 
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": None, "value": None}
+    best = BestEpoch(metric=config.select_metric)
     start_epoch, stale_epochs = 0, 0
     last_path, best_path = out / "last.pt", out / "best.pt"
     remote = open_store(config.checkpoint_dir) if config.checkpoint_dir else None
@@ -206,7 +206,8 @@ def _train(
         scheduler.load_state_dict(state["scheduler"])
         precision.scaler.load_state_dict(state["scaler"])
         monitors.load_state_dict(state["monitors"])
-        history, best, stale_epochs = state["history"], state["best"], state["stale_epochs"]
+        history, stale_epochs = state["history"], state["stale_epochs"]
+        best = BestEpoch.model_validate({**state["best"], "metric": config.select_metric})
         start_epoch = epochs_finished(state)
         restore_rng_state(state["rng"][min(context.rank, len(state["rng"]) - 1)])
         log.info("resumed %s at epoch %d of %d", last_path, start_epoch + 1, config.epochs)
@@ -232,7 +233,7 @@ def _train(
         )
 
     for epoch in range(start_epoch, config.epochs):
-        if best["epoch"] is not None and config.early_stopping and stale_epochs >= config.early_stopping:
+        if best.epoch is not None and config.early_stopping and stale_epochs >= config.early_stopping:
             break
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
@@ -272,9 +273,9 @@ def _train(
         history.append(record)
         monitors.check_epoch(epoch, [h["train_loss"] for h in history], [h["val_loss"] for h in history])
         value = val_loss if config.select_metric == Metric.LOSS else metrics[config.select_metric]
-        improved = config.select_metric.improves(value, best["value"])
+        improved = config.select_metric.improves(value, best.value)
         if improved:
-            best, stale_epochs = {"epoch": epoch + 1, "value": value, "metric": config.select_metric}, 0
+            best, stale_epochs = BestEpoch(epoch=epoch + 1, value=value, metric=config.select_metric), 0
         else:
             stale_epochs += 1
         log.info(
@@ -298,7 +299,7 @@ def _train(
                 "checkpoint_format": CHECKPOINT_FORMAT,
                 "epoch": epoch + 1,
                 "history": history,
-                "best": best,
+                "best": best.model_dump(mode="json"),
                 "train_fingerprint": fingerprint(train_rows),
                 "val_fingerprint": fingerprint(val_rows),
             }
@@ -340,29 +341,28 @@ def _train(
     in_sync = all(abs(c - checksums[0]) <= 1e-6 * max(1.0, abs(checksums[0])) for c in checksums)
     if not in_sync:
         log.error("model replicas diverged across ranks: parameter checksums %s", checksums)
-    summary = {
-        "out": str(out),
-        "replicas_in_sync": in_sync,
-        "num_classes": num_classes,
-        "epochs_run": len(history),
-        "best": best,
-        "majority_baseline_val_accuracy": majority_baseline(train_counts, val_set.counts),
-        "history": history,
-        "findings": [f.__dict__ for f in monitors.findings],
-        "world_size": context.world_size,
-        "device": str(device),
-    }
+    summary = TrainSummary(
+        out=str(out),
+        replicas_in_sync=in_sync,
+        num_classes=num_classes,
+        epochs_run=len(history),
+        best=best,
+        majority_baseline_val_accuracy=majority_baseline(train_counts, val_set.counts),
+        history=history,
+        findings=[f.__dict__ for f in monitors.findings],
+        world_size=context.world_size,
+        device=str(device),
+    )
     if context.is_main:
         if writer is not None:
             writer.close()
-        atomic_write_json(out / "history.json", summary)
+        summary.write(out / "history.json")
         history_curves(history, out / "curves.png")
         log.info(
             "best %s %.4f at epoch %s; summary in %s",
             config.select_metric,
-            best["value"],
-            best["epoch"],
+            best.value,
+            best.epoch,
             out / "history.json",
         )
-    plain: dict[str, Any] = json.loads(json.dumps(summary, default=float))
-    return plain
+    return summary

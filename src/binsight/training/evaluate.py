@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from binsight.training.distributed import DistContext
 from binsight.training.hardware import Precision, resolve_device
 from binsight.training.loop import predict
 from binsight.training.metrics import counting_metrics, majority_baseline
-from binsight.utils.io import atomic_write_json
+from binsight.training.results import EvaluationReport, TrainSummary
 from binsight.utils.plots import confusion_matrix_plot, history_curves
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def evaluate(
     batch_size: int = 64,
     workers: int = 2,
     device: str = "auto",
-) -> dict[str, Any]:
+) -> EvaluationReport:
     checkpoint = load_checkpoint(checkpoint_path)
     model, config, num_classes = load_model(checkpoint)
     data_dir = Path(data) if data else Path(config.data)
@@ -66,19 +65,19 @@ def evaluate(
         baseline = majority_baseline(train_counts, dataset.counts)
     except BinsightError:
         baseline = None
-    result = {
-        "checkpoint": str(checkpoint_path),
-        "split": split,
-        "split_fingerprint": fingerprint(rows),
-        "loss": loss,
-        "majority_baseline_accuracy": baseline,
-        "arch": config.arch,
-        "head": config.head,
-        "epoch": epochs_finished(checkpoint),
+    report = EvaluationReport(
+        checkpoint=str(checkpoint_path),
+        split=split,
+        split_fingerprint=fingerprint(rows),
+        loss=loss,
+        majority_baseline_accuracy=baseline,
+        arch=config.arch,
+        head=config.head,
+        epoch=epochs_finished(checkpoint),
         **metrics,
-    }
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "metrics.json", result)
+    report.write(out_dir / "metrics.json")
     labels = [str(k) for k in range(num_classes)]
     labels[-1] = (
         f"{num_classes - 1}+" if int(max(int(r["count"]) for r in rows)) >= num_classes else labels[-1]
@@ -93,16 +92,14 @@ def evaluate(
     if history:
         history_curves(history, out_dir / "curves.png")
     findings = _findings(Path(checkpoint_path).parent)
-    write_report(result, history, findings, out_dir)
-    return result
+    write_report(report.model_dump(mode="json"), history, findings, out_dir)
+    return report
 
 
 def _findings(run_dir: Path) -> list[dict[str, Any]]:
     """The monitors' findings, from the run summary that training writes next to its checkpoints."""
     summary = run_dir / "history.json"
-    if not summary.exists():
-        return []
-    return list(json.loads(summary.read_text()).get("findings", []))
+    return TrainSummary.read(summary).findings if summary.exists() else []
 
 
 def write_report(

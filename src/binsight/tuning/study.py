@@ -130,7 +130,9 @@ def objective(config: TuneConfig) -> Any:
                 raise optuna.TrialPruned(f"epoch {record['epoch']}: {key} {record[key]:.4f}")
 
         summary = train(train_config, on_epoch_end=report)
-        return float(summary["best"]["value"])
+        if summary.best.value is None:
+            raise optuna.TrialPruned("the trial ended before its first epoch")
+        return summary.best.value
 
     return run
 
