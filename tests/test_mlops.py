@@ -21,6 +21,7 @@ from binsight.cli import main
 from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.errors import BinsightError
 from binsight.pipeline.retrain import Pipeline, PipelineConfig, compare
+from binsight.pipeline.state import Decision, PipelineState, Promoted
 from binsight.registry import Registry
 from binsight.serving.app import create_app
 from binsight.serving.config import ServeConfig
@@ -109,17 +110,16 @@ def test_server_follows_a_registry_alias(trained: dict[str, Path], tmp_path: Pat
 def test_compare_promotes_only_a_real_improvement() -> None:
     production = {"accuracy": 0.60, "off_by_one_accuracy": 0.90, "mae": 0.50, "rmse": 0.80}
     better = {**production, "accuracy": 0.63}
-    assert compare(better, production, Metric.ACCURACY, 0.01, 0.02)["promote"] is True
-    assert compare(better, production, Metric.ACCURACY, 0.05, 0.02)["promote"] is False
+    assert compare(better, production, Metric.ACCURACY, 0.01, 0.02).promote is True
+    assert compare(better, production, Metric.ACCURACY, 0.05, 0.02).promote is False
     worse_elsewhere = {**better, "mae": 0.60}
     decision = compare(worse_elsewhere, production, Metric.ACCURACY, 0.01, 0.02)
-    assert decision["promote"] is False and "mae" in decision["reason"]
+    assert decision.promote is False and "mae" in decision.reason
     lower_mae = {**production, "mae": 0.40}
-    assert compare(lower_mae, production, Metric.MAE, 0.05, 0.02)["promote"] is True
-    assert compare(better, None, Metric.ACCURACY, 0.01, 0.02) == {
-        "promote": True,
-        "reason": "no production model yet",
-    }
+    assert compare(lower_mae, production, Metric.MAE, 0.05, 0.02).promote is True
+    assert compare(better, None, Metric.ACCURACY, 0.01, 0.02) == Decision(
+        promote=True, reason="no production model yet"
+    )
 
 
 def test_pipeline_registers_promotes_resumes_and_ingests(
@@ -142,7 +142,7 @@ def test_pipeline_registers_promotes_resumes_and_ingests(
         data=data, registry=str(tmp_path / "registry"), work_dir=tmp_path / "work", train_overrides=weak
     )
 
-    def broken_promote(self: Pipeline) -> dict:
+    def broken_promote(self: Pipeline, *steps: object) -> dict:
         raise RuntimeError("killed between register and promote")
 
     monkeypatch.setattr(Pipeline, "_promote", broken_promote)
@@ -152,17 +152,19 @@ def test_pipeline_registers_promotes_resumes_and_ingests(
     first = Pipeline(PipelineConfig(**base, run_id="first")).run()  # the same command, run again
     registry = Registry(tmp_path / "registry")
     assert registry.versions() == ["v0001"]  # registered once, not twice
-    assert first["promote"] == {"promoted": True, "production": "v0001"}
+    assert first.promote == Promoted(promoted=True, production="v0001")
+    assert PipelineState.read(tmp_path / "work/first/state.json", "first") == first
     assert registry.resolve("production") == "v0001" and registry.resolve("candidate") == "v0001"
     assert (tmp_path / "work/first/comparison.html").exists()
 
     new = tmp_path / "new"
     generate_dataset(new, SynthConfig(n_images=20, image_size=64, seed=9, start_index=5000, workers=1))
     second = Pipeline(PipelineConfig(**base, run_id="second", new_data=str(new))).run()
-    assert second["ingest"]["added_images"] == 20 and second["ingest"]["indexed"] == 180
+    assert second.ingest is not None and second.evaluate is not None and second.promote is not None
+    assert second.ingest.added_images == 20 and second.ingest.indexed == 180
     # Same recipe, same seed: the candidate is no better, so production stays.
-    assert second["evaluate"]["production_version"] == "v0001"
-    assert second["promote"]["promoted"] is False and registry.resolve("production") == "v0001"
+    assert second.evaluate.production_version == "v0001"
+    assert second.promote.promoted is False and registry.resolve("production") == "v0001"
     assert registry.resolve("candidate") == "v0002"
     saved = json.loads((tmp_path / "work/second/comparison.json").read_text())
     assert saved["evaluation"]["candidate"]["n"] == saved["evaluation"]["production"]["n"]

@@ -63,12 +63,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from binsight.pipeline.retrain import Pipeline, PipelineConfig
 
-    result = Pipeline(config_from_args(args, PipelineConfig)).run()
-    promote, decision = result["promote"], result["decide"]
+    state = Pipeline(config_from_args(args, PipelineConfig)).run()
+    assert state.promote is not None and state.decide is not None and state.registration is not None
     print(
-        f"pipeline {result['run_id']}: candidate {result['register']['version']} "
-        f"{'promoted' if promote['promoted'] else 'not promoted'} ({decision['reason']}); "
-        f"production is {promote['production']}"
+        f"pipeline {state.run_id}: candidate {state.registration.version} "
+        f"{'promoted' if state.promote.promoted else 'not promoted'} ({state.decide.reason}); "
+        f"production is {state.promote.production}"
     )
     return 0
 

@@ -13,9 +13,9 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,12 +23,24 @@ from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.data.index import build_index
 from binsight.data.split import SPLIT_DIR, SplitConfig, fingerprint, write_splits
 from binsight.errors import BinsightError
+from binsight.pipeline.state import (
+    Decision,
+    Evaluated,
+    Exported,
+    Ingested,
+    PipelineState,
+    Promoted,
+    Registered,
+    SplitMetrics,
+    Trained,
+)
 from binsight.registry import Registry
 from binsight.reporting.html import HtmlReport
 from binsight.training.metrics import Metric
 from binsight.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+Step = TypeVar("Step", bound=BaseModel)
 
 # The test metrics a candidate is compared on (its loss depends on the head, so it is not one of them).
 COMPARED = (Metric.ACCURACY, Metric.OFF_BY_ONE_ACCURACY, Metric.MAE, Metric.RMSE)
@@ -82,7 +94,7 @@ def _ingest_folder(source: Path, data: Path) -> int:
     return added
 
 
-def ingest(config: PipelineConfig) -> dict[str, Any]:
+def ingest(config: PipelineConfig) -> Ingested:
     added = 0
     if config.new_data:
         if config.new_data.startswith("s3://"):
@@ -109,36 +121,36 @@ def ingest(config: PipelineConfig) -> dict[str, Any]:
             added = _ingest_folder(source, config.data)
     index = build_index(config.data)
     summary = write_splits(config.data, existing_split_config(config.data, config.split_seed))
-    return {
-        "added_images": added,
-        "indexed": len(index.rows),
-        "skipped": len(index.skipped),
-        "data_fingerprint": fingerprint(index.rows),
-        "test_fingerprint": summary["splits"]["test"]["fingerprint"],
-    }
+    return Ingested(
+        added_images=added,
+        indexed=len(index.rows),
+        skipped=len(index.skipped),
+        data_fingerprint=fingerprint(index.rows),
+        test_fingerprint=summary["splits"]["test"]["fingerprint"],
+    )
 
 
 def compare(
-    candidate: dict[str, float],
-    production: dict[str, float] | None,
+    candidate: Mapping[str, float],
+    production: Mapping[str, float] | None,
     metric: Metric,
     margin: float,
     tolerance: float,
-) -> dict[str, Any]:
+) -> Decision:
     """Promote when the candidate beats production on `metric` by `margin` and is not worse than
     `tolerance` on any other metric."""
     if production is None:
-        return {"promote": True, "reason": "no production model yet"}
+        return Decision(promote=True, reason="no production model yet")
     gain = metric.gain(candidate[metric], production[metric])
     if gain < margin:
-        return {"promote": False, "reason": f"{metric} gain {gain:+.4f} is below the margin {margin}"}
+        return Decision(promote=False, reason=f"{metric} gain {gain:+.4f} is below the margin {margin}")
     for other in COMPARED:
         if other == metric:
             continue
         loss = -other.gain(candidate[other], production[other])
         if loss > tolerance:
-            return {"promote": False, "reason": f"{other} is worse by {loss:.4f} (tolerance {tolerance})"}
-    return {"promote": True, "reason": f"{metric} improves by {gain:+.4f}"}
+            return Decision(promote=False, reason=f"{other} is worse by {loss:.4f} (tolerance {tolerance})")
+    return Decision(promote=True, reason=f"{metric} improves by {gain:+.4f}")
 
 
 class Pipeline:
@@ -147,38 +159,35 @@ class Pipeline:
         self.run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S")
         self.dir = config.work_dir / self.run_id
         self.state_path = self.dir / "state.json"
-        self.state: dict[str, Any] = (
-            json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        )
+        self.state = PipelineState.read(self.state_path, self.run_id)
         self.registry = Registry(config.registry, config.s3_endpoint_url)
 
-    def step(self, name: str, action: Callable[[], Any]) -> Any:
-        if name in self.state:
+    def step(self, name: str, action: Callable[[], Step]) -> Step:
+        done: Step | None = getattr(self.state, name)
+        if done is not None:
             log.info("pipeline %s: %s already done", self.run_id, name)
-            return self.state[name]
+            return done
         log.info("pipeline %s: %s", self.run_id, name)
-        self.state[name] = action()
-        atomic_write_json(self.state_path, self.state)
-        return self.state[name]
+        result = action()
+        setattr(self.state, name, result)
+        self.state.write(self.state_path)
+        return result
 
-    def _train(self) -> dict[str, Any]:
+    def _train(self) -> Trained:
         from binsight.training.config import load_config
         from binsight.training.engine import train
 
         overrides = {**self.config.train_overrides, "data": self.config.data, "out": self.dir / "train"}
         summary = train(load_config(self.config.train_config, overrides))
-        return {
-            "checkpoint": str(self.dir / "train" / "best.pt"),
-            "best": summary.best.model_dump(mode="json"),
-        }
+        return Trained(checkpoint=str(self.dir / "train" / "best.pt"), best=summary.best)
 
-    def _export(self) -> dict[str, Any]:
+    def _export(self) -> Exported:
         from binsight.export.onnx import export
 
         report = export(self.dir / "train" / "best.pt", self.dir / "model.onnx", data=self.config.data)
-        return {"onnx": report["onnx"], "max_abs_diff_vs_pytorch": report["max_abs_diff_vs_pytorch"]}
+        return Exported(onnx=report["onnx"], max_abs_diff_vs_pytorch=report["max_abs_diff_vs_pytorch"])
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self) -> Evaluated:
         from binsight.training.evaluate import evaluate
 
         keys = ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "n", "split_fingerprint")
@@ -189,11 +198,7 @@ class Pipeline:
             out=self.dir / "eval-candidate",
             workers=0,
         )
-        result: dict[str, Any] = {
-            "candidate": candidate.model_dump(include=set(keys)),
-            "production": None,
-            "production_version": None,
-        }
+        result = Evaluated(candidate=SplitMetrics.model_validate(candidate.model_dump(include=set(keys))))
         current = self.registry.alias(self.config.alias)
         if current is not None:
             version = current["version"]
@@ -201,84 +206,94 @@ class Pipeline:
             production = evaluate(
                 checkpoint, data=self.config.data, split="test", out=self.dir / "eval-production", workers=0
             )
-            result["production"] = production.model_dump(include=set(keys))
-            result["production_version"] = version
+            result.production = SplitMetrics.model_validate(production.model_dump(include=set(keys)))
+            result.production_version = version
         return result
 
-    def _register(self) -> dict[str, Any]:
-        evaluation = self.state["evaluate"]
-        checkpoint = Path(self.state["train"]["checkpoint"])
+    def _register(
+        self, ingested: Ingested, trained: Trained, exported: Exported, evaluated: Evaluated
+    ) -> Registered:
+        checkpoint = Path(trained.checkpoint)
         config = json.loads((checkpoint.parent / "config.json").read_text())
         version = self.registry.register(
             checkpoint,
-            Path(self.state["export"]["onnx"]),
-            evaluation["candidate"],
+            Path(exported.onnx),
+            evaluated.candidate.model_dump(),
             {
                 "run_id": self.run_id,
                 "config": config,
-                "data_fingerprint": self.state["ingest"]["data_fingerprint"],
-                "test_fingerprint": self.state["ingest"]["test_fingerprint"],
+                "data_fingerprint": ingested.data_fingerprint,
+                "test_fingerprint": ingested.test_fingerprint,
                 "pipeline_dir": str(self.dir),
             },
         )
         self.registry.set_alias("candidate", version, f"pipeline run {self.run_id}")
-        return {"version": version}
+        return Registered(version=version)
 
-    def _promote(self) -> dict[str, Any]:
-        decision = self.state["decide"]
-        version = self.state["register"]["version"]
-        if not decision["promote"]:
-            return {"promoted": False, "production": self.state["evaluate"]["production_version"]}
-        self.registry.set_alias(self.config.alias, version, decision["reason"])
-        return {"promoted": True, "production": version}
+    def _promote(self, decision: Decision, registered: Registered, evaluated: Evaluated) -> Promoted:
+        if not decision.promote:
+            return Promoted(promoted=False, production=evaluated.production_version)
+        self.registry.set_alias(self.config.alias, registered.version, decision.reason)
+        return Promoted(promoted=True, production=registered.version)
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> PipelineState:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.step("ingest", lambda: ingest(self.config))
-        self.step("train", self._train)
-        self.step("export", self._export)
-        evaluation = self.step("evaluate", self._evaluate)
-        self.step(
+        ingested = self.step("ingest", lambda: ingest(self.config))
+        trained = self.step("train", self._train)
+        exported = self.step("export", self._export)
+        evaluated = self.step("evaluate", self._evaluate)
+        production = evaluated.production.model_dump() if evaluated.production else None
+        decision = self.step(
             "decide",
             lambda: compare(
-                evaluation["candidate"],
-                evaluation["production"],
+                evaluated.candidate.model_dump(),
+                production,
                 self.config.metric,
                 self.config.margin,
                 self.config.tolerance,
             ),
         )
-        self.step("register", self._register)
-        self.step("promote", self._promote)
-        self._report()
-        return {"run_id": self.run_id, **self.state}
+        registered = self.step("registration", lambda: self._register(ingested, trained, exported, evaluated))
+        promoted = self.step("promote", lambda: self._promote(decision, registered, evaluated))
+        self._report(ingested, evaluated, decision, registered, promoted)
+        return self.state
 
-    def _report(self) -> None:
-        evaluation, decision = self.state["evaluate"], self.state["decide"]
+    def _report(
+        self,
+        ingested: Ingested,
+        evaluated: Evaluated,
+        decision: Decision,
+        registered: Registered,
+        promoted: Promoted,
+    ) -> None:
         report = HtmlReport(f"binsight pipeline {self.run_id}")
-        verdict = "promoted" if self.state["promote"]["promoted"] else "not promoted"
+        verdict = "promoted" if promoted.promoted else "not promoted"
         report.paragraph(
-            f"Candidate {self.state['register']['version']} {verdict}: {decision['reason']}.",
-            "ok" if self.state["promote"]["promoted"] else "warn",
+            f"Candidate {registered.version} {verdict}: {decision.reason}.",
+            "ok" if promoted.promoted else "warn",
         )
-        production = evaluation["production"] or {}
+        candidate = evaluated.candidate.model_dump()
+        production = evaluated.production.model_dump() if evaluated.production else {}
         rows = [
-            (k, evaluation["candidate"][k], production.get(k))
+            (k, candidate[k], production.get(k))
             for k in ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "n")
         ]
         report.table(
-            ["metric (test split)", "candidate", f"production {evaluation['production_version'] or '–'}"],
+            ["metric (test split)", "candidate", f"production {evaluated.production_version or '–'}"],
             rows,
         )
-        ingest_state = self.state["ingest"]
         report.paragraph(
-            f"Data: {ingest_state['indexed']} images ({ingest_state['added_images']} new), "
-            f"test split fingerprint {ingest_state['test_fingerprint']}."
+            f"Data: {ingested.indexed} images ({ingested.added_images} new), "
+            f"test split fingerprint {ingested.test_fingerprint}."
         )
         report.figure(self.dir / "eval-candidate" / "confusion_matrix.png", "Candidate confusion matrix")
         report.figure(self.dir / "eval-production" / "confusion_matrix.png", "Production confusion matrix")
         report.write(self.dir / "comparison.html")
         atomic_write_json(
             self.dir / "comparison.json",
-            {"evaluation": evaluation, "decision": decision, "promote": self.state["promote"]},
+            {
+                "evaluation": evaluated.model_dump(mode="json"),
+                "decision": decision.model_dump(mode="json"),
+                "promote": promoted.model_dump(mode="json"),
+            },
         )

@@ -1,0 +1,97 @@
+"""What each pipeline step decided, typed: `state.json` is a `PipelineState`, written after every step
+and read back by a resumed run, which then skips the steps already recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from binsight.errors import BinsightError
+from binsight.training.metrics import Metric
+from binsight.training.results import BestEpoch
+from binsight.utils.io import atomic_write_text
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Ingested(_Step):
+    added_images: int
+    indexed: int
+    skipped: int
+    data_fingerprint: str
+    test_fingerprint: str
+
+
+class Trained(_Step):
+    checkpoint: str
+    best: BestEpoch
+
+
+class Exported(_Step):
+    onnx: str
+    max_abs_diff_vs_pytorch: float
+
+
+class SplitMetrics(_Step):
+    """A model's metrics on the fixed test split (the fingerprint proves which split)."""
+
+    accuracy: float
+    off_by_one_accuracy: float
+    mae: float
+    rmse: float
+    ece: float
+    n: int
+    split_fingerprint: str
+
+    def value(self, metric: Metric) -> float:
+        return float(getattr(self, metric.value))
+
+
+class Evaluated(_Step):
+    candidate: SplitMetrics
+    production: SplitMetrics | None = None
+    production_version: str | None = None
+
+
+class Decision(_Step):
+    promote: bool
+    reason: str
+
+
+class Registered(_Step):
+    version: str
+
+
+class Promoted(_Step):
+    promoted: bool
+    production: str | None
+
+
+class PipelineState(_Step):
+    run_id: str
+    ingest: Ingested | None = None
+    train: Trained | None = None
+    export: Exported | None = None
+    evaluate: Evaluated | None = None
+    decide: Decision | None = None
+    # Not "register": pydantic models are ABCs, whose `register` the field would shadow. Runs recorded
+    # before the rename still read.
+    registration: Registered | None = Field(None, validation_alias=AliasChoices("registration", "register"))
+    promote: Promoted | None = None
+
+    def write(self, path: Path) -> None:
+        atomic_write_text(path, self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path, run_id: str) -> PipelineState:
+        if not path.exists():
+            return cls(run_id=run_id)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BinsightError(
+                f"cannot read the pipeline state {path}: {exc}", hint="use a new --run-id"
+            ) from None
