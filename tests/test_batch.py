@@ -172,6 +172,7 @@ def test_audit_of_an_abid_prefix_reads_each_record_from_its_metadata(
     assert set(errors) == {"9001.jpg", "9002.jpg"} and "bad metadata" in errors["9002.jpg"]
     summary = json.loads((out / "audit.json").read_text())
     assert summary["bins"] == 302 and summary["run"]["shards"] == 5
+    assert summary["model_card"]["arch"] == "mobilenet_v3_small"  # which model judged, in the record
 
 
 # A cluster on loopback for one test: no usage reports, and no token (a real cluster keeps Ray's

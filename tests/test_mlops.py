@@ -20,6 +20,7 @@ from binsight.audit.evaluation import catch_curve, simulate_errors
 from binsight.cli import main
 from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.errors import BinsightError
+from binsight.inference.runtime import load_counter
 from binsight.pipeline.retrain import Pipeline, PipelineConfig, compare
 from binsight.pipeline.state import Decision, PipelineState, Promoted
 from binsight.registry import Registry
@@ -49,6 +50,8 @@ def test_local_registry_versions_aliases_and_rollback(
     assert register_both(registry, trained) == ["v0001", "v0002"]
     version = registry.get("v0002")
     assert version.meta["note"] == "b" and version.meta["version"] == "v0002" and "created" in version.meta
+    # The version's record carries the model card the file does.
+    assert version.meta["card"] == load_counter(trained["onnx_b"]).info.card.model_dump(mode="json")
     assert (tmp_path / "registry/versions/v0002/model.onnx").read_bytes() == trained["onnx_b"].read_bytes()
     registry.set_alias("production", "v0001")
     registry.set_alias("production", "v0002")

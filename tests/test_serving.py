@@ -30,10 +30,12 @@ from binsight.errors import BinsightError
 from binsight.export.onnx import export
 from binsight.imaging import decode_image, to_model_input
 from binsight.inference import engines
+from binsight.inference.card import ModelCard
 from binsight.inference.runtime import OnnxCounter, load_counter
 from binsight.serving.app import create_app
 from binsight.serving.config import ServeConfig
 from binsight.serving.loadtest import run_load
+from binsight.training.checkpoint import load_checkpoint
 from tests.background import BackgroundServer
 
 from .conftest import BUCKET, post_jpeg, unused_loopback_port
@@ -63,8 +65,17 @@ def metric_samples(text: str) -> dict[str, float]:
 def test_export_is_verified_self_describing_and_quantizable(trained: dict[str, Path], tmp_path: Path) -> None:
     counter = OnnxCounter(trained["onnx_a"])
     info = counter.info
-    assert (info.image_size, info.classes[0], info.version, info.arch) == (32, 0, "v-a", "mobilenet_v3_small")
+    assert (info.input_hw, info.classes[0], info.version, info.arch) == (
+        (32, 32),
+        0,
+        "v-a",
+        "mobilenet_v3_small",
+    )
     assert info.mean == pytest.approx((0.485, 0.456, 0.406))
+    # One model card: the checkpoint's, carried unchanged by the exported file.
+    checkpoint_card = ModelCard.model_validate(load_checkpoint(trained["checkpoint_a"])["card"])
+    assert info.card == checkpoint_card and checkpoint_card.training["arch"] == "mobilenet_v3_small"
+    assert len(info.card.train_fingerprint) > 0 and info.card.val_fingerprint
     probs = counter.predict(np.zeros((3, 3, 32, 32), np.float32))
     assert probs.shape == (3, len(info.classes)) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
@@ -114,7 +125,8 @@ def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dic
             "last_reload_failure": None,
         }
         described = httpx.get(f"{s.url}/v1/model").json()
-        assert described["image_size"] == 32 and described["version"] == "v-a"
+        assert described["input_hw"] == [32, 32] and described["version"] == "v-a"
+        assert described["card"]["arch"] == "mobilenet_v3_small" and described["card"]["classes"][0] == 0
         assert described["calibrated"] is True and described["verdicts"].startswith("conformal")
         assert str(trained["onnx_a"].parent) not in json.dumps(described)  # no server paths
         for content_type in ("image/jpeg", "application/x-image"):

@@ -80,11 +80,15 @@ class Registry:
         self.store.put_file(f"versions/{name}/model.pt", checkpoint)
         self.store.put_file(f"versions/{name}/model.onnx", onnx)
         self.store.write(f"versions/{name}/metrics.json", json.dumps(metrics, indent=2, default=str).encode())
+        from binsight.inference.runtime import model_info
+
         record = {
             "version": name,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "git_commit": git_commit(),
             **meta,
+            # The model card, as the exported file carries it: what the version is and takes.
+            "card": model_info(onnx).card.model_dump(mode="json"),
         }
         self.store.write(f"versions/{name}/meta.json", json.dumps(record, indent=2, default=str).encode())
         return name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,7 @@ class AuditSummary:
     review_budget: float | None
     rejected_rows: list[dict[str, str]] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
+    model_card: dict[str, Any] = field(default_factory=dict)
 
 
 def rank(results: pa.Table, review_budget: float | None = None) -> pa.Table:
@@ -110,7 +112,9 @@ def write_audit(
 ) -> AuditSummary:
     """The ranked list (`audit.csv`), its summary (`audit.json`) and a report of the bins to re-check
     with their photos (`report.html`), from the shards of a finished batch run."""
-    ranked = rank(read_results(out), review_budget)
+    results = read_results(out)
+    card = json.loads((results.schema.metadata or {}).get(b"binsight.card", b"{}"))
+    ranked = rank(results, review_budget)
     buffer = io.BytesIO()
     pacsv.write_csv(_csv_table(ranked), buffer, pacsv.WriteOptions(quoting_style="needed"))
     atomic_write_bytes(out / "audit.csv", buffer.getvalue())
@@ -123,6 +127,7 @@ def write_audit(
         review_budget=review_budget,
         rejected_rows=rejected,
         run=asdict(run),
+        model_card=card,
     )
     atomic_write_json(out / "audit.json", asdict(summary))
 

@@ -315,7 +315,11 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
             out,
             config.shard_size,
             len(manifest),
-            {"binsight.model_version": info.version, "binsight.classes": json.dumps(info.classes)},
+            {
+                "binsight.model_version": info.version,
+                "binsight.classes": json.dumps(info.classes),
+                "binsight.card": info.card.model_dump_json(),
+            },
         )
         if done:
             log.info("resuming: %d of %d shards already done", len(done), shards)

@@ -7,7 +7,6 @@ regression) serves the same way.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import tempfile
@@ -23,6 +22,7 @@ from torch import nn
 from binsight.data.split import load_split
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw
+from binsight.inference.card import ModelCard
 from binsight.inference.conformal import Calibration
 from binsight.inference.runtime import META_PREFIX, OnnxCounter
 from binsight.models.heads import CountingModel
@@ -32,6 +32,7 @@ from binsight.training.config import TrainConfig
 from binsight.training.data import BinDataset, eval_transform
 from binsight.training.evaluate import load_model
 from binsight.training.metrics import counting_metrics
+from binsight.training.results import model_card
 from binsight.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -209,18 +210,21 @@ def export(
     model, config, num_classes = load_model(checkpoint)
     data_dir = Path(data) if data else Path(config.data)
     size = config.input_hw
-    mean, std = config.mean_std
+    # Checkpoints from before the card existed get theirs rebuilt from what they do hold.
+    card = (
+        ModelCard.model_validate(checkpoint["card"])
+        if "card" in checkpoint
+        else model_card(
+            config,
+            num_classes,
+            checkpoint.get("train_fingerprint", ""),
+            checkpoint.get("val_fingerprint", ""),
+        )
+    )
     metadata = {
-        "image_size": str(size[0]),
-        "image_width": str(size[1]),
-        "mean": json.dumps(mean),
-        "std": json.dumps(std),
-        "classes": json.dumps(list(range(num_classes))),
-        "arch": config.arch,
-        "head": config.head,
+        "card": card.model_dump_json(),
         "version": version or "",
         "source_checkpoint": str(checkpoint_path),
-        "train_fingerprint": checkpoint.get("train_fingerprint", ""),
         "quantized": "",
         "embedding_dim": str(EMBEDDING_DIM),
     }

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from binsight.errors import BinsightError
+from binsight.inference.card import ModelCard
 from binsight.inference.engines import Backend, Precision, RuntimeChoice, choose_runtime
 
 META_PREFIX = "binsight."
@@ -31,13 +32,9 @@ OPENVINO_FP32 = RuntimeChoice("openvino", "fp32", "asked for")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    image_size: int  # input height
-    image_width: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[int, ...]
-    arch: str
-    head: str
+    """A model file as a runtime sees it: its card, and what export added to this file."""
+
+    card: ModelCard
     version: str
     quantized: bool
     # Conformal calibration written by `binsight export` (JSON; see inference/conformal.py), or None.
@@ -46,32 +43,65 @@ class ModelInfo:
     baseline: str | None = dataclasses.field(default=None, repr=False)
     embedding_dim: int = 0  # width of the model's second output (0: files exported before it existed)
 
-    def describe(self) -> dict[str, object]:
-        """What `/v1/model` shows: everything but the calibration's raw scores."""
-        described: dict[str, object] = {
-            k: v for k, v in dataclasses.asdict(self).items() if k not in {"calibration", "baseline"}
-        }
-        described["calibrated"] = self.calibration is not None
-        described["monitoring_baseline"] = self.baseline is not None
-        return described
-
     @property
     def input_hw(self) -> tuple[int, int]:
-        return self.image_size, self.image_width
+        return self.card.input_hw
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.card.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.card.std
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        return self.card.classes
+
+    @property
+    def arch(self) -> str:
+        return self.card.arch
+
+    def describe(self) -> dict[str, object]:
+        """What `/v1/model` shows: the card and the file, but not the calibration's raw scores, nor the
+        training's file paths (they are the training machine's, and say nothing to a client)."""
+        return {
+            "version": self.version,
+            "arch": self.card.arch,
+            "head": self.card.head,
+            "classes": list(self.card.classes),
+            "input_hw": list(self.card.input_hw),
+            "quantized": self.quantized,
+            "embedding_dim": self.embedding_dim,
+            "calibrated": self.calibration is not None,
+            "monitoring_baseline": self.baseline is not None,
+            "card": self.card.model_dump(mode="json", exclude={"training", "data"}),
+        }
+
+
+def _legacy_card(metadata: dict[str, str]) -> ModelCard:
+    """Files exported before the card existed carry its fields as separate entries."""
+    height = int(metadata[META_PREFIX + "image_size"])
+    return ModelCard(
+        input_height=height,
+        # Files exported before non-square inputs existed have square inputs.
+        input_width=int(metadata.get(META_PREFIX + "image_width") or height),
+        mean=tuple(json.loads(metadata[META_PREFIX + "mean"])),
+        std=tuple(json.loads(metadata[META_PREFIX + "std"])),
+        classes=tuple(json.loads(metadata[META_PREFIX + "classes"])),
+        arch=metadata.get(META_PREFIX + "arch", "unknown"),
+        head=metadata.get(META_PREFIX + "head", "unknown"),
+        train_fingerprint=metadata.get(META_PREFIX + "train_fingerprint", ""),
+    )
 
 
 def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
     try:
-        height = int(metadata[META_PREFIX + "image_size"])
+        card_json = metadata.get(META_PREFIX + "card")
+        card = ModelCard.model_validate_json(card_json) if card_json else _legacy_card(metadata)
         return ModelInfo(
-            image_size=height,
-            # Files exported before non-square inputs existed have square inputs.
-            image_width=int(metadata.get(META_PREFIX + "image_width") or height),
-            mean=tuple(json.loads(metadata[META_PREFIX + "mean"])),
-            std=tuple(json.loads(metadata[META_PREFIX + "std"])),
-            classes=tuple(json.loads(metadata[META_PREFIX + "classes"])),
-            arch=metadata.get(META_PREFIX + "arch", "unknown"),
-            head=metadata.get(META_PREFIX + "head", "unknown"),
+            card=card,
             version=metadata.get(META_PREFIX + "version") or file_digest[:12],
             quantized=metadata.get(META_PREFIX + "quantized") == "int8",
             calibration=metadata.get(META_PREFIX + "calibration") or None,

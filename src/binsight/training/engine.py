@@ -47,7 +47,7 @@ from binsight.training.metrics import Metric, counting_metrics, majority_baselin
 from binsight.training.monitors import Monitors
 from binsight.training.optim import build_optimizer, build_scheduler
 from binsight.training.profiling import make_profiler, write_profile_summary
-from binsight.training.results import BestEpoch, TrainSummary
+from binsight.training.results import BestEpoch, TrainSummary, model_card
 from binsight.utils.io import atomic_write_json, exclusive_folder
 from binsight.utils.plots import history_curves
 from binsight.utils.storage import Store, open_store
@@ -302,6 +302,9 @@ def _train(
                 "best": best.model_dump(mode="json"),
                 "train_fingerprint": fingerprint(train_rows),
                 "val_fingerprint": fingerprint(val_rows),
+                "card": model_card(
+                    config, num_classes, fingerprint(train_rows), fingerprint(val_rows)
+                ).model_dump(mode="json"),
             }
             if improved:
                 save_checkpoint(

@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from binsight.errors import BinsightError
+from binsight.inference.card import ModelCard
+from binsight.training.config import TrainConfig
 from binsight.training.metrics import Metric
 from binsight.utils.io import atomic_write_text
 
@@ -91,3 +93,25 @@ class EvaluationReport(BaseModel):
             return cls.model_validate_json(path.read_text())
         except (OSError, ValueError) as exc:
             raise BinsightError(f"cannot read the evaluation {path}: {exc}") from None
+
+
+def model_card(
+    config: TrainConfig, num_classes: int, train_fingerprint: str = "", val_fingerprint: str = ""
+) -> ModelCard:
+    """The card of a model trained with `config`: written into every checkpoint, and by export into
+    the model file."""
+    mean, std = config.mean_std
+    height, width = config.input_hw
+    return ModelCard(
+        input_height=height,
+        input_width=width,
+        mean=mean,
+        std=std,
+        classes=tuple(range(num_classes)),
+        arch=config.arch,
+        head=config.head,
+        training=config.model_dump(mode="json"),
+        data=str(config.data),
+        train_fingerprint=train_fingerprint,
+        val_fingerprint=val_fingerprint,
+    )
