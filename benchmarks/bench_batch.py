@@ -14,6 +14,7 @@ Run: .venv/bin/python benchmarks/bench_batch.py --model MODEL.onnx [--photos ../
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -24,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from binsight.batch.config import BatchConfig
+from binsight.audit.audit import write_audit
+from binsight.batch.config import AuditConfig, BatchConfig
 from binsight.batch.run import run_batch
 from binsight.batch.stages import ScorerSettings, fetch_and_decode
 from binsight.imaging import normalise
 from binsight.inference.runtime import load_counter
+from binsight.inference.verdict import VerdictSettings
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 ABID_PHOTOS = 536_434
@@ -67,6 +70,20 @@ def predict(manifest: Path, model: Path, out: Path, **settings: object) -> dict[
     return {"photos_per_s": run.photos / (time.perf_counter() - started), "photos": run.photos}
 
 
+def audit(bins: Path, model: Path, out: Path, **settings: object) -> dict[str, object]:
+    """`binsight audit BINS.csv`: verdicts on every photo against its recorded count, then the ranked
+    list and the report (all timed)."""
+    shutil.rmtree(out, ignore_errors=True)
+    config = AuditConfig(source=str(bins), out=out, model=model, **settings)  # type: ignore[arg-type]
+    verdicts = VerdictSettings()
+    started = time.perf_counter()
+    scoring = ScorerSettings(config.backend, config.precision, config.threads, judge=True, verdicts=verdicts)
+    run = run_batch(config, model, scoring)
+    summary = write_audit(out, run, verdicts.policy(load_counter(model).info.calibration).basis, [])
+    seconds = time.perf_counter() - started
+    return {"photos_per_s": run.photos / seconds, "photos": run.photos, "verdicts": summary.verdicts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,6 +107,14 @@ def main() -> None:
     results["model_only_photos_per_s"] = model_only(args.model, info.input_hw, args.batch_size)
     results["decode_one_core_photos_per_s"] = decode_only(photos[:400], info.input_hw, args.batch_size)
     results["one_process"] = predict(manifest, args.model, work / "one", batch_size=args.batch_size)
+    # The records: labels.csv's counts (EXPECTED_QUANTITY), beside the photos.
+    with open(args.photos.parent / "labels.csv", newline="") as handle:
+        labels = {row["id"]: row["count"] for row in csv.DictReader(handle)}
+    bins = work / "bins.csv"
+    bins.write_text("image,recorded_quantity\n" + "".join(f"{p},{labels[Path(p).stem]}\n" for p in photos))
+    results["audit_one_process"] = audit(
+        bins, args.model, work / "audit-one", batch_size=args.batch_size
+    )
 
     import ray
 
@@ -103,6 +128,9 @@ def main() -> None:
         results[name] = predict(
             manifest, args.model, work / name, batch_size=args.batch_size, ray="auto", **extra
         )
+    results["audit_ray_2_threads"] = audit(
+        bins, args.model, work / "audit-ray", batch_size=args.batch_size, ray="auto", threads=2
+    )
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -117,7 +145,13 @@ def main() -> None:
     print(f"node limit, decode and model sharing the {cores} cores: {node_limit:.1f} photos/s")
     print(f"Ray cluster start: {results['ray_start_s']:.1f} s (once per job)")
     print(f"{'run':34} {'photos/s':>9} {'vs one process':>15} {'nodes for 536k in 8 h':>22} {'in 1 h':>7}")
-    for name in ("one_process", "ray_1_replica", "ray_1_replica_2_threads"):
+    for name in (
+        "one_process",
+        "ray_1_replica",
+        "ray_1_replica_2_threads",
+        "audit_one_process",
+        "audit_ray_2_threads",
+    ):
         rate = results[name]["photos_per_s"]  # type: ignore[index]
         night = math.ceil(ABID_PHOTOS / (rate * 8 * 3600))
         hour = math.ceil(ABID_PHOTOS / (rate * 3600))

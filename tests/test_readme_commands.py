@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from binsight.cli import build_parser
+from binsight.cliargs import config_from_args
+from binsight.errors import BinsightError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -53,8 +55,16 @@ def test_the_readme_shows_the_main_verbs() -> None:
 
 
 @pytest.mark.parametrize("line", COMMANDS)
-def test_readme_command_parses(line: str) -> None:
+def test_readme_command_parses_into_valid_settings(line: str) -> None:
     try:
-        build_parser().parse_args(binsight_argv(line))
+        args = build_parser().parse_args(binsight_argv(line))
     except SystemExit as exc:  # argparse's way of saying "unknown flag" or "bad value"
         pytest.fail(f"the README's command does not parse ({exc.code}): {line}")
+    # The flags also make valid settings for the verb (a value out of range, two model sources, a
+    # missing required setting): what the command would do first when run. A --config FILE would
+    # supply the rest, so such commands are checked by parsing only.
+    if args.config is None:
+        try:
+            config_from_args(args, args.config_model)
+        except BinsightError as exc:
+            pytest.fail(f"the README's command has invalid settings ({exc}): {line}")

@@ -86,6 +86,7 @@ def add_config_arguments(
         parser.add_argument(
             name, nargs="?", type=kind, default=None, metavar=name.upper(), help=field.description
         )
+    parser.set_defaults(config_model=model)  # which settings the verb's arguments make
     group = parser.add_argument_group(title or f"{model.__name__} settings")
     group.add_argument("--config", type=Path, default=None, help="JSON file of settings; flags override it")
     for name, field in model.model_fields.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.inference.engines import Backend, Precision
+from binsight.inference.verdict import VerdictSettings
 
 
 class BatchConfig(BaseModel):
@@ -49,22 +50,8 @@ class BatchConfig(BaseModel):
         return self
 
 
-class AuditConfig(BatchConfig):
+class AuditConfig(BatchConfig, VerdictSettings):
     out: Path = Field(Path("runs/audit"), description="output folder (ranked audit.csv, report.html, shards)")
-    alpha: float = Field(
-        0.05,
-        gt=0.0,
-        lt=1.0,
-        description="calibrated models: mismatch when the record is outside the conformal prediction set "
-        "at this level; at most this share of correct records is flagged",
-    )
-    review_alpha: float = Field(0.2, gt=0.0, lt=1.0, description="calibrated models: review level")
-    ok_above: float = Field(
-        0.5, ge=0.0, le=1.0, description="uncalibrated models: P(recorded) above which ok"
-    )
-    mismatch_below: float = Field(
-        0.1, ge=0.0, le=1.0, description="uncalibrated models: P(recorded) below which mismatch"
-    )
     review_budget: float | None = Field(
         None, gt=0.0, le=1.0, description="flag exactly this share of bins, the most suspicious (e.g. 0.1)"
     )

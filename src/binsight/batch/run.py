@@ -72,7 +72,8 @@ def _plan(config: BatchConfig, manifest: Manifest, model: Path, settings: Scorer
     rows = hashlib.sha256()
     for image, recorded in zip(manifest.images, manifest.recorded, strict=True):
         rows.update(f"{image}\t{recorded}\n".encode())
-    judged = {k: v for k, v in dataclasses.asdict(settings).items() if k not in {"threads"}}
+    judged = {k: v for k, v in dataclasses.asdict(settings).items() if k not in {"threads", "verdicts"}}
+    judged["verdicts"] = settings.verdicts.model_dump()
     return {
         "source": config.source,
         "photos": len(manifest),

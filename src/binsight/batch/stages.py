@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from binsight.batch.sources import NO_RECORD
 from binsight.imaging import decode_image, normalise, resize_to
 from binsight.inference.engines import Backend, Precision
 from binsight.inference.runtime import LoadedModel, load_counter
-from binsight.inference.verdict import VerdictThresholds, judge, policy_for
+from binsight.inference.verdict import VerdictSettings, judge
 
 Batch = dict[str, np.ndarray]
 _clients: dict[tuple[str | None, bool], Any] = {}
@@ -83,9 +83,13 @@ def fetch_and_decode(
     problems = [""] * len(images)
 
     def load(index: int) -> None:
-        try:
-            if sources[index]:
+        if sources[index]:
+            try:
                 recorded[index] = _recorded_from(str(sources[index]), endpoint_url, unsigned)
+            except (OSError, ValueError) as exc:
+                problems[index] = f"no record: {exc}"
+                return
+        try:
             image = decode_image(read_source(str(images[index]), endpoint_url, unsigned), input_hw)
             pixels[index] = np.asarray(resize_to(image, input_hw))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -111,10 +115,7 @@ class ScorerSettings:
     threads: int | None = None
     version: str | None = None
     judge: bool = False  # audit: verdict columns against the recorded quantity
-    alpha: float = 0.05
-    review_alpha: float = 0.2
-    ok_above: float = 0.5
-    mismatch_below: float = 0.1
+    verdicts: VerdictSettings = field(default_factory=VerdictSettings)
 
 
 def _load(model: str | bytes, settings: ScorerSettings) -> LoadedModel:
@@ -146,12 +147,7 @@ class Scorer:
         self.counter: LoadedModel = model
         info = self.counter.info
         self.settings = settings
-        self.policy = policy_for(
-            info.calibration,
-            VerdictThresholds(settings.ok_above, settings.mismatch_below),
-            settings.alpha,
-            settings.review_alpha,
-        )
+        self.policy = settings.verdicts.policy(info.calibration)
         self.classes = np.asarray(info.classes, dtype=np.int64)
 
     def __call__(self, batch: Batch) -> Batch:

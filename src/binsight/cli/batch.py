@@ -48,14 +48,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from binsight.batch.stages import ScorerSettings
     from binsight.inference.runtime import model_info
-    from binsight.inference.verdict import VerdictThresholds, policy_for
+    from binsight.inference.verdict import VerdictSettings
 
     config = config_from_args(args, AuditConfig)
     model, version = _model_file(config)
     info = model_info(model, version)
+    verdicts = VerdictSettings.model_validate(config.model_dump(include=set(VerdictSettings.model_fields)))
     try:
-        thresholds = VerdictThresholds(config.ok_above, config.mismatch_below)
-        policy = policy_for(info.calibration, thresholds, config.alpha, config.review_alpha)
+        policy = verdicts.policy(info.calibration)
     except ValueError as exc:
         raise BinsightError(str(exc)) from None
     log.info("verdicts by %s", policy.basis)
@@ -72,10 +72,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         config.threads,
         version,
         judge=True,
-        alpha=config.alpha,
-        review_alpha=config.review_alpha,
-        ok_above=config.ok_above,
-        mismatch_below=config.mismatch_below,
+        verdicts=verdicts,
     )
     run = run_batch(config, model, settings)
     rejected = _rejected(config.out)

@@ -116,7 +116,8 @@ def _random_rgb(
 
 
 def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
-    return tuple(int(min(255, max(0, c * factor))) for c in rgb)  # type: ignore[return-value]
+    red, green, blue = (int(min(255, max(0, c * factor))) for c in rgb)
+    return red, green, blue
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:

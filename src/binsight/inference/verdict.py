@@ -16,16 +16,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel, Field, model_validator
 
 from binsight.inference.conformal import Calibration
 
 OK, MISMATCH, REVIEW = "ok", "mismatch", "review"
+# The one place the default levels live; the server, the audit and batch runs take them from here.
+ALPHA, REVIEW_ALPHA = 0.05, 0.2
+OK_ABOVE, MISMATCH_BELOW = 0.5, 0.1
 
 
 @dataclass(frozen=True)
 class VerdictThresholds:
-    ok_above: float = 0.5
-    mismatch_below: float = 0.1
+    ok_above: float = OK_ABOVE
+    mismatch_below: float = MISMATCH_BELOW
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mismatch_below <= self.ok_above <= 1.0:
@@ -43,8 +47,8 @@ class VerdictThresholds:
 @dataclass(frozen=True)
 class ConformalPolicy:
     calibration: Calibration
-    alpha: float = 0.05
-    review_alpha: float = 0.2
+    alpha: float = ALPHA
+    review_alpha: float = REVIEW_ALPHA
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= self.review_alpha < 1.0:
@@ -67,13 +71,46 @@ VerdictPolicy = VerdictThresholds | ConformalPolicy
 def policy_for(
     calibration_json: str | None,
     thresholds: VerdictThresholds,
-    alpha: float = 0.05,
-    review_alpha: float = 0.2,
+    alpha: float = ALPHA,
+    review_alpha: float = REVIEW_ALPHA,
 ) -> VerdictPolicy:
     """The conformal policy when the model carries a calibration, else the fixed thresholds."""
     if not calibration_json:
         return thresholds
     return ConformalPolicy(Calibration.from_json(calibration_json), alpha, review_alpha)
+
+
+class VerdictSettings(BaseModel):
+    """The verdict levels a user sets (`binsight serve`, `audit`, batch runs): one definition, with
+    the flags' help, that each command's config inherits."""
+
+    alpha: float = Field(
+        ALPHA,
+        gt=0.0,
+        lt=1.0,
+        description="calibrated models: mismatch when the record is outside the conformal prediction set "
+        "at this level; at most this share of correct records is flagged",
+    )
+    review_alpha: float = Field(REVIEW_ALPHA, gt=0.0, lt=1.0, description="calibrated models: review level")
+    ok_above: float = Field(
+        OK_ABOVE, ge=0.0, le=1.0, description="uncalibrated models: P(recorded) above which ok"
+    )
+    mismatch_below: float = Field(
+        MISMATCH_BELOW, ge=0.0, le=1.0, description="uncalibrated models: P(recorded) below which mismatch"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VerdictSettings:
+        if self.alpha > self.review_alpha:
+            raise ValueError("alpha (mismatch) must be at most review_alpha")
+        if self.mismatch_below > self.ok_above:
+            raise ValueError("mismatch_below must be at most ok_above")
+        return self
+
+    def policy(self, calibration_json: str | None) -> VerdictPolicy:
+        """Conformal when the model carries a calibration, else the fixed thresholds."""
+        thresholds = VerdictThresholds(self.ok_above, self.mismatch_below)
+        return policy_for(calibration_json, thresholds, self.alpha, self.review_alpha)
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from binsight.inference.engines import Backend, Precision
+from binsight.inference.verdict import VerdictSettings
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(VerdictSettings):
     model_config = ConfigDict(extra="forbid")
 
     model: Path | None = Field(None, description="ONNX file from `binsight export`")
@@ -61,27 +62,11 @@ class ServeConfig(BaseModel):
     s3_endpoint_url: str | None = None
     s3_unsigned: bool = Field(False, description="anonymous S3 reads (public buckets such as ABID)")
     s3_timeout_s: float = Field(10.0, gt=0.0)
-    alpha: float = Field(
-        0.05,
-        gt=0.0,
-        lt=1.0,
-        description="calibrated models: 'mismatch' when the record is outside the conformal prediction "
-        "set at this level (at most this share of correct records flagged)",
-    )
-    review_alpha: float = Field(0.2, gt=0.0, lt=1.0, description="calibrated models: 'review' level")
-    ok_above: float = Field(0.5, ge=0.0, le=1.0, description="uncalibrated models: P(record) for 'ok'")
-    mismatch_below: float = Field(
-        0.1, ge=0.0, le=1.0, description="uncalibrated models: P(record) under which it is a mismatch"
-    )
 
     @model_validator(mode="after")
     def _one_model_source(self) -> ServeConfig:
         if (self.model is None) == (self.registry is None):
             raise ValueError("give either model (an ONNX file) or registry (with alias)")
-        if self.alpha > self.review_alpha:
-            raise ValueError("alpha (mismatch) must be at most review_alpha")
-        if self.mismatch_below > self.ok_above:
-            raise ValueError("mismatch_below must be at most ok_above")
         return self
 
     def threads_per_worker(self) -> int:

@@ -51,6 +51,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[Htt
         _reading_headers = True
         _tail = b""  # the last bytes seen, so a header terminator split across reads is found
 
+        # uvicorn annotates the transport as asyncio.Transport; BaseTransport in the base class.
         def connection_made(self, transport: Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
@@ -200,6 +201,7 @@ def _supervise(config: ServeConfig) -> None:
                     continue
                 if index not in restart_at:
                     if process.pid is not None:
+                        # prometheus_client leaves it unannotated.
                         multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
                     quick_deaths[index] = quick_deaths[index] + 1 if now - started[index] < 10 else 0
                     delay = min(30.0, 2.0 ** quick_deaths[index] - 1)

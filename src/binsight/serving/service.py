@@ -20,7 +20,7 @@ import numpy as np
 
 from binsight.errors import BinsightError
 from binsight.inference.runtime import LoadedModel, load_counter
-from binsight.inference.verdict import VerdictPolicy, VerdictThresholds, judge, policy_for
+from binsight.inference.verdict import VerdictPolicy, judge
 from binsight.monitoring.baseline import Baseline, Seen
 from binsight.monitoring.watch import DriftWatch
 from binsight.serving.batching import Admission, DynamicBatcher, QueueFullError
@@ -66,8 +66,7 @@ class CountingService:
         self._drift_task: asyncio.Task[None] | None = None
 
     def _policy(self, counter: LoadedModel) -> VerdictPolicy:
-        thresholds = VerdictThresholds(self.config.ok_above, self.config.mismatch_below)
-        return policy_for(counter.info.calibration, thresholds, self.config.alpha, self.config.review_alpha)
+        return self.config.policy(counter.info.calibration)
 
     def _watch(self, counter: LoadedModel) -> DriftWatch | None:
         """The drift watch for this model, its thresholds drawn now (a second or two of CPU) rather
