@@ -112,9 +112,7 @@ def main() -> None:
         labels = {row["id"]: row["count"] for row in csv.DictReader(handle)}
     bins = work / "bins.csv"
     bins.write_text("image,recorded_quantity\n" + "".join(f"{p},{labels[Path(p).stem]}\n" for p in photos))
-    results["audit_one_process"] = audit(
-        bins, args.model, work / "audit-one", batch_size=args.batch_size
-    )
+    results["audit_one_process"] = audit(bins, args.model, work / "audit-one", batch_size=args.batch_size)
 
     import ray
 

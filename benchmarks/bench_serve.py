@@ -254,7 +254,8 @@ def main() -> int:
                 continue
             onnx = work / f"{key}.onnx"
             report = export(checkpoint, onnx, quantize=True, quant_eval_images=256)
-            models[key] = {"fp32": onnx, "int8": Path(report["int8"]["onnx"]), "checkpoint": checkpoint}
+            assert report.int8 is not None  # asked for
+            models[key] = {"fp32": onnx, "int8": Path(report.int8.onnx), "checkpoint": checkpoint}
 
         print("\naccuracy on the real test split and model-only ceiling (batch 32):", flush=True)
         for key, files in models.items() if args.only is None else ():

@@ -25,12 +25,12 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from binsight.card import ModelCard
 from binsight.cli import main
 from binsight.errors import BinsightError
 from binsight.export.onnx import export
 from binsight.imaging import decode_image, to_model_input
 from binsight.inference import engines
-from binsight.inference.card import ModelCard
 from binsight.inference.runtime import OnnxCounter, load_counter
 from binsight.serving.app import create_app
 from binsight.serving.config import ServeConfig
@@ -80,12 +80,12 @@ def test_export_is_verified_self_describing_and_quantizable(trained: dict[str, P
     assert probs.shape == (3, len(info.classes)) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
     report = export(trained["checkpoint_a"], tmp_path / "m.onnx", quantize=True)
-    assert report["max_abs_diff_vs_pytorch"] < 1e-4
-    int8 = report["int8"]
-    assert Path(int8["onnx"]).stat().st_size < 0.6 * report["bytes"]
+    assert report.max_abs_diff_vs_pytorch < 1e-4 and report.calibration and report.monitoring_baseline
+    int8 = report.int8
+    assert int8 is not None and Path(int8.onnx).stat().st_size < 0.6 * report.bytes
     n_val = len((trained["data"] / "splits" / "val.csv").read_text().splitlines()) - 1
-    assert int8["evaluated_on"] == n_val and 0 <= int8["int8_accuracy"] <= 1
-    assert OnnxCounter(int8["onnx"]).info.quantized
+    assert int8.evaluated_on == n_val and 0 <= int8.int8_accuracy <= 1
+    assert OnnxCounter(int8.onnx).info.quantized
 
 
 def test_engines_agree_and_the_choice_is_explained(

@@ -61,11 +61,12 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
         f"MAE {metrics.mae:.3f}, RMSE {metrics.rmse:.3f}, ECE {metrics.ece:.3f}"
     )
     onnx = export(out / "model" / "best.pt", out / "model.onnx", quantize=True)
-    int8 = onnx["int8"]
+    int8 = onnx.int8
+    assert int8 is not None  # asked for
     print(
-        f"[7/8] exported {onnx['onnx']} "
-        f"(ONNX Runtime vs PyTorch max diff {onnx['max_abs_diff_vs_pytorch']:.1e}); "
-        f"int8: accuracy {int8['int8_accuracy']:.3f} vs {int8['fp32_accuracy']:.3f} fp32"
+        f"[7/8] exported {onnx.onnx} "
+        f"(ONNX Runtime vs PyTorch max diff {onnx.max_abs_diff_vs_pytorch:.1e}); "
+        f"int8: accuracy {int8.int8_accuracy:.3f} vs {int8.fp32_accuracy:.3f} fp32"
     )
     audit = evaluate_audit(
         load_counter(out / "model.onnx"), data_dir, "test", out / "audit", error_rate=0.1, seed=seed

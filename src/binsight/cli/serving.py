@@ -27,15 +27,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         version=config.version,
     )
     print(
-        f"export: {report['onnx']} ({report['bytes'] / 1e6:.1f} MB); ONNX Runtime matches PyTorch within "
-        f"{report['max_abs_diff_vs_pytorch']:.1e} on {report['verified_on']} images"
+        f"export: {report.onnx} ({report.bytes / 1e6:.1f} MB); ONNX Runtime matches PyTorch within "
+        f"{report.max_abs_diff_vs_pytorch:.1e} on {report.verified_on} images"
     )
-    if "int8" in report:
-        q = report["int8"]
+    if report.int8 is not None:
+        q = report.int8
         print(
-            f"int8: {q['onnx']} ({q['bytes'] / 1e6:.1f} MB); accuracy {q['int8_accuracy']:.4f} vs "
-            f"{q['fp32_accuracy']:.4f} in fp32 on {q['evaluated_on']} validation images "
-            f"(cost {100 * q['accuracy_cost']:+.2f} points)"
+            f"int8: {q.onnx} ({q.bytes / 1e6:.1f} MB); accuracy {q.int8_accuracy:.4f} vs "
+            f"{q.fp32_accuracy:.4f} in fp32 on {q.evaluated_on} validation images "
+            f"(cost {100 * q.accuracy_cost:+.2f} points)"
         )
     return 0
 

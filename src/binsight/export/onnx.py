@@ -12,17 +12,17 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from binsight.card import ModelCard
 from binsight.data.split import load_split
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw
-from binsight.inference.card import ModelCard
 from binsight.inference.conformal import Calibration
 from binsight.inference.runtime import META_PREFIX, OnnxCounter
 from binsight.models.heads import CountingModel
@@ -39,6 +39,43 @@ log = logging.getLogger(__name__)
 
 
 EMBEDDING_DIM = 16
+
+
+class Calibrated(BaseModel):
+    split: str
+    photos_per_count: dict[str, int]
+
+
+class Baselined(BaseModel):
+    split: str
+    photos: int
+
+
+class Quantised(BaseModel):
+    onnx: str
+    bytes: int
+    evaluated_on: int
+    fp32_accuracy: float
+    int8_accuracy: float
+    accuracy_cost: float
+    fp32_mae: float
+    int8_mae: float
+
+
+class ExportReport(BaseModel):
+    """What `binsight export` wrote and verified."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    onnx: str
+    bytes: int
+    max_abs_diff_vs_pytorch: float
+    verified_on: int
+    input_hw: tuple[int, int]
+    classes: int
+    calibration: Calibrated | None = None
+    monitoring_baseline: Baselined | None = None
+    int8: Quantised | None = None
 
 
 class ProbabilityModel(nn.Module):
@@ -134,15 +171,15 @@ def _add_metadata(path: Path, entries: dict[str, str]) -> None:
 
 def _describe_for_serving(
     path: Path, data_dir: Path, config: TrainConfig, num_classes: int, limit: int
-) -> dict[str, Any]:
+) -> tuple[Calibrated | None, Baselined | None]:
     """Write the file's conformal calibration and its monitoring baseline, both from its own outputs on
     the validation split; returns what was written."""
     entries: dict[str, str] = {}
-    report: dict[str, Any] = {}
+    calibrated, baselined = None, None
     calibration = _calibrate(path, data_dir, config, num_classes, limit)
     if calibration is not None:
         entries["calibration"] = calibration.to_json()
-        report["calibration"] = {"split": "val", "photos_per_count": calibration.sizes()}
+        calibrated = Calibrated(split="val", photos_per_count=calibration.sizes())
     try:
         rows = load_split(data_dir, "val")[:limit]
     except BinsightError:
@@ -152,10 +189,10 @@ def _describe_for_serving(
             OnnxCounter(path), [data_dir / r["image"] for r in rows], f"val split of {data_dir.name}"
         )
         entries["baseline"] = baseline.to_json()
-        report["monitoring_baseline"] = {"split": "val", "photos": baseline.size}
+        baselined = Baselined(split="val", photos=baseline.size)
     if entries:
         _add_metadata(path, entries)
-    return report
+    return calibrated, baselined
 
 
 def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
@@ -205,7 +242,7 @@ def export(
     quant_eval_images: int = 512,
     calibration_images: int = 5000,
     tolerance: float = 1e-4,
-) -> dict[str, Any]:
+) -> ExportReport:
     checkpoint = load_checkpoint(checkpoint_path)
     model, config, num_classes = load_model(checkpoint)
     data_dir = Path(data) if data else Path(config.data)
@@ -253,14 +290,14 @@ def export(
             f"ONNX output differs from PyTorch by {max_diff:.2e} (tolerance {tolerance:g})",
             hint="report this with the checkpoint; the export was removed",
         )
-    report: dict[str, Any] = {
-        "onnx": str(out),
-        "bytes": len(onnx_bytes),
-        "max_abs_diff_vs_pytorch": max_diff,
-        "verified_on": len(check),
-        "image_size": list(size),
-        "classes": num_classes,
-    }
+    report = ExportReport(
+        onnx=str(out),
+        bytes=len(onnx_bytes),
+        max_abs_diff_vs_pytorch=max_diff,
+        verified_on=len(check),
+        input_hw=size,
+        classes=num_classes,
+    )
     log.info(
         "exported %s (%.1f MB); ONNX Runtime matches PyTorch within %.1e",
         out,
@@ -268,12 +305,14 @@ def export(
         max_diff,
     )
 
-    report.update(_describe_for_serving(out, data_dir, config, num_classes, calibration_images))
-    if "calibration" in report:
+    report.calibration, report.monitoring_baseline = _describe_for_serving(
+        out, data_dir, config, num_classes, calibration_images
+    )
+    if report.calibration is not None:
         log.info(
             "conformal calibration on %s validation photos per count, monitoring baseline of %d photos",
-            report["calibration"]["photos_per_count"],
-            report.get("monitoring_baseline", {}).get("photos", 0),
+            report.calibration.photos_per_count,
+            report.monitoring_baseline.photos if report.monitoring_baseline else 0,
         )
 
     if quantize:
@@ -289,16 +328,16 @@ def export(
         _describe_for_serving(int8_path, data_dir, config, num_classes, calibration_images)
         fp32_metrics = counting_metrics(targets, OnnxCounter(out).predict(samples))
         int8_metrics = counting_metrics(targets, OnnxCounter(int8_path).predict(samples))
-        report["int8"] = {
-            "onnx": str(int8_path),
-            "bytes": len(int8_bytes),
-            "evaluated_on": len(samples),
-            "fp32_accuracy": fp32_metrics["accuracy"],
-            "int8_accuracy": int8_metrics["accuracy"],
-            "accuracy_cost": fp32_metrics["accuracy"] - int8_metrics["accuracy"],
-            "fp32_mae": fp32_metrics["mae"],
-            "int8_mae": int8_metrics["mae"],
-        }
+        report.int8 = Quantised(
+            onnx=str(int8_path),
+            bytes=len(int8_bytes),
+            evaluated_on=len(samples),
+            fp32_accuracy=fp32_metrics["accuracy"],
+            int8_accuracy=int8_metrics["accuracy"],
+            accuracy_cost=fp32_metrics["accuracy"] - int8_metrics["accuracy"],
+            fp32_mae=fp32_metrics["mae"],
+            int8_mae=int8_metrics["mae"],
+        )
         log.info(
             "int8 model %s: accuracy %.4f vs %.4f in fp32 on %d validation images",
             int8_path,

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from binsight.card import ModelCard
 from binsight.errors import BinsightError
-from binsight.inference.card import ModelCard
 from binsight.inference.engines import Backend, Precision, RuntimeChoice, choose_runtime
 
 META_PREFIX = "binsight."

@@ -185,7 +185,7 @@ class Pipeline:
         from binsight.export.onnx import export
 
         report = export(self.dir / "train" / "best.pt", self.dir / "model.onnx", data=self.config.data)
-        return Exported(onnx=report["onnx"], max_abs_diff_vs_pytorch=report["max_abs_diff_vs_pytorch"])
+        return Exported(onnx=report.onnx, max_abs_diff_vs_pytorch=report.max_abs_diff_vs_pytorch)
 
     def _evaluate(self) -> Evaluated:
         from binsight.training.evaluate import evaluate

@@ -22,6 +22,8 @@ from torchvision.transforms import v2
 
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw, decode_image, resize_to
+from binsight.training.config import TrainConfig
+from binsight.training.distributed import DistContext
 from binsight.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -202,3 +204,38 @@ def make_loader(
         generator=generator,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def build_datasets(
+    config: TrainConfig,
+    context: DistContext,
+    train_rows: list[dict[str, str]],
+    val_rows: list[dict[str, str]],
+    num_classes: int,
+) -> tuple[BinDataset, BinDataset]:
+    """The two splits as datasets; with `cache`, rank 0 builds the decoded cache and the others open it."""
+    data_dir = Path(config.data)
+    cache = config.cache and context.is_main
+    size, (mean, std) = config.input_hw, config.mean_std
+    train_set = BinDataset(
+        data_dir,
+        train_rows,
+        train_transform(size, config.augment, config.flip, mean, std),
+        size,
+        num_classes,
+        cache_path(data_dir, "train", train_rows, size) if cache else None,
+    )
+    val_set = BinDataset(
+        data_dir,
+        val_rows,
+        eval_transform(size, mean, std),
+        size,
+        num_classes,
+        cache_path(data_dir, "val", val_rows, size) if cache else None,
+    )
+    if config.cache and context.enabled:
+        torch.distributed.barrier()  # rank 0 built the cache; the others now open it
+        if not context.is_main:
+            train_set.cache = np.load(cache_path(data_dir, "train", train_rows, size), mmap_mode="r")
+            val_set.cache = np.load(cache_path(data_dir, "val", val_rows, size), mmap_mode="r")
+    return train_set, val_set

@@ -16,23 +16,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from binsight.data.split import fingerprint, load_split
-from binsight.errors import BinsightError
 from binsight.models.factory import build_model
 from binsight.training.checkpoint import (
     CHECKPOINT_FORMAT,
-    epochs_finished,
-    load_checkpoint,
-    restore_rng_state,
     rng_state,
-    save_checkpoint,
 )
 from binsight.training.config import TrainConfig
 from binsight.training.data import (
-    BinDataset,
-    cache_path,
-    eval_transform,
+    build_datasets,
     make_loader,
-    train_transform,
 )
 from binsight.training.distributed import (
     DistContext,
@@ -47,35 +39,13 @@ from binsight.training.metrics import Metric, counting_metrics, majority_baselin
 from binsight.training.monitors import Monitors
 from binsight.training.optim import build_optimizer, build_scheduler
 from binsight.training.profiling import make_profiler, write_profile_summary
+from binsight.training.progress import Progress, resume, save_checkpoints
 from binsight.training.results import BestEpoch, TrainSummary, model_card
 from binsight.utils.io import atomic_write_json, exclusive_folder
 from binsight.utils.plots import history_curves
 from binsight.utils.storage import Store, open_store
 
 log = logging.getLogger(__name__)
-
-# Settings that may change between a checkpoint and its resumption without changing the experiment.
-RESUMABLE_CHANGES = {
-    "out",
-    "checkpoint_dir",
-    "epochs",
-    "workers",
-    "early_stopping",
-    "device",
-    "profile_steps",
-    "tensorboard",
-    "cache",
-}
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    current = config.model_dump(mode="json")
-    changed = sorted(k for k, v in saved.items() if k not in RESUMABLE_CHANGES and current.get(k) != v)
-    if changed:
-        raise BinsightError(
-            f"{config.out} holds a run with different settings ({', '.join(changed)})",
-            hint="use a new --out for a new experiment, or --fresh to overwrite this one",
-        )
 
 
 def stream_seed(*parts: int) -> int:
@@ -142,29 +112,7 @@ def _train(
         torch.bincount(torch.from_numpy(np.minimum(train_counts, num_classes - 1)), minlength=num_classes)
     )
 
-    cache = config.cache and context.is_main
-    size, (mean, std) = config.input_hw, config.mean_std
-    train_set = BinDataset(
-        data_dir,
-        train_rows,
-        train_transform(size, config.augment, config.flip, mean, std),
-        size,
-        num_classes,
-        cache_path(data_dir, "train", train_rows, size) if cache else None,
-    )
-    val_set = BinDataset(
-        data_dir,
-        val_rows,
-        eval_transform(size, mean, std),
-        size,
-        num_classes,
-        cache_path(data_dir, "val", val_rows, size) if cache else None,
-    )
-    if config.cache and context.enabled:
-        torch.distributed.barrier()  # rank 0 built the cache; the others now open it
-        if not context.is_main:
-            train_set.cache = np.load(cache_path(data_dir, "train", train_rows, size), mmap_mode="r")
-            val_set.cache = np.load(cache_path(data_dir, "val", val_rows, size), mmap_mode="r")
+    train_set, val_set = build_datasets(config, context, train_rows, val_rows, num_classes)
     pin = device.type == "cuda"
     train_loader = make_loader(
         train_set, config.batch_size, True, config.workers, config.seed, context.enabled, pin
@@ -189,28 +137,15 @@ def _train(
         np.bincount(np.minimum(train_counts, num_classes - 1), minlength=num_classes)
     )
 
-    history: list[dict[str, Any]] = []
-    best = BestEpoch(metric=config.select_metric)
-    start_epoch, stale_epochs = 0, 0
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    progress = Progress(history=[], best=BestEpoch(metric=config.select_metric))
+    last_path = out / "last.pt"
     remote = open_store(config.checkpoint_dir) if config.checkpoint_dir else None
     if remote is not None and not fresh and not last_path.exists():
         _fetch_remote_checkpoints(remote, out)
     # Per-rank stream for dropout and augmentation; a resumed run replaces it with the saved state.
     torch.manual_seed(stream_seed(config.seed, context.rank))
     if last_path.exists() and not fresh:
-        state = load_checkpoint(last_path)
-        _check_resumable(state["config"], config)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        precision.scaler.load_state_dict(state["scaler"])
-        monitors.load_state_dict(state["monitors"])
-        history, stale_epochs = state["history"], state["stale_epochs"]
-        best = BestEpoch.model_validate({**state["best"], "metric": config.select_metric})
-        start_epoch = epochs_finished(state)
-        restore_rng_state(state["rng"][min(context.rank, len(state["rng"]) - 1)])
-        log.info("resumed %s at epoch %d of %d", last_path, start_epoch + 1, config.epochs)
+        progress = resume(last_path, config, context, model, optimizer, scheduler, precision, monitors)
     elif context.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -218,7 +153,7 @@ def _train(
     if config.tensorboard and context.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch)
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=progress.start_epoch)
     if context.is_main:
         atomic_write_json(out / "config.json", config.model_dump(mode="json"))
         log.info(
@@ -232,14 +167,14 @@ def _train(
             context.world_size,
         )
 
-    for epoch in range(start_epoch, config.epochs):
-        if best.epoch is not None and config.early_stopping and stale_epochs >= config.early_stopping:
+    for epoch in range(progress.start_epoch, config.epochs):
+        if progress.stopped_early(config.early_stopping):
             break
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         train_loader.generator.manual_seed(stream_seed(config.seed, context.rank, epoch))
         profiler = None
-        if config.profile_steps and epoch == start_epoch and context.is_main:
+        if config.profile_steps and epoch == progress.start_epoch and context.is_main:
             profiler = make_profiler(config, device, out)
             profiler.start()
         stats = train_one_epoch(
@@ -270,14 +205,11 @@ def _train(
             "lr": optimizer.param_groups[0]["lr"],
             **{f"val_{k}": metrics[k] for k in ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece")},
         }
+        history = progress.history
         history.append(record)
         monitors.check_epoch(epoch, [h["train_loss"] for h in history], [h["val_loss"] for h in history])
         value = val_loss if config.select_metric == Metric.LOSS else metrics[config.select_metric]
-        improved = config.select_metric.improves(value, best.value)
-        if improved:
-            best, stale_epochs = BestEpoch(epoch=epoch + 1, value=value, metric=config.select_metric), 0
-        else:
-            stale_epochs += 1
+        improved = progress.record(epoch, value, config.select_metric)
         log.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, val acc %.3f, mae %.3f, %.1f img/s, "
             "data wait %.0f%%%s",
@@ -293,41 +225,29 @@ def _train(
         )
         rng_states = gather_objects(context, rng_state())
         if context.is_main:
-            meta = {
+            checkpoint = {
                 "config": config.model_dump(mode="json"),
                 "num_classes": num_classes,
                 "checkpoint_format": CHECKPOINT_FORMAT,
                 "epoch": epoch + 1,
-                "history": history,
-                "best": best.model_dump(mode="json"),
+                "history": progress.history,
+                "best": progress.best.model_dump(mode="json"),
                 "train_fingerprint": fingerprint(train_rows),
                 "val_fingerprint": fingerprint(val_rows),
                 "card": model_card(
                     config, num_classes, fingerprint(train_rows), fingerprint(val_rows)
                 ).model_dump(mode="json"),
+                "model": unwrap(model).state_dict(),
             }
-            if improved:
-                save_checkpoint(
-                    best_path, {**meta, "model": unwrap(model).state_dict(), "val_metrics": metrics}
-                )
-            save_checkpoint(
-                last_path,
-                {
-                    **meta,
-                    "model": unwrap(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": precision.scaler.state_dict(),
-                    "monitors": monitors.state_dict(),
-                    "stale_epochs": stale_epochs,
-                    "rng": rng_states,
-                },
-            )
-            if remote is not None:
-                # best first: a resumed run never finds a last.pt newer than the best.pt beside it.
-                if improved:
-                    remote.put_file("best.pt", best_path)
-                remote.put_file("last.pt", last_path)
+            training_state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": precision.scaler.state_dict(),
+                "monitors": monitors.state_dict(),
+                "stale_epochs": progress.stale_epochs,
+                "rng": rng_states,
+            }
+            save_checkpoints(out, remote, checkpoint, training_state, metrics if improved else None)
             if writer is not None:
                 for key, number in record.items():
                     if key != "epoch" and isinstance(number, float) and math.isfinite(number):
@@ -348,10 +268,10 @@ def _train(
         out=str(out),
         replicas_in_sync=in_sync,
         num_classes=num_classes,
-        epochs_run=len(history),
-        best=best,
+        epochs_run=len(progress.history),
+        best=progress.best,
         majority_baseline_val_accuracy=majority_baseline(train_counts, val_set.counts),
-        history=history,
+        history=progress.history,
         findings=[f.__dict__ for f in monitors.findings],
         world_size=context.world_size,
         device=str(device),
@@ -360,12 +280,12 @@ def _train(
         if writer is not None:
             writer.close()
         summary.write(out / "history.json")
-        history_curves(history, out / "curves.png")
+        history_curves(progress.history, out / "curves.png")
         log.info(
             "best %s %.4f at epoch %s; summary in %s",
             config.select_metric,
-            best.value,
-            best.epoch,
+            progress.best.value,
+            progress.best.epoch,
             out / "history.json",
         )
     return summary

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from binsight.card import ModelCard
 from binsight.errors import BinsightError
-from binsight.inference.card import ModelCard
 from binsight.training.config import TrainConfig
 from binsight.training.metrics import Metric
 from binsight.utils.io import atomic_write_text

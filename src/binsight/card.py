@@ -1,6 +1,7 @@
-"""The model card: what a counting model is and takes, in one record that travels with it. Training
-writes it into the checkpoint, export into the ONNX file's metadata, the registry into the version's
-record; the server (`/v1/model`), batch runs and the audit read it from the model file."""
+"""The model card: what a counting model is and takes, in one record that travels with it. Shared by
+every stage and light (no torch, no engine). Training writes it into the checkpoint, export into the
+ONNX file's metadata, the registry into the version's record; the server (`/v1/model`), batch runs
+and the audit read it from the model file."""
 
 from __future__ import annotations
 
