@@ -156,6 +156,9 @@ def test_non_square_inputs_match_between_evaluation_and_serving() -> None:
     np.testing.assert_allclose(served, evaluated, atol=1e-5)
     augmented = train_transform(size, 1.0, "hv", mean, std)(decode_image(data, size))
     assert augmented.shape == (3, 224, 304)
+    # Without augmentation, training sees the served pixels too.
+    plain = train_transform(size, 0.0, "none", mean, std)(decode_image(data, size)).numpy()
+    np.testing.assert_allclose(plain, served, atol=1e-6)
 
 
 def test_the_abid_recipe_loads_and_flags_override_it() -> None:
