@@ -173,6 +173,28 @@ def test_pipeline_registers_promotes_resumes_and_ingests(
     assert saved["evaluation"]["candidate"]["n"] == saved["evaluation"]["production"]["n"]
 
 
+def test_pipeline_state_recorded_before_it_was_typed_still_resumes(tmp_path: Path) -> None:
+    old = {
+        "ingest": {
+            "added_images": 0,
+            "indexed": 160,
+            "skipped": 0,
+            "data_fingerprint": "a1",
+            "test_fingerprint": "b2",
+        },
+        "train": {"checkpoint": "run/best.pt", "best": {"epoch": 1, "value": 0.5, "metric": "accuracy"}},
+        "register": {"version": "v0003"},
+    }
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    state = PipelineState.read(tmp_path / "state.json", "old-run")
+    assert state.run_id == "old-run" and state.registration is not None
+    assert state.registration.version == "v0003" and state.train is not None
+    assert state.train.best.metric is Metric.ACCURACY and state.evaluate is None  # resumes at evaluate
+    (tmp_path / "bad.json").write_text('{"ingest": {"indexed": "many"}}')
+    with pytest.raises(BinsightError, match="new --run-id"):
+        PipelineState.read(tmp_path / "bad.json", "bad")
+
+
 def test_audit_csv_ranks_bins_and_reports(
     trained: dict[str, Path], tmp_path: Path, abid_bucket: dict
 ) -> None:

@@ -3,6 +3,7 @@ and read back by a resumed run, which then skips the steps already recorded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -90,7 +91,8 @@ class PipelineState(_Step):
         if not path.exists():
             return cls(run_id=run_id)
         try:
-            return cls.model_validate_json(path.read_text())
+            # Runs recorded before the state was typed hold no run id: it is their folder's name.
+            return cls.model_validate({"run_id": run_id, **json.loads(path.read_text())})
         except (OSError, ValueError) as exc:
             raise BinsightError(
                 f"cannot read the pipeline state {path}: {exc}", hint="use a new --run-id"
