@@ -156,7 +156,7 @@ def test_pipeline_registers_promotes_resumes_and_ingests(
     registry = Registry(tmp_path / "registry")
     assert registry.versions() == ["v0001"]  # registered once, not twice
     assert first.promote == Promoted(promoted=True, production="v0001")
-    assert PipelineState.read(tmp_path / "work/first/state.json", "first") == first
+    assert PipelineState.resume(tmp_path / "work/first/state.json", "first") == first
     assert registry.resolve("production") == "v0001" and registry.resolve("candidate") == "v0001"
     assert (tmp_path / "work/first/comparison.html").exists()
 
@@ -186,13 +186,13 @@ def test_pipeline_state_recorded_before_it_was_typed_still_resumes(tmp_path: Pat
         "register": {"version": "v0003"},
     }
     (tmp_path / "state.json").write_text(json.dumps(old))
-    state = PipelineState.read(tmp_path / "state.json", "old-run")
+    state = PipelineState.resume(tmp_path / "state.json", "old-run")
     assert state.run_id == "old-run" and state.registration is not None
     assert state.registration.version == "v0003" and state.train is not None
     assert state.train.best.metric is Metric.ACCURACY and state.evaluate is None  # resumes at evaluate
     (tmp_path / "bad.json").write_text('{"ingest": {"indexed": "many"}}')
     with pytest.raises(BinsightError, match="new --run-id"):
-        PipelineState.read(tmp_path / "bad.json", "bad")
+        PipelineState.resume(tmp_path / "bad.json", "bad")
 
 
 def test_audit_csv_ranks_bins_and_reports(

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from binsight.batch.sources import NO_RECORD, Manifest, list_source
 from binsight.batch.stages import Batch, Scorer, ScorerSettings, fetch_and_decode
 from binsight.errors import BinsightError
 from binsight.inference.runtime import LoadedModel, model_info
-from binsight.utils.io import atomic_write_json, exclusive_folder
+from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder
 from binsight.utils.progress import bar
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,13 @@ class BatchRun:
     photos_per_s: float
     model_version: str
     executor: str
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Atomically, as every result binsight writes: a crash leaves the old file or none, never half."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(path, buffer.getvalue().to_pybytes())
 
 
 def shard_path(out: Path, shard: int) -> Path:
@@ -94,9 +100,7 @@ def _load_or_list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
         raise BinsightError("give the photos to score: a manifest, a folder or an s3:// prefix")
     manifest = list_source(config.source, judge, config.s3_endpoint_url, config.s3_unsigned)
     atomic_write_json(out / REJECTED, manifest.rejected)
-    tmp = out / f".{MANIFEST}.part"
-    pq.write_table(manifest.table(), tmp)
-    os.replace(tmp, out / MANIFEST)
+    write_parquet(manifest.table(), out / MANIFEST)
     return manifest
 
 
@@ -161,13 +165,7 @@ class ShardWriter:
 
     def _write(self, shard: int) -> None:
         table = _to_table(self.parts.pop(shard))
-        table = table.replace_schema_metadata(self.metadata)
-        target = shard_path(self.out, shard)
-        tmp = target.with_name(f".{target.name}.part")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        write_parquet(table.replace_schema_metadata(self.metadata), shard_path(self.out, shard))
 
 
 def _row_batches(table: pa.Table, batch_size: int) -> Iterator[Batch]:
@@ -201,12 +199,7 @@ def score_photos(
     """Probabilities for each photo (NaN rows where it could not be read) and the problems, in memory:
     for evaluations over a split, where shards and resumption are not wanted."""
     manifest = Manifest(images, [NO_RECORD] * len(images), [""] * len(images))
-    decode_kwargs = {
-        "input_hw": counter.info.input_hw,
-        "endpoint_url": endpoint_url,
-        "unsigned": unsigned,
-        "threads": 16,
-    }
+    decode_kwargs = _decode_kwargs(counter.info.input_hw, endpoint_url, unsigned)
     probabilities = np.full((len(images), len(counter.info.classes)), np.nan, dtype=np.float32)
     problems: list[str | None] = [None] * len(images)
     scorer = Scorer(counter, ScorerSettings())
@@ -219,13 +212,11 @@ def score_photos(
     return probabilities, problems
 
 
-def _decode_kwargs(config: BatchConfig, input_hw: tuple[int, int]) -> dict[str, Any]:
-    return {
-        "input_hw": input_hw,
-        "endpoint_url": config.s3_endpoint_url,
-        "unsigned": config.s3_unsigned,
-        "threads": config.fetch_threads,
-    }
+def _decode_kwargs(
+    input_hw: tuple[int, int], endpoint_url: str | None, unsigned: bool, threads: int = 16
+) -> dict[str, Any]:
+    """`fetch_and_decode`'s settings, in one process or shipped to Ray's tasks."""
+    return {"input_hw": input_hw, "endpoint_url": endpoint_url, "unsigned": unsigned, "threads": threads}
 
 
 class _HideProgressNotice(logging.Filter):
@@ -275,7 +266,7 @@ def _on_ray(
     threads = config.threads or config.replica_cpus
     decoded = ray.data.from_arrow(blocks).map_batches(
         fetch_and_decode,  # type: ignore[arg-type]  # Ray's stubs omit keyword-only fn_kwargs
-        fn_kwargs=_decode_kwargs(config, input_hw),
+        fn_kwargs=_decode_kwargs(input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads),
         batch_size=config.batch_size,
         batch_format="numpy",
         num_cpus=config.decode_cpus,
@@ -327,7 +318,9 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
         started = time.perf_counter()
         if config.ray is None:
             scorer = Scorer(str(model), settings)
-            decode_kwargs = _decode_kwargs(config, info.input_hw)
+            decode_kwargs = _decode_kwargs(
+                info.input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads
+            )
             batches = _in_process(pending, scorer, decode_kwargs, config.batch_size)
             executor = "in process"
         else:

@@ -159,7 +159,7 @@ class Pipeline:
         self.run_id = config.run_id or time.strftime("%Y%m%d-%H%M%S")
         self.dir = config.work_dir / self.run_id
         self.state_path = self.dir / "state.json"
-        self.state = PipelineState.read(self.state_path, self.run_id)
+        self.state = PipelineState.resume(self.state_path, self.run_id)
         self.registry = Registry(config.registry, config.s3_endpoint_url)
 
     def step(self, name: str, action: Callable[[], Step]) -> Step:

@@ -11,7 +11,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from binsight.errors import BinsightError
 from binsight.training.metrics import Metric
 from binsight.training.results import BestEpoch
-from binsight.utils.io import atomic_write_text
+from binsight.utils.records import JsonRecord
 
 
 class _Step(BaseModel):
@@ -71,7 +71,9 @@ class Promoted(_Step):
     production: str | None
 
 
-class PipelineState(_Step):
+class PipelineState(JsonRecord):
+    model_config = ConfigDict(extra="forbid")
+
     run_id: str
     ingest: Ingested | None = None
     train: Trained | None = None
@@ -83,11 +85,8 @@ class PipelineState(_Step):
     registration: Registered | None = Field(None, validation_alias=AliasChoices("registration", "register"))
     promote: Promoted | None = None
 
-    def write(self, path: Path) -> None:
-        atomic_write_text(path, self.model_dump_json(indent=2) + "\n")
-
     @classmethod
-    def read(cls, path: Path, run_id: str) -> PipelineState:
+    def resume(cls, path: Path, run_id: str) -> PipelineState:
         if not path.exists():
             return cls(run_id=run_id)
         try:

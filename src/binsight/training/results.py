@@ -3,16 +3,14 @@ what evaluation, the search and the pipeline read back."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from binsight.card import ModelCard
-from binsight.errors import BinsightError
 from binsight.training.config import TrainConfig
 from binsight.training.metrics import Metric
-from binsight.utils.io import atomic_write_text
+from binsight.utils.records import JsonRecord
 
 
 class BestEpoch(BaseModel):
@@ -25,7 +23,7 @@ class BestEpoch(BaseModel):
     metric: Metric = Metric.ACCURACY
 
 
-class TrainSummary(BaseModel):
+class TrainSummary(JsonRecord):
     """`history.json`: the run, its best epoch and every epoch's record."""
 
     model_config = ConfigDict(extra="forbid")
@@ -41,16 +39,6 @@ class TrainSummary(BaseModel):
     world_size: int
     device: str
 
-    def write(self, path: Path) -> None:
-        atomic_write_text(path, self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> TrainSummary:
-        try:
-            return cls.model_validate_json(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise BinsightError(f"cannot read the training summary {path}: {exc}") from None
-
 
 class ClassMetrics(BaseModel):
     support: int
@@ -58,7 +46,7 @@ class ClassMetrics(BaseModel):
     recall: float | None
 
 
-class EvaluationReport(BaseModel):
+class EvaluationReport(JsonRecord):
     """`metrics.json` of `binsight evaluate`: a checkpoint's metrics on one split, with provenance."""
 
     model_config = ConfigDict(extra="forbid")
@@ -83,16 +71,6 @@ class EvaluationReport(BaseModel):
 
     def value(self, metric: Metric) -> float:
         return float(getattr(self, metric.value))
-
-    def write(self, path: Path) -> None:
-        atomic_write_text(path, self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> EvaluationReport:
-        try:
-            return cls.model_validate_json(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise BinsightError(f"cannot read the evaluation {path}: {exc}") from None
 
 
 def model_card(
