@@ -66,6 +66,27 @@ def s3_client(endpoint: str):  # type: ignore[no-untyped-def]
     )
 
 
+def make_public(client, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """Like the real aft-vbi-pds: anyone may list the bucket and read its objects, with no credentials."""
+    statements = [
+        {
+            "Effect": "Allow",
+            "Principal": "*",
+            "Action": "s3:GetObject",
+            "Resource": f"arn:aws:s3:::{bucket}/*",
+        },
+        {
+            "Effect": "Allow",
+            "Principal": "*",
+            "Action": "s3:ListBucket",
+            "Resource": f"arn:aws:s3:::{bucket}",
+        },
+    ]
+    client.put_bucket_policy(
+        Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": statements})
+    )
+
+
 @pytest.fixture(scope="session")
 def abid_bucket(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A bucket laid out like aft-vbi-pds: 300 good bins, one truncated JPEG, one broken JSON."""
@@ -73,29 +94,7 @@ def abid_bucket(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
     generate_dataset(source, SynthConfig(n_images=300, image_size=64, seed=3, workers=2))
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket=BUCKET)
-    # Like the real aft-vbi-pds: anyone may list and read, with no credentials.
-    client.put_bucket_policy(
-        Bucket=BUCKET,
-        Policy=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Effect": "Allow",
-                        "Principal": "*",
-                        "Action": "s3:GetObject",
-                        "Resource": f"arn:aws:s3:::{BUCKET}/*",
-                    },
-                    {
-                        "Effect": "Allow",
-                        "Principal": "*",
-                        "Action": "s3:ListBucket",
-                        "Resource": f"arn:aws:s3:::{BUCKET}",
-                    },
-                ],
-            }
-        ),
-    )
+    make_public(client, BUCKET)
     for image in sorted((source / "images").glob("*.jpg")):
         client.put_object(Bucket=BUCKET, Key=f"bin-images/{image.name}", Body=image.read_bytes())
     for meta in sorted((source / "metadata").glob("*.json")):

@@ -25,7 +25,7 @@ from binsight.cli import main
 from binsight.imaging import decode_image, to_model_input
 from binsight.inference.runtime import load_counter
 from binsight.utils.io import read_csv
-from tests.conftest import BUCKET, s3_client, unused_loopback_port
+from tests.conftest import BUCKET, make_public, s3_client, unused_loopback_port
 
 PHOTOS = "batch-photos"
 SIZES = [(80, 48), (48, 96), (64, 64), (100, 30), (37, 53)]  # (width, height): mostly not square
@@ -36,28 +36,7 @@ def photo_bucket(moto_endpoint: str, trained: dict[str, Path]) -> dict[str, obje
     """23 photos of assorted shapes and one corrupt file, readable anonymously."""
     client = s3_client(moto_endpoint)
     client.create_bucket(Bucket=PHOTOS)
-    client.put_bucket_policy(
-        Bucket=PHOTOS,
-        Policy=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Effect": "Allow",
-                        "Principal": "*",
-                        "Action": "s3:GetObject",
-                        "Resource": f"arn:aws:s3:::{PHOTOS}/*",
-                    },
-                    {
-                        "Effect": "Allow",
-                        "Principal": "*",
-                        "Action": "s3:ListBucket",
-                        "Resource": f"arn:aws:s3:::{PHOTOS}",
-                    },
-                ],
-            }
-        ),
-    )
+    make_public(client, PHOTOS)
     sources = sorted((trained["data"] / "images").glob("*.jpg"))[:23]
     bodies: dict[str, bytes] = {}
     for index, source in enumerate(sources):
