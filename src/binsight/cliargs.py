@@ -12,6 +12,7 @@ import enum
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -115,6 +116,24 @@ def add_config_arguments(
             group.add_argument(flag, type=convert, default=None, metavar=metavar, help=help_text)
         else:
             raise TypeError(f"{model.__name__}.{name}: no command-line form for {annotation!r}")
+
+
+def add_command(
+    verbs: Any,
+    name: str,
+    model: type[BaseModel],
+    handler: Callable[[argparse.Namespace], int],
+    *,
+    help: str,
+    description: str | None = None,
+    positional: tuple[str, ...] = (),
+    title: str | None = None,
+) -> argparse.ArgumentParser:
+    """A verb: its parser, its flags generated from `model`, and the function it runs."""
+    parser: argparse.ArgumentParser = verbs.add_parser(name, help=help, description=description)
+    add_config_arguments(parser, model, positional=positional, title=title)
+    parser.set_defaults(handler=handler)
+    return parser
 
 
 def config_from_args(args: argparse.Namespace, model: type[Config], **fixed: Any) -> Config:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from binsight import __version__
 from binsight.cli import batch, data, mlops, serving, training
-from binsight.cliargs import add_config_arguments, config_from_args
+from binsight.cliargs import add_command, config_from_args
 from binsight.errors import BinsightError
 
 log = logging.getLogger("binsight")
@@ -55,9 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    demo = verbs.add_parser("demo", help="the whole job on synthetic bins (no network, no GPU)")
-    add_config_arguments(demo, DemoConfig, title="demo")
-    demo.set_defaults(handler=_cmd_demo)
+    add_command(
+        verbs,
+        "demo",
+        DemoConfig,
+        _cmd_demo,
+        help="the whole job on synthetic bins (no network, no GPU)",
+        title="demo",
+    )
     for group in (data, training, serving, mlops, batch):
         group.register(verbs)
     return parser

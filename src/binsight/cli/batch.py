@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from binsight.batch.config import AuditConfig, BatchConfig
-from binsight.cliargs import add_config_arguments, config_from_args
+from binsight.cliargs import add_command, config_from_args
 from binsight.errors import BinsightError
 
 log = logging.getLogger("binsight")
@@ -122,24 +122,25 @@ def _evaluate(config: AuditConfig, model: Path, version: str | None, policy: Any
 
 
 def register(verbs: Any) -> None:
-    predict = verbs.add_parser(
+    add_command(
+        verbs,
         "predict",
+        BatchConfig,
+        _cmd_predict,
         help="count the objects in many photos (a manifest, folder or S3 prefix) into Parquet shards",
         description="Resumable: run the same command again after a crash and finished shards are kept. "
         "--ray auto runs the decoding as Ray tasks and the model as a pool of actors.",
+        positional=("source",),
+        title="batch",
     )
-    predict.add_argument(
-        "source", nargs="?", default=None, help=BatchConfig.model_fields["source"].description
-    )
-    add_config_arguments(predict, BatchConfig, skip={"source"}, title="batch")
-    predict.set_defaults(handler=_cmd_predict)
-
-    audit = verbs.add_parser(
+    add_command(
+        verbs,
         "audit",
+        AuditConfig,
+        _cmd_audit,
         help="flag bins whose photo disagrees with the recorded quantity",
-        description="BINS: a CSV of image (path or s3://) and recorded_quantity, or a folder or s3:// "
+        description="SOURCE: a CSV of image (path or s3://) and recorded_quantity, or a folder or s3:// "
         "prefix in the ABID layout (quantities from metadata/<id>.json). Resumable, and on Ray with --ray.",
+        positional=("source",),
+        title="audit",
     )
-    audit.add_argument("source", nargs="?", default=None, metavar="BINS", help="bins to audit (see above)")
-    add_config_arguments(audit, AuditConfig, skip={"source"}, title="audit")
-    audit.set_defaults(handler=_cmd_audit)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from binsight.cliargs import add_config_arguments, config_from_args
+from binsight.cliargs import add_command, config_from_args
 from binsight.data.download import DownloadConfig
 from binsight.data.split import SplitConfig
 from binsight.data.synth import SynthConfig
@@ -121,27 +121,54 @@ def register(verbs: Any) -> None:
     data = verbs.add_parser("data", help="download, index, split, describe or synthesize data")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="STEP")
 
-    synth = data_verbs.add_parser("synth", help="generate synthetic bin photos (ABID layout)")
-    add_config_arguments(synth, SynthSettings, positional=("out",), title="synthetic bins")
-    synth.set_defaults(handler=_cmd_data_synth)
+    add_command(
+        data_verbs,
+        "synth",
+        SynthSettings,
+        _cmd_data_synth,
+        help="generate synthetic bin photos (ABID layout)",
+        positional=("out",),
+        title="synthetic bins",
+    )
 
-    download = data_verbs.add_parser(
+    add_command(
+        data_verbs,
         "download",
+        DownloadConfig,
+        _cmd_data_download,
         help="fetch an ABID subset from S3 anonymously (resumable)",
         description="Select by --ids, --file-list, or --classes with optional --per-class/--limit. "
         "With no selection, the whole bucket (536k images) is fetched.",
+        positional=("out",),
+        title="download",
     )
-    add_config_arguments(download, DownloadConfig, positional=("out",), title="download")
-    download.set_defaults(handler=_cmd_data_download)
 
-    index = data_verbs.add_parser("index", help="build index.csv from a dataset directory")
-    add_config_arguments(index, IndexSettings, positional=("data",), title="index")
-    index.set_defaults(handler=_cmd_data_index)
+    add_command(
+        data_verbs,
+        "index",
+        IndexSettings,
+        _cmd_data_index,
+        help="build index.csv from a dataset directory",
+        positional=("data",),
+        title="index",
+    )
 
-    split = data_verbs.add_parser("split", help="stratified, stable train/val/test split")
-    add_config_arguments(split, SplitSettings, positional=("data",), title="split")
-    split.set_defaults(handler=_cmd_data_split)
+    add_command(
+        data_verbs,
+        "split",
+        SplitSettings,
+        _cmd_data_split,
+        help="stratified, stable train/val/test split",
+        positional=("data",),
+        title="split",
+    )
 
-    stats = data_verbs.add_parser("stats", help="class histogram and image-size statistics")
-    add_config_arguments(stats, StatsSettings, positional=("data",), title="statistics")
-    stats.set_defaults(handler=_cmd_data_stats)
+    add_command(
+        data_verbs,
+        "stats",
+        StatsSettings,
+        _cmd_data_stats,
+        help="class histogram and image-size statistics",
+        positional=("data",),
+        title="statistics",
+    )

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from binsight.cliargs import add_config_arguments, config_from_args
+from binsight.cliargs import add_command, config_from_args
 
 log = logging.getLogger("binsight")
 
@@ -74,12 +74,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def register(verbs: Any) -> None:
-    models = verbs.add_parser("models", help="model registry: list, show, promote, rollback")
-    add_config_arguments(models, ModelsConfig, positional=("action", "target"), title="registry")
-    models.set_defaults(handler=_cmd_models)
+    add_command(
+        verbs,
+        "models",
+        ModelsConfig,
+        _cmd_models,
+        help="model registry: list, show, promote, rollback",
+        positional=("action", "target"),
+        title="registry",
+    )
 
-    pipe = verbs.add_parser("pipeline", help="retrain, compare with production, promote if better")
     from binsight.pipeline.retrain import PipelineConfig
 
-    add_config_arguments(pipe, PipelineConfig, title="pipeline")
-    pipe.set_defaults(handler=_cmd_pipeline)
+    add_command(
+        verbs,
+        "pipeline",
+        PipelineConfig,
+        _cmd_pipeline,
+        help="retrain, compare with production, promote if better",
+        title="pipeline",
+    )

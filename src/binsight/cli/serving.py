@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from binsight.cliargs import add_config_arguments, config_from_args
+from binsight.cliargs import add_command, config_from_args
 from binsight.errors import BinsightError
 
 log = logging.getLogger("binsight")
@@ -131,20 +131,43 @@ class MonitorConfig(BaseModel):
 
 
 def register(verbs: Any) -> None:
-    export = verbs.add_parser("export", help="checkpoint -> verified ONNX file (optionally int8)")
-    add_config_arguments(export, ExportConfig, positional=("checkpoint",), title="export")
-    export.set_defaults(handler=_cmd_export)
+    add_command(
+        verbs,
+        "export",
+        ExportConfig,
+        _cmd_export,
+        help="checkpoint -> verified ONNX file (optionally int8)",
+        positional=("checkpoint",),
+        title="export",
+    )
 
-    serve = verbs.add_parser("serve", help="HTTP counting endpoint (SageMaker-compatible)")
     from binsight.serving.config import ServeConfig
 
-    add_config_arguments(serve, ServeConfig, title="serving")
-    serve.set_defaults(handler=_cmd_serve)
+    add_command(
+        verbs,
+        "serve",
+        ServeConfig,
+        _cmd_serve,
+        help="HTTP counting endpoint (SageMaker-compatible)",
+        title="serving",
+    )
 
-    load = verbs.add_parser("loadtest", help="drive an endpoint and report invocations/min and latency")
-    add_config_arguments(load, LoadtestConfig, positional=("url",), title="load")
-    load.set_defaults(handler=_cmd_loadtest)
+    add_command(
+        verbs,
+        "loadtest",
+        LoadtestConfig,
+        _cmd_loadtest,
+        help="drive an endpoint and report invocations/min and latency",
+        positional=("url",),
+        title="load",
+    )
 
-    mon = verbs.add_parser("monitor", help="drift of captured traffic against the model's baseline")
-    add_config_arguments(mon, MonitorConfig, positional=("capture_dir",), title="monitoring")
-    mon.set_defaults(handler=_cmd_monitor)
+    add_command(
+        verbs,
+        "monitor",
+        MonitorConfig,
+        _cmd_monitor,
+        help="drift of captured traffic against the model's baseline",
+        positional=("capture_dir",),
+        title="monitoring",
+    )

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from binsight.cliargs import add_config_arguments, config_from_args
+from binsight.cliargs import add_command, config_from_args
 
 log = logging.getLogger("binsight")
 
@@ -87,7 +87,17 @@ class EvaluateConfig(BaseModel):
 
 
 def register(verbs: Any) -> None:
-    train = verbs.add_parser("train", help="train a counting model (also under torchrun for DDP)")
+    from binsight.training.config import TrainConfig
+    from binsight.tuning.study import TuneConfig
+
+    train = add_command(
+        verbs,
+        "train",
+        TrainConfig,
+        _cmd_train,
+        help="train a counting model (also under torchrun for DDP)",
+        title="training",
+    )
     train.add_argument(
         "--recipe",
         default=None,
@@ -95,17 +105,22 @@ def register(verbs: Any) -> None:
         "--config and flags override it",
     )
     train.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
-    from binsight.training.config import TrainConfig
 
-    add_config_arguments(train, TrainConfig, title="training")
-    train.set_defaults(handler=_cmd_train)
+    add_command(
+        verbs,
+        "evaluate",
+        EvaluateConfig,
+        _cmd_evaluate,
+        help="metrics, confusion matrix and HTML report for a model",
+        positional=("checkpoint",),
+        title="evaluation",
+    )
 
-    evaluate = verbs.add_parser("evaluate", help="metrics, confusion matrix and HTML report for a model")
-    add_config_arguments(evaluate, EvaluateConfig, positional=("checkpoint",), title="evaluation")
-    evaluate.set_defaults(handler=_cmd_evaluate)
-
-    tune = verbs.add_parser("tune", help="Optuna hyperparameter search (parallel workers share a study)")
-    from binsight.tuning.study import TuneConfig
-
-    add_config_arguments(tune, TuneConfig, title="search")
-    tune.set_defaults(handler=_cmd_tune)
+    add_command(
+        verbs,
+        "tune",
+        TuneConfig,
+        _cmd_tune,
+        help="Optuna hyperparameter search (parallel workers share a study)",
+        title="search",
+    )
