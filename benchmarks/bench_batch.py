@@ -79,7 +79,7 @@ def audit(bins: Path, model: Path, out: Path, **settings: object) -> dict[str, o
     started = time.perf_counter()
     scoring = ScorerSettings(config.backend, config.precision, config.threads, judge=True, verdicts=verdicts)
     run = run_batch(config, model, scoring)
-    summary = write_audit(out, run, verdicts.policy(load_counter(model).info.calibration).basis, [])
+    summary = write_audit(out, run, verdicts.policy(load_counter(model).info.calibration).basis)
     seconds = time.perf_counter() - started
     return {"photos_per_s": run.photos / seconds, "photos": run.photos, "verdicts": summary.verdicts}
 

@@ -104,7 +104,6 @@ def write_audit(
     out: Path,
     run: BatchRun,
     verdict_basis: str,
-    rejected: list[dict[str, str]],
     review_budget: float | None = None,
     endpoint_url: str | None = None,
     unsigned: bool = False,
@@ -125,7 +124,7 @@ def write_audit(
         model_version=run.model_version,
         verdict_basis=verdict_basis,
         review_budget=review_budget,
-        rejected_rows=rejected,
+        rejected_rows=run.rejected_rows,
         run=asdict(run),
         model_card=card,
     )
@@ -134,8 +133,10 @@ def write_audit(
     report = HtmlReport(f"binsight audit: {ranked.num_rows} bins, model {run.model_version}")
     report.table(["verdict", "bins"], sorted(verdicts.items()))
     report.paragraph(f"Verdicts by {verdict_basis}.")
-    if rejected:
-        report.paragraph(f"{len(rejected)} rows of the input could not be used; see audit.json.", "warn")
+    if run.rejected_rows:
+        report.paragraph(
+            f"{len(run.rejected_rows)} rows of the input could not be used; see audit.json.", "warn"
+        )
     is_flagged = pc.is_in(ranked.column("verdict"), pa.array([MISMATCH, REVIEW]))
     flagged = ranked.filter(is_flagged).slice(0, max_thumbnails).to_pylist()
     report.heading(f"Bins to re-check, most suspicious first ({len(flagged)} shown)")

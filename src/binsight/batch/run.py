@@ -52,6 +52,7 @@ class BatchRun:
     photos_per_s: float
     model_version: str
     executor: str
+    rejected_rows: list[dict[str, str]]  # manifest rows that could not be used, with the reason
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
@@ -345,6 +346,7 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
             photos_per_s=round(pending.num_rows / seconds, 2) if seconds > 0 else 0.0,
             model_version=info.version,
             executor=executor,
+            rejected_rows=manifest.rejected,
         )
         atomic_write_json(out / "run.json", dataclasses.asdict(result))
         return result

@@ -75,12 +75,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         verdicts=verdicts,
     )
     run = run_batch(config, model, settings)
-    rejected = _rejected(config.out)
     summary = write_audit(
         config.out,
         run,
         policy.basis,
-        rejected,
         config.review_budget,
         config.s3_endpoint_url,
         config.s3_unsigned,
@@ -90,15 +88,6 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         f"({run.executor}); ranked list in {config.out / 'audit.csv'}, report in {config.out / 'report.html'}"
     )
     return 0
-
-
-def _rejected(out: Path) -> list[dict[str, str]]:
-    import json
-
-    from binsight.batch.run import REJECTED
-
-    path = out / REJECTED
-    return list(json.loads(path.read_text())) if path.is_file() else []
 
 
 def _evaluate(config: AuditConfig, model: Path, version: str | None, policy: Any) -> int:
