@@ -71,7 +71,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fp32 = work / "model.onnx"
-        export(args.checkpoint, fp32, data=args.data, quantize=True, quant_eval_images=256)
+        export(args.checkpoint, fp32, data=args.data, quantize=True)
         qdq = work / "model.int8.onnx"
         calibration, _ = preprocessed(fp32, args.data, "val", args.calibration_images)
         test, labels = preprocessed(fp32, args.data, "test", 10_000)

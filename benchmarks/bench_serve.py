@@ -253,7 +253,7 @@ def main() -> int:
             if checkpoint is None:
                 continue
             onnx = work / f"{key}.onnx"
-            report = export(checkpoint, onnx, quantize=True, quant_eval_images=256)
+            report = export(checkpoint, onnx, quantize=True)
             assert report.int8 is not None  # asked for
             models[key] = {"fp32": onnx, "int8": Path(report.int8.onnx), "checkpoint": checkpoint}
 

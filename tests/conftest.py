@@ -66,6 +66,16 @@ def s3_client(endpoint: str):  # type: ignore[no-untyped-def]
     )
 
 
+def use_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signed requests to moto: any key works, but boto3 must find one (and a region)."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
 def make_public(client, bucket: str) -> None:  # type: ignore[no-untyped-def]
     """Like the real aft-vbi-pds: anyone may list the bucket and read its objects, with no credentials."""
     statements = [
@@ -194,7 +204,8 @@ def postgres_url() -> Iterator[str]:
         ).returncode:
             assert time.monotonic() < deadline, (root / "log").read_text()
             time.sleep(0.3)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/binsight"
+        # The URL exactly as the README writes it (SQLAlchemy maps postgresql:// to psycopg 3).
+        yield f"postgresql://postgres@127.0.0.1:{port}/binsight"
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)

@@ -31,7 +31,7 @@ from binsight.training.metrics import Metric
 from binsight.utils.io import read_csv
 from tests.background import BackgroundServer
 
-from .conftest import post_jpeg, s3_client
+from .conftest import post_jpeg, s3_client, use_test_credentials
 
 
 def register_both(registry: Registry, trained: dict[str, Path]) -> list[str]:
@@ -56,10 +56,10 @@ def test_local_registry_versions_aliases_and_rollback(
     registry.set_alias("production", "v0001")
     registry.set_alias("production", "v0002")
     assert registry.resolve("production") == "v0002"
-    assert registry.rollback("production")["version"] == "v0001"
+    assert registry.rollback("production").version == "v0001"
     with pytest.raises(BinsightError, match="no earlier version"):
         registry.rollback("production")
-    with pytest.raises(BinsightError, match="no version 'v0009'"):
+    with pytest.raises(BinsightError, match="no complete version 'v0009'"):
         registry.set_alias("production", "v0009")
     with pytest.raises(BinsightError, match="no alias 'staging'"):
         registry.resolve("staging")
@@ -75,12 +75,7 @@ def test_local_registry_versions_aliases_and_rollback(
 def test_s3_registry_same_scheme(
     trained: dict[str, Path], abid_bucket: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
+    use_test_credentials(monkeypatch)
     s3_client(abid_bucket["endpoint"]).create_bucket(Bucket="models")
     registry = Registry("s3://models/binsight", endpoint_url=abid_bucket["endpoint"])
     assert register_both(registry, trained) == ["v0001", "v0002"]

@@ -48,7 +48,7 @@ def test_slow_and_oversized_connections_are_cut_while_real_requests_are_served(
         for k in range(60):
             sock = socket.create_connection((s.host, s.port))
             if k % 2:  # half send part of a request and stall; half send nothing at all
-                sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n")
+                sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n")
             slow.append(sock)
         started = time.monotonic()
         for _ in range(5):
@@ -76,7 +76,12 @@ def test_pixel_budget_and_deadline_keep_one_request_from_starving_others(trained
     endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
     try:
         with server(
-            trained, request_timeout_s=1.0, s3_endpoint_url=endpoint, s3_timeout_s=30, s3_unsigned=True
+            trained,
+            request_timeout_s=1.0,
+            s3_endpoint_url=endpoint,
+            s3_timeout_s=30,
+            s3_unsigned=True,
+            s3_allow=["s3://bin-photos/"],
         ) as s:
             started = time.monotonic()
             response = httpx.post(f"{s.url}/invocations", json={"instances": [{"image": bomb}] * 16})
@@ -171,7 +176,7 @@ def test_a_lying_body_length_is_answered_not_hung(trained: dict[str, Path], head
         if header == "transfer-encoding":
             framing = b"Transfer-Encoding: chunked\r\n"
         sock.sendall(
-            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n" + framing + b"\r\n"
+            b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n" + framing + b"\r\n"
         )
         sock.settimeout(10)
         answer = sock.recv(4096)

@@ -28,7 +28,9 @@ def _unwrap_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         if len(members) == 1:
-            return members[0]
+            annotation = members[0]
+    if typing.get_origin(annotation) is typing.Annotated:  # e.g. SecretUrl: a str with a serializer
+        annotation = typing.get_args(annotation)[0]
     return annotation
 
 
@@ -49,7 +51,9 @@ def _composite_parser(annotation: Any, flag: str) -> tuple[str, Any] | None:
 
         return "LOW:HIGH", as_range
     variadic = origin is tuple and len(members) == 2 and members[1] is Ellipsis
-    if ((origin is list and len(members) == 1) or variadic) and members[0] in _SCALARS:
+    listed = (origin is list and len(members) == 1) or variadic
+    is_enum = listed and isinstance(members[0], type) and issubclass(members[0], enum.Enum)
+    if listed and (members[0] in _SCALARS or is_enum):
         kind = members[0]
 
         def as_list(text: str) -> list[Any]:
@@ -113,7 +117,11 @@ def add_config_arguments(
             group.add_argument(flag, type=_SCALARS[annotation], default=None, help=help_text)
         elif (parse := _composite_parser(annotation, flag)) is not None:
             metavar, convert = parse
-            group.add_argument(flag, type=convert, default=None, metavar=metavar, help=help_text)
+            # A list flag may be repeated (`--s3-allow A --s3-allow B`) as well as comma-separated.
+            action = "extend" if metavar == "A,B,..." else "store"
+            group.add_argument(
+                flag, type=convert, default=None, metavar=metavar, help=help_text, action=action
+            )
         else:
             raise TypeError(f"{model.__name__}.{name}: no command-line form for {annotation!r}")
 

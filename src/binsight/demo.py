@@ -66,7 +66,8 @@ def run_demo(out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6) ->
     print(
         f"[7/8] exported {onnx.onnx} "
         f"(ONNX Runtime vs PyTorch max diff {onnx.max_abs_diff_vs_pytorch:.1e}); "
-        f"int8: accuracy {int8.int8_accuracy:.3f} vs {int8.fp32_accuracy:.3f} fp32"
+        f"int8: accuracy {int8.int8_accuracy:.3f} vs {int8.fp32_accuracy:.3f} fp32 "
+        f"({'serves' if int8.serving == 'ok' else 'marked not for serving: ' + int8.serving})"
     )
     audit = evaluate_audit(
         load_counter(out / "model.onnx"), data_dir, "test", out / "audit", error_rate=0.1, seed=seed

@@ -29,11 +29,46 @@ class ImageTooLargeError(ValueError):
     """More pixels than the configured limit (a decompression bomb, or just too big)."""
 
 
+class UnsupportedImageError(ValueError):
+    """Not a JPEG, PNG or WebP file (by its first bytes)."""
+
+
+# The formats binsight reads, told by their magic bytes before Pillow sees the data: Pillow alone would
+# decode whatever format it recognises (BMP, TIFF, SGI, DDS, ...), and for EPS it would start
+# Ghostscript on the client's bytes.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def sniff_format(head: bytes) -> str | None:
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def open_image(
     source: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int | None = None
 ) -> Image.Image:
-    """Open without decoding pixels; the pixel limit is checked from the header alone."""
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    """Open without decoding pixels; the format is checked by its magic bytes and the pixel limit
+    from the header alone."""
+    target: str | os.PathLike[str] | BinaryIO
+    if isinstance(source, bytes):
+        head, target = source[:12], io.BytesIO(source)
+    elif isinstance(source, str | os.PathLike):
+        with open(source, "rb") as handle:  # Pillow opens (and closes) the path itself below
+            head = handle.read(12)
+        target = source
+    else:
+        start = source.tell()
+        head = source.read(12)
+        source.seek(start)
+        target = source
+    if sniff_format(head) is None:
+        raise UnsupportedImageError("not a JPEG, PNG or WebP image (by its first bytes)")
+    image = Image.open(target, formats=ACCEPTED_FORMATS)
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")

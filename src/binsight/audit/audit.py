@@ -29,6 +29,7 @@ from binsight.imaging import decode_image
 from binsight.inference.verdict import MISMATCH, OK, REVIEW
 from binsight.reporting.html import HtmlReport, image_data_uri
 from binsight.utils.io import atomic_write_bytes, atomic_write_json
+from binsight.utils.text import printable, spreadsheet_safe
 
 BUDGETS = (0.05, 0.10, 0.20)
 OUTPUT_FIELDS = (
@@ -85,6 +86,10 @@ def _csv_table(ranked: pa.Table) -> pa.Table:
             column = pc.if_else(unreadable, pa.scalar(None, pa.int64()), column)
         elif pa.types.is_floating(column.type):
             column = pc.round(column, 6)
+        elif pa.types.is_string(column.type):  # names and problems come from the manifest's author
+            column = pa.array(
+                [None if v is None else spreadsheet_safe(v) for v in column.to_pylist()], pa.string()
+            )
         columns[name] = column
     return pa.table(columns)
 
@@ -152,7 +157,7 @@ def write_audit(
         )
         cells.append(
             f"<figure>{picture}<figcaption>{html.escape(caption)}<br>"
-            f"<small>{html.escape(Path(row['image']).name)}</small></figcaption></figure>"
+            f"<small>{html.escape(printable(Path(row['image']).name))}</small></figcaption></figure>"
         )
     report.raw('<div class="thumbs">' + "".join(cells) + "</div>")
     report.write(out / "report.html")

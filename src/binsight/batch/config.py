@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.inference.engines import Backend, Precision
 from binsight.inference.verdict import VerdictSettings
+from binsight.utils.redact import SecretUrl
 
 
 class BatchConfig(BaseModel):
@@ -39,9 +40,16 @@ class BatchConfig(BaseModel):
     fetch_threads: int = Field(16, ge=1, le=256, description="concurrent reads per decode task")
     backend: Backend = Field("auto", description="auto, onnxruntime or openvino")
     precision: Precision = Field("auto", description="auto, fp32 or bf16; an int8 model file runs in int8")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default AWS)")
+    s3_endpoint_url: SecretUrl | None = Field(None, description="S3-compatible endpoint (default AWS)")
     s3_unsigned: bool = Field(False, description="read S3 anonymously (public buckets such as ABID's)")
     restart: bool = Field(False, description="discard results of an earlier run in --out and start over")
+    allow_roots: list[str] = Field(
+        default_factory=list,
+        description="a manifest on S3 names only objects under its own folder; these S3 prefixes or "
+        "local folders too",
+    )
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="bytes per photo, at most")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="pixels per photo (from its header), at most")
 
     @model_validator(mode="after")
     def _one_model(self) -> BatchConfig:

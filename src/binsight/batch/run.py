@@ -29,7 +29,7 @@ from binsight.batch.sources import NO_RECORD, Manifest, list_source
 from binsight.batch.stages import Batch, Scorer, ScorerSettings, fetch_and_decode
 from binsight.errors import BinsightError
 from binsight.inference.runtime import LoadedModel, model_info
-from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder
+from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder, sha256_file
 from binsight.utils.progress import bar
 
 log = logging.getLogger(__name__)
@@ -66,58 +66,70 @@ def shard_path(out: Path, shard: int) -> Path:
     return out / SHARDS / f"part-{shard:06d}.parquet"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _plan(config: BatchConfig, manifest: Manifest, model: Path, settings: ScorerSettings) -> dict[str, Any]:
     """Everything that decides a shard's contents; a resumed run must match it exactly."""
     rows = hashlib.sha256()
-    for image, recorded in zip(manifest.images, manifest.recorded, strict=True):
-        rows.update(f"{image}\t{recorded}\n".encode())
+    for image, recorded, record_source in zip(
+        manifest.images, manifest.recorded, manifest.record_sources, strict=True
+    ):
+        rows.update(f"{image}\t{recorded}\t{record_source}\n".encode())
+    for rejected in manifest.rejected:  # an edit that breaks a row changes the input too
+        rows.update(json.dumps(rejected, sort_keys=True).encode())
     judged = {k: v for k, v in dataclasses.asdict(settings).items() if k not in {"threads", "verdicts"}}
     judged["verdicts"] = settings.verdicts.model_dump()
     return {
-        "source": config.source,
+        "source": str(config.source)
+        if config.source is not None
+        else (_previous_plan(config.out) or {}).get("source"),
         "photos": len(manifest),
         "manifest_sha256": rows.hexdigest(),
         "shard_size": config.shard_size,
-        "model_sha256": _sha256(model),
+        "model_sha256": sha256_file(model),
         "scoring": judged,
     }
 
 
-def _load_or_list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
-    """The listing taken by the first run of this output folder, or a new one."""
-    if (out / MANIFEST).is_file() and not config.restart:
-        manifest = Manifest.from_table(pq.read_table(out / MANIFEST))
-        manifest.rejected = json.loads((out / REJECTED).read_text()) if (out / REJECTED).is_file() else []
-        return manifest
-    if config.source is None:
+def _list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
+    """The input as it is now, listed afresh on every run: a resumed run must cover the same photos and
+    records as the first, and `_check_plan` refuses one whose input changed since."""
+    source = config.source
+    if source is None:
+        previous = _previous_plan(out)
+        source = previous.get("source") if previous else None
+    if source is None:
         raise BinsightError("give the photos to score: a manifest, a folder or an s3:// prefix")
-    manifest = list_source(config.source, judge, config.s3_endpoint_url, config.s3_unsigned)
+    manifest = list_source(
+        source, judge, config.s3_endpoint_url, config.s3_unsigned, tuple(config.allow_roots)
+    )
+    if manifest.rejected:
+        log.warning("%d rows of %s cannot be used (see %s)", len(manifest.rejected), source, out / REJECTED)
     atomic_write_json(out / REJECTED, manifest.rejected)
     write_parquet(manifest.table(), out / MANIFEST)
     return manifest
 
 
-def _check_plan(out: Path, plan: dict[str, Any], restart: bool) -> None:
+def _previous_plan(out: Path) -> dict[str, Any] | None:
     path = out / PLAN
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_plan(out: Path, plan: dict[str, Any], restart: bool) -> None:
     if restart:
         shutil.rmtree(out / SHARDS, ignore_errors=True)
-    elif path.is_file():
-        previous = json.loads(path.read_text())
+    elif (previous := _previous_plan(out)) is not None:
         differs = sorted(k for k in plan if previous.get(k) != plan[k])
+        if {"manifest_sha256", "photos"} & set(differs):
+            raise BinsightError(
+                f"the photos or recorded quantities of {plan['source']} changed since the run in {out} "
+                f"started ({previous.get('photos')} photos then, {plan['photos']} now)",
+                hint="--restart to score the new input from scratch, or a new --out",
+            )
         if differs:
             raise BinsightError(
                 f"{out} holds results of another run (it differs in {', '.join(differs)})",
                 hint="use another --out, or --restart to discard those results",
             )
-    atomic_write_json(path, plan)
+    atomic_write_json(out / PLAN, plan)
 
 
 def _to_table(parts: list[Batch]) -> pa.Table:
@@ -214,10 +226,23 @@ def score_photos(
 
 
 def _decode_kwargs(
-    input_hw: tuple[int, int], endpoint_url: str | None, unsigned: bool, threads: int = 16
+    input_hw: tuple[int, int],
+    endpoint_url: str | None,
+    unsigned: bool,
+    threads: int = 16,
+    config: BatchConfig | None = None,
 ) -> dict[str, Any]:
     """`fetch_and_decode`'s settings, in one process or shipped to Ray's tasks."""
-    return {"input_hw": input_hw, "endpoint_url": endpoint_url, "unsigned": unsigned, "threads": threads}
+    limits = {}
+    if config is not None:
+        limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
+    return {
+        "input_hw": input_hw,
+        "endpoint_url": endpoint_url,
+        "unsigned": unsigned,
+        "threads": threads,
+        **limits,
+    }
 
 
 class _HideProgressNotice(logging.Filter):
@@ -267,7 +292,9 @@ def _on_ray(
     threads = config.threads or config.replica_cpus
     decoded = ray.data.from_arrow(blocks).map_batches(
         fetch_and_decode,  # type: ignore[arg-type]  # Ray's stubs omit keyword-only fn_kwargs
-        fn_kwargs=_decode_kwargs(input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads),
+        fn_kwargs=_decode_kwargs(
+            input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads, config
+        ),
         batch_size=config.batch_size,
         batch_format="numpy",
         num_cpus=config.decode_cpus,
@@ -296,7 +323,10 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
     `settings.judge` adds verdicts against recorded quantities (an audit)."""
     out = Path(config.out)
     with exclusive_folder(out, "batch run"):
-        manifest = _load_or_list(config, out, settings.judge)
+        # A run killed while writing a shard leaves its temporary file; nothing else will remove it.
+        for stale in (out / SHARDS).glob(".*.part") if (out / SHARDS).is_dir() else ():
+            stale.unlink(missing_ok=True)
+        manifest = _list(config, out, settings.judge)
         _check_plan(out, _plan(config, manifest, model, settings), config.restart)
         shards = -(-len(manifest) // config.shard_size)
         done = {s for s in range(shards) if shard_path(out, s).is_file()}
@@ -320,7 +350,7 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
         if config.ray is None:
             scorer = Scorer(str(model), settings)
             decode_kwargs = _decode_kwargs(
-                info.input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads
+                info.input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads, config
             )
             batches = _in_process(pending, scorer, decode_kwargs, config.batch_size)
             executor = "in process"

@@ -21,7 +21,7 @@ import pyarrow as pa
 from binsight.errors import BinsightError
 from binsight.utils.io import read_csv
 from binsight.utils.progress import bar
-from binsight.utils.s3 import parse_s3_uri, s3_client
+from binsight.utils.s3 import S3AllowList, S3Uri, parse_s3_uri, s3_client
 
 IMAGE_COLUMNS = ("image", "image_path", "path", "s3_uri", "uri")
 QUANTITY_COLUMNS = ("recorded_quantity", "recorded", "quantity", "expected_quantity", "expected_count")
@@ -72,6 +72,7 @@ def _rows_from_csv(rows: list[dict[str, str]], where: str, need_quantity: bool) 
             wanted += f" and a quantity column ({' or '.join(QUANTITY_COLUMNS)})"
         raise BinsightError(f"{where} needs {wanted}; it has {sorted(columns)}")
     images, recorded, rejected = [], [], []
+    first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         image = (row.get(image_column) or "").strip()
         quantity = (row.get(quantity_column) or "").strip() if quantity_column else ""
@@ -79,6 +80,12 @@ def _rows_from_csv(rows: list[dict[str, str]], where: str, need_quantity: bool) 
         if not image or (need_quantity and not good_quantity):
             rejected.append({"line": str(line), "image": image, "problem": f"bad row: quantity {quantity!r}"})
             continue
+        if image in first_line:  # scored and ranked twice otherwise, and counted twice in the summary
+            rejected.append(
+                {"line": str(line), "image": image, "problem": f"duplicate of line {first_line[image]}"}
+            )
+            continue
+        first_line[image] = line
         images.append(image)
         recorded.append(int(quantity) if good_quantity else NO_RECORD)
     if not images:
@@ -112,10 +119,71 @@ def _lines(text: str, where: str, need_quantity: bool) -> Manifest:
             f"{where} lists images without recorded quantities",
             hint="an audit needs a CSV with image and recorded_quantity columns",
         )
-    images = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    images: list[str] = []
+    rejected: list[dict[str, str]] = []
+    first_line: dict[str, int] = {}
+    for line, raw in enumerate(text.splitlines(), start=1):
+        image = raw.strip()
+        if not image or image.startswith("#"):
+            continue
+        if image in first_line:
+            rejected.append(
+                {"line": str(line), "image": image, "problem": f"duplicate of line {first_line[image]}"}
+            )
+            continue
+        first_line[image] = line
+        images.append(image)
     if not images:
         raise BinsightError(f"{where} lists no images")
-    return Manifest(images, [NO_RECORD] * len(images), [""] * len(images))
+    return Manifest(images, [NO_RECORD] * len(images), [""] * len(images), rejected)
+
+
+def confine_to(manifest: Manifest, location: S3Uri, allowed_roots: tuple[str, ...]) -> Manifest:
+    """A manifest read from S3 names objects under its own folder (relative names are resolved there),
+    or under a root the operator allowed. Anyone who can write that one object must not be able to make
+    the run read the machine's files (`/proc/self/environ`, a key file) or another bucket."""
+    folder = location.key.rsplit("/", 1)[0] + "/" if "/" in location.key else ""
+    own = S3AllowList((S3Uri(location.bucket, folder),))
+    s3_roots = S3AllowList.parse([r for r in allowed_roots if r.startswith("s3://")])
+    local_roots = [Path(r).resolve() for r in allowed_roots if not r.startswith("s3://")]
+    images, recorded, sources = [], [], []
+    rejected = list(manifest.rejected)
+    kept: set[str] = set()
+    for image, count, source in zip(manifest.images, manifest.recorded, manifest.record_sources, strict=True):
+        problem = ""
+        if image.startswith("s3://"):
+            try:
+                target = parse_s3_uri(image)
+            except BinsightError as exc:
+                problem = f"bad S3 URI: {exc.message}"
+            else:
+                if not (own.allows(target) or s3_roots.allows(target)):
+                    problem = f"outside {own} (allow more with --allow-root)"
+        elif "://" in image or image.startswith(("/", "~")):
+            resolved = Path(image).expanduser().resolve() if "://" not in image else None
+            if resolved is None or not any(resolved.is_relative_to(root) for root in local_roots):
+                problem = "a manifest on S3 may not name local files (allow a folder with --allow-root)"
+        else:
+            key = posixpath.normpath(folder + image)
+            if key == ".." or key.startswith("../") or not key.startswith(folder):
+                problem = f"outside {own}"
+            else:
+                image = f"s3://{location.bucket}/{key}"
+        if not problem and image in kept:
+            problem = "duplicate of an earlier row (the same object)"
+        if problem:
+            rejected.append({"line": "", "image": image, "problem": problem})
+            continue
+        kept.add(image)
+        images.append(image)
+        recorded.append(count)
+        sources.append(source)
+    if not images:
+        raise BinsightError(
+            f"none of the rows of s3://{location.bucket}/{location.key} may be read",
+            hint="a manifest on S3 names objects under its own folder; --allow-root adds others",
+        )
+    return Manifest(images, recorded, sources, rejected)
 
 
 def abid_metadata_for(image: str) -> str:
@@ -139,7 +207,11 @@ def _list_s3(uri: str, client: Any) -> list[str]:
 
 
 def list_source(
-    source: str, need_quantity: bool, endpoint_url: str | None = None, unsigned: bool = False
+    source: str,
+    need_quantity: bool,
+    endpoint_url: str | None = None,
+    unsigned: bool = False,
+    allowed_roots: tuple[str, ...] = (),
 ) -> Manifest:
     """The photos a run covers, in a stable order (listing order of the store, sorted)."""
     lowered = source.lower()
@@ -161,8 +233,10 @@ def list_source(
                     f"{source} is not UTF-8 text", hint="save the manifest as UTF-8"
                 ) from None
             if lowered.endswith(".csv"):
-                return _rows_from_csv(list(csv.DictReader(io.StringIO(text))), source, need_quantity)
-            return _lines(text, source, need_quantity)
+                listed = _rows_from_csv(list(csv.DictReader(io.StringIO(text))), source, need_quantity)
+            else:
+                listed = _lines(text, source, need_quantity)
+            return confine_to(listed, location, allowed_roots)
         try:
             images = sorted(_list_s3(source, client))
         except BinsightError:

@@ -14,6 +14,7 @@ from binsight import __version__
 from binsight.cli import batch, data, mlops, serving, training
 from binsight.cliargs import add_command, config_from_args
 from binsight.errors import BinsightError
+from binsight.utils.redact import install_redaction, redact
 
 log = logging.getLogger("binsight")
 
@@ -80,13 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    install_redaction()
     try:
         return int(args.handler(args) or 0)
     except BinsightError as exc:
-        print(f"binsight: error: {exc}", file=sys.stderr)
+        print(f"binsight: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        print(f"binsight: error: {_format_validation_error(exc)}", file=sys.stderr)
+        print(f"binsight: error: {redact(_format_validation_error(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("binsight: interrupted; run the same command again to resume", file=sys.stderr)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ def _model_file(config: BatchConfig) -> tuple[Path, str | None]:
     from binsight.registry import fetch_alias
 
     assert config.registry is not None  # the config validator allows exactly one source
-    return fetch_alias(config.registry, config.alias, Path(tempfile.mkdtemp()), config.s3_endpoint_url)
+    return fetch_alias(config.registry, config.alias, None, config.s3_endpoint_url)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.cliargs import add_command, config_from_args
+from binsight.utils.redact import SecretUrl
 
 log = logging.getLogger("binsight")
 
@@ -22,9 +23,11 @@ class ModelsConfig(BaseModel):
     )
     target: str = Field("production", description="version (v0003) or alias to show or promote")
     registry: str = Field(description="folder or s3://bucket/prefix")
-    alias: str = Field("production", description="alias to move (promote, rollback)")
+    alias: str = Field(
+        "production", pattern=r"^[a-z][a-z0-9_-]{0,40}$", description="alias to move (promote, rollback)"
+    )
     reason: str | None = Field(None, description="recorded with the alias's move")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default AWS)")
+    s3_endpoint_url: SecretUrl | None = Field(None, description="S3-compatible endpoint (default AWS)")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -34,12 +37,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
     registry = Registry(config.registry, config.s3_endpoint_url)
     if config.action == "list":
         aliases = registry.aliases()
+        complete, incomplete = registry.listing()
         print(f"{'version':<8} {'created':<26} {'accuracy':>9} {'mae':>7}  aliases")
-        for name in registry.versions():
+        for name in complete:
             version = registry.get(name)
             tags = ", ".join(a for a, v in aliases.items() if v == name)
-            accuracy, mae = (version.metrics.get(k, float("nan")) for k in ("accuracy", "mae"))
-            print(f"{name:<8} {version.meta.get('created', ''):<26} {accuracy:>9.4f} {mae:>7.3f}  {tags}")
+            accuracy, mae = (float(version.metrics.get(k, float("nan"))) for k in ("accuracy", "mae"))
+            print(f"{name:<8} {version.meta.get('created', '')!s:<26} {accuracy:>9.4f} {mae:>7.3f}  {tags}")
+        if incomplete:
+            print(
+                f"incomplete (no meta.json: a registration that failed, or is running now): "
+                f"{', '.join(incomplete)}"
+            )
     elif config.action == "show":
         version = registry.get(registry.resolve(config.target))
         print(
@@ -53,10 +62,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
         record = registry.set_alias(
             config.alias, registry.resolve(config.target), config.reason or "manual promote"
         )
-        print(f"{config.alias} -> {record['version']}")
+        print(f"{config.alias} -> {record.version}")
     else:
         record = registry.rollback(config.alias)
-        print(f"{config.alias} rolled back to {record['version']}")
+        print(f"{config.alias} rolled back to {record.version}")
     return 0
 
 

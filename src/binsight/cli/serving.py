@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.cliargs import add_command, config_from_args
 from binsight.errors import BinsightError
+from binsight.serving.auth import Scope, new_token, token_line
 
 log = logging.getLogger("binsight")
 
@@ -28,14 +31,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     print(
         f"export: {report.onnx} ({report.bytes / 1e6:.1f} MB); ONNX Runtime matches PyTorch within "
-        f"{report.max_abs_diff_vs_pytorch:.1e} on {report.verified_on} images"
+        f"{report.max_abs_diff_vs_pytorch:.1e} on {report.verified_on} images; calibrated for "
+        f"{', '.join(report.engines) or 'no engine (no validation split)'}"
     )
     if report.int8 is not None:
         q = report.int8
+        engines = ", ".join(f"{k} {v:.4f}" for k, v in sorted(q.by_engine.items()))
         print(
-            f"int8: {q.onnx} ({q.bytes / 1e6:.1f} MB); accuracy {q.int8_accuracy:.4f} vs "
-            f"{q.fp32_accuracy:.4f} in fp32 on {q.evaluated_on} validation images "
-            f"(cost {100 * q.accuracy_cost:+.2f} points)"
+            f"int8: {q.onnx} ({q.bytes / 1e6:.1f} MB); validation accuracy {engines} vs "
+            f"{q.fp32_accuracy:.4f} in fp32 (cost up to {100 * q.accuracy_cost:+.2f} points); "
+            f"serving: {q.serving}"
         )
     return 0
 
@@ -45,6 +50,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from binsight.serving.server import serve
 
     serve(config_from_args(args, ServeConfig))
+    return 0
+
+
+class TokenConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["new"] = Field("new", description="new: make a token and add its hash to the file")
+    name: str = Field(description="who holds it (shown in logs and errors), e.g. camera-7")
+    scopes: list[Scope] = Field(
+        default_factory=lambda: [Scope.INVOKE], description="invoke, admin, recheck (comma-separated)"
+    )
+    file: Path = Field(Path("tokens.txt"), description="tokens file to append to (created 0600)")
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    config = config_from_args(args, TokenConfig)
+    token = new_token()
+    line = token_line(config.name, config.scopes, token)
+    existing = config.file.read_text(encoding="utf-8") if config.file.exists() else ""
+    if any(part.split()[:1] == [config.name] for part in existing.splitlines()):
+        raise BinsightError(f"{config.file} already has a token named {config.name!r}")
+    descriptor = os.open(config.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as out:
+        out.write(("" if not existing or existing.endswith("\n") else "\n") + line + "\n")
+    print(
+        f"token for {config.name} ({', '.join(s.value for s in config.scopes)}), shown once; keep it secret:"
+    )
+    print(token)
+    print(f"{config.file}: its sha256 was added; start the server with --tokens-file {config.file}")
     return 0
 
 
@@ -67,6 +101,11 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
+# `binsight monitor` exit codes, for cron jobs: 0 no drift (or not asked to fail), 3 drift in the latest
+# window, 4 not enough usable captured records to judge, 2 a usage or input error.
+EXIT_DRIFT, EXIT_CANNOT_JUDGE = 3, 4
+
+
 def _cmd_monitor(args: argparse.Namespace) -> int:
     from binsight.inference.runtime import load_counter
     from binsight.monitoring.baseline import Baseline
@@ -79,7 +118,20 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
             f"{config.model} has no monitoring baseline", hint="export it again with this binsight version"
         )
     baseline = Baseline.from_json(counter.info.baseline)
-    seen = read_capture(config.capture_dir, tuple(counter.info.classes))
+    capture = read_capture(
+        config.capture_dir,
+        tuple(counter.info.classes),
+        counter.info.version,
+        tuple(name for name in baseline.scalars if name != "confidence"),
+        baseline.embeddings.shape[1],
+    )
+    seen = capture.seen
+    if capture.skipped:
+        print(
+            "monitor: skipped "
+            + ", ".join(f"{n} ({reason})" for reason, n in sorted(capture.skipped.items()))
+            + f"; comparing the {len(seen)} records of model {counter.info.version}"
+        )
     result = monitor(baseline, seen, config.window, config.alpha)
     out = config.out
     write_report(result, baseline, seen, out)
@@ -90,7 +142,10 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
         + (f" ({', '.join(summary['drifted_in_latest'])})" if summary["drifted_in_latest"] else "")
         + f"; report in {out / 'report.html'}"
     )
-    return 3 if config.fail_on_drift and summary["drifted_in_latest"] else 0
+    if config.fail_on_drift and result.latest is None:
+        print(f"monitor: too few usable records to judge drift (exit {EXIT_CANNOT_JUDGE})", file=sys.stderr)
+        return EXIT_CANNOT_JUDGE
+    return EXIT_DRIFT if config.fail_on_drift and summary["drifted_in_latest"] else 0
 
 
 class ExportConfig(BaseModel):
@@ -127,7 +182,9 @@ class MonitorConfig(BaseModel):
     alpha: float = Field(
         0.01, gt=0.0, lt=1.0, description="chance that a window like the baseline raises an alarm"
     )
-    fail_on_drift: bool = Field(False, description="exit 3 when the latest window drifted")
+    fail_on_drift: bool = Field(
+        False, description="exit 3 when the latest window drifted, 4 when too few records to judge"
+    )
 
 
 def register(verbs: Any) -> None:
@@ -150,6 +207,16 @@ def register(verbs: Any) -> None:
         _cmd_serve,
         help="HTTP counting endpoint (SageMaker-compatible)",
         title="serving",
+    )
+
+    add_command(
+        verbs,
+        "token",
+        TokenConfig,
+        _cmd_token,
+        help="make a bearer token for `binsight serve --tokens-file`",
+        positional=("action",),
+        title="token",
     )
 
     add_command(

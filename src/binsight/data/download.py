@@ -39,6 +39,7 @@ from binsight.data.abid import MetadataError, image_id_order, parse_metadata
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from binsight.utils.progress import bar
+from binsight.utils.redact import SecretUrl
 from binsight.utils.s3 import s3_client
 
 ABID_BUCKET = "aft-vbi-pds"
@@ -62,7 +63,7 @@ class DownloadConfig(BaseModel):
 
     out: Path = Field(description="dataset directory to write")
     bucket: str = Field(ABID_BUCKET, description="bucket to read (ABID's public one by default)")
-    endpoint_url: str | None = Field(None, description="any S3-compatible endpoint (default AWS)")
+    endpoint_url: SecretUrl | None = Field(None, description="any S3-compatible endpoint (default AWS)")
     region: str = Field("us-east-1", description="the bucket's region")
     images_prefix: str = Field("bin-images/", description="where the photos are in the bucket")
     metadata_prefix: str = Field("metadata/", description="where the metadata documents are")

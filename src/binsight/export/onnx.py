@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ from torch import nn
 from binsight.card import ModelCard
 from binsight.data.split import load_split
 from binsight.errors import BinsightError
-from binsight.imaging import Size, as_hw
+from binsight.imaging import Size, as_hw, decode_image, normalise, resize_to
 from binsight.inference.conformal import Calibration
-from binsight.inference.runtime import META_PREFIX, OnnxCounter
+from binsight.inference.engines import RuntimeChoice, cpu_features
+from binsight.inference.runtime import META_PREFIX, LoadedModel, OnnxCounter, OpenVinoCounter
+from binsight.inference.selfcheck import ReferenceSet
 from binsight.models.heads import CountingModel
 from binsight.monitoring.baseline import build_baseline
 from binsight.training.checkpoint import load_checkpoint
@@ -54,12 +57,11 @@ class Baselined(BaseModel):
 class Quantised(BaseModel):
     onnx: str
     bytes: int
-    evaluated_on: int
-    fp32_accuracy: float
-    int8_accuracy: float
-    accuracy_cost: float
-    fp32_mae: float
-    int8_mae: float
+    fp32_accuracy: float  # validation accuracy of the fp32 file on ONNX Runtime
+    int8_accuracy: float  # the int8 file's, on the engine where it is lowest
+    accuracy_cost: float  # the largest loss against the fp32 file on the same engine
+    by_engine: dict[str, float]  # the int8 file's validation accuracy per engine
+    serving: str  # "ok", or why the file is marked not for serving
 
 
 class ExportReport(BaseModel):
@@ -76,6 +78,7 @@ class ExportReport(BaseModel):
     calibration: Calibrated | None = None
     monitoring_baseline: Baselined | None = None
     int8: Quantised | None = None
+    engines: list[str] = []  # the engines/precisions calibrated for (each has its own calibration)
 
 
 class ProbabilityModel(nn.Module):
@@ -137,28 +140,77 @@ def _sample_inputs(
     return images, dataset.counts[: len(images)]
 
 
-def _calibrate(
-    model_path: Path, data_dir: Path, config: TrainConfig, num_classes: int, limit: int
-) -> Calibration | None:
-    """Conformal calibration of the exported file on the validation split (its own outputs, so an int8
-    file gets its own), streamed in batches so thousands of photos fit in memory."""
+def serving_engines(quantized: bool) -> list[RuntimeChoice]:
+    """Every engine and precision this machine can serve the file with: each gets its own calibration
+    and baseline, computed from its own outputs (engines disagree on borderline photos)."""
+    precision = "int8" if quantized else "fp32"
+    engines = [
+        RuntimeChoice("onnxruntime", precision, "export"),
+        RuntimeChoice("openvino", precision, "export"),
+    ]
+    if not quantized and cpu_features() & {"amx_bf16", "avx512_bf16"}:
+        engines.append(RuntimeChoice("openvino", "bf16", "export"))
+    return engines
+
+
+def _open_engine(path: Path, choice: RuntimeChoice) -> LoadedModel:
+    requested = "fp32" if choice.precision == "int8" else choice.precision
+    asked = RuntimeChoice(choice.backend, requested, "export")
+    return (
+        OpenVinoCounter(path, choice=asked)
+        if choice.backend == "openvino"
+        else OnnxCounter(path, choice=asked)
+    )
+
+
+def _probabilities(counter: LoadedModel, dataset: BinDataset) -> np.ndarray:
+    """The engine's answers for a split, streamed in batches so thousands of photos fit in memory."""
+    out = []
+    for start in range(0, len(dataset), 64):
+        batch = [dataset[i][0].numpy() for i in range(start, min(start + 64, len(dataset)))]
+        out.append(counter.predict(np.stack(batch).astype(np.float32)))
+    return np.concatenate(out)
+
+
+def _describe_for_serving(
+    path: Path, data_dir: Path, config: TrainConfig, num_classes: int, limit: int, quantized: bool
+) -> tuple[Calibrated | None, Baselined | None, dict[str, float]]:
+    """Per engine this machine has: the file's conformal calibration and monitoring baseline from that
+    engine's own outputs on the validation split. Returns what was written, and each engine's
+    validation accuracy (for the int8 verdict)."""
     try:
         rows = load_split(data_dir, "val")[:limit]
     except BinsightError:
-        return None
+        rows = []
     if not rows:
-        return None
+        return None, None, {}
     size = config.input_hw
     dataset = BinDataset(data_dir, rows, eval_transform(size, *config.mean_std), size, num_classes)
-    counter = OnnxCounter(model_path)
-    probabilities = []
-    for start in range(0, len(dataset), 64):
-        batch = [dataset[i][0].numpy() for i in range(start, min(start + 64, len(dataset)))]
-        probabilities.append(counter.predict(np.stack(batch).astype(np.float32)))
     targets = np.minimum(dataset.counts[: len(dataset)], num_classes - 1)
-    return Calibration.fit(
-        np.concatenate(probabilities), targets, tuple(range(num_classes)), f"val split of {data_dir.name}"
-    )
+    entries: dict[str, str] = {}
+    accuracy: dict[str, float] = {}
+    calibrated, baselined = None, None
+    photos = [data_dir / r["image"] for r in rows]
+    for choice in serving_engines(quantized):
+        key = f"{choice.backend}/{choice.precision}"
+        counter = _open_engine(path, choice)
+        probabilities = _probabilities(counter, dataset)
+        accuracy[key] = counting_metrics(dataset.counts[: len(dataset)], probabilities)["accuracy"]
+        calibration = Calibration.fit(
+            probabilities, targets, tuple(range(num_classes)), f"val split of {data_dir.name}, {key}"
+        )
+        baseline = build_baseline(counter, photos, f"val split of {data_dir.name}, {key}")
+        entries[f"calibration/{key}"] = calibration.to_json()
+        entries[f"baseline/{key}"] = baseline.to_json()
+        if choice.backend == "onnxruntime":  # what readers from before per-engine entries look for
+            entries["calibration"], entries["baseline"] = (
+                entries[f"calibration/{key}"],
+                entries[f"baseline/{key}"],
+            )
+        calibrated = Calibrated(split="val", photos_per_count=calibration.sizes())
+        baselined = Baselined(split="val", photos=baseline.size)
+    _add_metadata(path, entries)
+    return calibrated, baselined, accuracy
 
 
 def _add_metadata(path: Path, entries: dict[str, str]) -> None:
@@ -167,32 +219,6 @@ def _add_metadata(path: Path, entries: dict[str, str]) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, value
     atomic_write_bytes(path, proto.SerializeToString())
-
-
-def _describe_for_serving(
-    path: Path, data_dir: Path, config: TrainConfig, num_classes: int, limit: int
-) -> tuple[Calibrated | None, Baselined | None]:
-    """Write the file's conformal calibration and its monitoring baseline, both from its own outputs on
-    the validation split; returns what was written."""
-    entries: dict[str, str] = {}
-    calibrated, baselined = None, None
-    calibration = _calibrate(path, data_dir, config, num_classes, limit)
-    if calibration is not None:
-        entries["calibration"] = calibration.to_json()
-        calibrated = Calibrated(split="val", photos_per_count=calibration.sizes())
-    try:
-        rows = load_split(data_dir, "val")[:limit]
-    except BinsightError:
-        rows = []
-    if rows:
-        baseline = build_baseline(
-            OnnxCounter(path), [data_dir / r["image"] for r in rows], f"val split of {data_dir.name}"
-        )
-        entries["baseline"] = baseline.to_json()
-        baselined = Baselined(split="val", photos=baseline.size)
-    if entries:
-        _add_metadata(path, entries)
-    return calibrated, baselined
 
 
 def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
@@ -231,6 +257,111 @@ def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
         root.setLevel(level)
 
 
+def _card(checkpoint: dict[str, object], config: TrainConfig, num_classes: int) -> ModelCard:
+    # Checkpoints from before the card existed get theirs rebuilt from what they do hold.
+    if "card" in checkpoint:
+        return ModelCard.model_validate(checkpoint["card"])
+    return model_card(
+        config,
+        num_classes,
+        str(checkpoint.get("train_fingerprint", "")),
+        str(checkpoint.get("val_fingerprint", "")),
+    )
+
+
+def reference_set(
+    model: CountingModel, data_dir: Path, config: TrainConfig, photos: int = 16
+) -> ReferenceSet | None:
+    """The self-check's photos (validation photos as the model takes them, uint8) and the fp32 PyTorch
+    model's answers for them; None without a validation split."""
+    try:
+        rows = load_split(data_dir, "val")[:photos]
+    except BinsightError:
+        return None
+    size = config.input_hw
+    pixels = []
+    for row in rows:
+        try:
+            pixels.append(np.asarray(resize_to(decode_image(data_dir / row["image"], size), size)))
+        except (OSError, SyntaxError, ValueError):
+            continue
+    if not pixels:
+        return None
+    stacked = np.stack(pixels)
+    with torch.no_grad():
+        inputs = torch.from_numpy(normalise(stacked, *config.mean_std))
+        probabilities = ProbabilityModel(model).eval()(inputs)[0].numpy()
+    return ReferenceSet(stacked, probabilities.astype(np.float64))
+
+
+def _write_verified(
+    model: CountingModel, out: Path, metadata: dict[str, str], check: np.ndarray, tolerance: float
+) -> tuple[int, float]:
+    """Write the ONNX file and hold it to PyTorch's answers; a file that differs is removed."""
+    onnx_bytes = _with_metadata(_to_onnx_bytes(model, check.shape[2:]), metadata)
+    atomic_write_bytes(out, onnx_bytes)
+    with torch.no_grad():
+        expected = ProbabilityModel(model).eval()(torch.from_numpy(check))[0].numpy()
+    max_diff = float(np.abs(expected - OnnxCounter(out).predict(check)).max())
+    if max_diff > tolerance:
+        out.unlink(missing_ok=True)
+        raise BinsightError(
+            f"ONNX output differs from PyTorch by {max_diff:.2e} (tolerance {tolerance:g})",
+            hint="report this with the checkpoint; the export was removed",
+        )
+    log.info(
+        "exported %s (%.1f MB); ONNX Runtime matches PyTorch within %.1e",
+        out,
+        len(onnx_bytes) / 1e6,
+        max_diff,
+    )
+    return len(onnx_bytes), max_diff
+
+
+# An int8 file that loses more than this (accuracy, on validation, on any engine here) beside its fp32
+# file is marked not for serving: loading it serves the fp32 file instead, or fails, and says why.
+INT8_MAX_COST = 0.005
+
+
+def _write_int8(
+    out: Path,
+    metadata: dict[str, str],
+    calibration: np.ndarray,
+    fp32_accuracy: dict[str, float],
+    describe: Callable[[Path, bool], tuple[Calibrated | None, Baselined | None, dict[str, float]]],
+) -> Quantised:
+    int8_path = out.with_name(out.stem + ".int8.onnx")
+    int8_bytes = _with_metadata(_quantize_int8(out, calibration), {**metadata, "quantized": "int8"})
+    atomic_write_bytes(int8_path, int8_bytes)
+    _, _, int8_accuracy = describe(int8_path, True)
+    costs = {
+        engine: fp32_accuracy[engine.replace("/int8", "/fp32")] - accuracy
+        for engine, accuracy in int8_accuracy.items()
+        if engine.replace("/int8", "/fp32") in fp32_accuracy
+    }
+    worst = max(costs, key=lambda e: costs[e]) if costs else None
+    serving = "ok"
+    if worst is not None and costs[worst] > INT8_MAX_COST:
+        fp32_there = fp32_accuracy[worst.replace("/int8", "/fp32")]
+        serving = (
+            f"int8 loses {100 * costs[worst]:.1f} points of validation accuracy on {worst} here "
+            f"({100 * int8_accuracy[worst]:.1f}% vs {100 * fp32_there:.1f}% in fp32; the limit is "
+            f"{100 * INT8_MAX_COST:.1f})"
+        )
+        _add_metadata(int8_path, {"not_for_serving": serving})
+        log.warning("%s is marked not for serving: %s", int8_path.name, serving)
+    fp32_reference = fp32_accuracy.get("onnxruntime/fp32", float("nan"))
+    return Quantised(
+        onnx=str(int8_path),
+        bytes=int8_path.stat().st_size,
+        fp32_accuracy=fp32_reference,
+        int8_accuracy=min(int8_accuracy.values()) if int8_accuracy else float("nan"),
+        accuracy_cost=costs[worst] if worst else float("nan"),
+        by_engine=int8_accuracy,
+        serving=serving,
+    )
+
+
 def export(
     checkpoint_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -239,110 +370,49 @@ def export(
     quantize: bool = False,
     version: str | None = None,
     verify_images: int = 16,
-    quant_eval_images: int = 512,
     calibration_images: int = 5000,
     tolerance: float = 1e-4,
 ) -> ExportReport:
+    """Write the verified ONNX file with everything serving needs inside it: the card, the self-check's
+    reference photos, and per engine a conformal calibration and a drift baseline; optionally an int8
+    file beside it, marked not for serving when it loses accuracy."""
     checkpoint = load_checkpoint(checkpoint_path)
     model, config, num_classes = load_model(checkpoint)
     data_dir = Path(data) if data else Path(config.data)
-    size = config.input_hw
-    # Checkpoints from before the card existed get theirs rebuilt from what they do hold.
-    card = (
-        ModelCard.model_validate(checkpoint["card"])
-        if "card" in checkpoint
-        else model_card(
-            config,
-            num_classes,
-            checkpoint.get("train_fingerprint", ""),
-            checkpoint.get("val_fingerprint", ""),
-        )
-    )
+    out = Path(out)
     metadata = {
-        "card": card.model_dump_json(),
+        "card": _card(checkpoint, config, num_classes).model_dump_json(),
         "version": version or "",
-        "source_checkpoint": str(checkpoint_path),
         "quantized": "",
         "embedding_dim": str(EMBEDDING_DIM),
     }
-    onnx_bytes = _with_metadata(_to_onnx_bytes(model, size), metadata)
-    out = Path(out)
-    atomic_write_bytes(out, onnx_bytes)
-
-    # Verify on real images when the data is at hand, else on random inputs.
-    try:
-        samples, targets = _sample_inputs(
-            data_dir, "val", config, num_classes, max(verify_images, quant_eval_images)
-        )
-    except BinsightError:
-        samples, targets = (
-            np.random.default_rng(0).normal(size=(verify_images, 3, *size)).astype(np.float32),
-            None,
-        )
-    check = samples[:verify_images]
-    with torch.no_grad():
-        expected = ProbabilityModel(model)(torch.from_numpy(check))[0].numpy()
-    got = OnnxCounter(out).predict(check)
-    max_diff = float(np.abs(expected - got).max())
-    if max_diff > tolerance:
-        out.unlink(missing_ok=True)
-        raise BinsightError(
-            f"ONNX output differs from PyTorch by {max_diff:.2e} (tolerance {tolerance:g})",
-            hint="report this with the checkpoint; the export was removed",
-        )
+    reference = reference_set(model, data_dir, config, verify_images)
+    if reference is not None:
+        metadata["reference"] = reference.to_json()
+        check = normalise(reference.pixels, *config.mean_std)
+    else:  # no validation photos at hand: verify on random inputs
+        check = np.random.default_rng(0).normal(size=(verify_images, 3, *config.input_hw)).astype(np.float32)
+    size_bytes, max_diff = _write_verified(model, out, metadata, check, tolerance)
     report = ExportReport(
         onnx=str(out),
-        bytes=len(onnx_bytes),
+        bytes=size_bytes,
         max_abs_diff_vs_pytorch=max_diff,
         verified_on=len(check),
-        input_hw=size,
+        input_hw=config.input_hw,
         classes=num_classes,
     )
-    log.info(
-        "exported %s (%.1f MB); ONNX Runtime matches PyTorch within %.1e",
-        out,
-        len(onnx_bytes) / 1e6,
-        max_diff,
-    )
 
-    report.calibration, report.monitoring_baseline = _describe_for_serving(
-        out, data_dir, config, num_classes, calibration_images
-    )
-    if report.calibration is not None:
-        log.info(
-            "conformal calibration on %s validation photos per count, monitoring baseline of %d photos",
-            report.calibration.photos_per_count,
-            report.monitoring_baseline.photos if report.monitoring_baseline else 0,
-        )
+    def describe(path: Path, quantized: bool) -> tuple[Calibrated | None, Baselined | None, dict[str, float]]:
+        return _describe_for_serving(path, data_dir, config, num_classes, calibration_images, quantized)
 
+    report.calibration, report.monitoring_baseline, fp32_accuracy = describe(out, False)
+    report.engines = sorted(fp32_accuracy)
     if quantize:
-        if targets is None:
+        if reference is None:
             raise BinsightError(
                 "int8 quantisation needs validation images to calibrate on",
                 hint=f"pass --data with a split (looked in {data_dir})",
             )
-        int8_path = out.with_name(out.stem + ".int8.onnx")
-        calibration = samples[: min(64, len(samples))]
-        int8_bytes = _with_metadata(_quantize_int8(out, calibration), {**metadata, "quantized": "int8"})
-        atomic_write_bytes(int8_path, int8_bytes)
-        _describe_for_serving(int8_path, data_dir, config, num_classes, calibration_images)
-        fp32_metrics = counting_metrics(targets, OnnxCounter(out).predict(samples))
-        int8_metrics = counting_metrics(targets, OnnxCounter(int8_path).predict(samples))
-        report.int8 = Quantised(
-            onnx=str(int8_path),
-            bytes=len(int8_bytes),
-            evaluated_on=len(samples),
-            fp32_accuracy=fp32_metrics["accuracy"],
-            int8_accuracy=int8_metrics["accuracy"],
-            accuracy_cost=fp32_metrics["accuracy"] - int8_metrics["accuracy"],
-            fp32_mae=fp32_metrics["mae"],
-            int8_mae=int8_metrics["mae"],
-        )
-        log.info(
-            "int8 model %s: accuracy %.4f vs %.4f in fp32 on %d validation images",
-            int8_path,
-            int8_metrics["accuracy"],
-            fp32_metrics["accuracy"],
-            len(samples),
-        )
+        calibration, _ = _sample_inputs(data_dir, "val", config, num_classes, 64)
+        report.int8 = _write_int8(out, metadata, calibration, fp32_accuracy, describe)
     return report

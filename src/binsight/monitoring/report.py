@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import numpy as np
 from binsight.errors import BinsightError
 from binsight.monitoring.baseline import Baseline, Seen
 from binsight.monitoring.drift import DriftDetector, DriftResult
+from binsight.monitoring.signals import SCALAR_SIGNALS
 from binsight.monitoring.watch import window_of
 from binsight.reporting.html import HtmlReport
 from binsight.utils.io import atomic_write_json
@@ -21,24 +24,78 @@ from binsight.utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def read_capture(folder: Path, classes: tuple[int, ...]) -> list[Seen]:
-    """Captured requests that carry signals (older records do not), oldest first."""
+@dataclass
+class Capture:
+    """The captured records a monitor can use, and how many it could not, by reason."""
+
+    seen: list[Seen]
+    skipped: dict[str, int]
+
+
+def _finite(value: Any) -> float:
+    number = float(value)  # TypeError/ValueError for non-numbers; bools are numbers to Python: refused
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
+
+def _parse(line: str, classes: tuple[int, ...], signal_names: tuple[str, ...], embedding_dim: int) -> Seen:
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("signals"), dict):
+        raise KeyError("signals")
+    signals = {name: _finite(record["signals"][name]) for name in signal_names}
+    confidence = _finite(record["confidence"])
+    if not 0.0 <= confidence <= 1.0:
+        raise ValueError("confidence out of range")
+    signals["confidence"] = confidence
+    count = record["count"]
+    if isinstance(count, bool) or not isinstance(count, int) or count not in classes:
+        raise ValueError("count not a class of this model")
+    raw = record.get("embedding", [])
+    if not isinstance(raw, list) or len(raw) != embedding_dim:
+        raise ValueError("embedding of another length")
+    embedding = np.asarray([_finite(v) for v in raw], dtype=np.float64)
+    return Seen(signals, classes.index(count), embedding, str(record.get("time", "")))
+
+
+def read_capture(
+    folder: Path,
+    classes: tuple[int, ...],
+    model_version: str | None = None,
+    signal_names: tuple[str, ...] = SCALAR_SIGNALS,
+    embedding_dim: int | None = None,
+) -> Capture:
+    """Captured requests of one model version that carry every signal, oldest first. Lines that cannot
+    be used are skipped and counted, never fatal: a capture folder is written by servers (and whoever
+    else can write to it), and records of another model version (after a hot reload) have other
+    classes, embeddings and baselines."""
     if not folder.is_dir():
         raise BinsightError(f"no capture folder at {folder}", hint="serve with --capture-dir FOLDER")
     seen: list[Seen] = []
+    skipped: Counter[str] = Counter()
     for path in sorted(folder.glob("capture-*.jsonl")):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
             try:
-                record = json.loads(line)
-                signals = {k: float(v) for k, v in record["signals"].items()}
-                signals["confidence"] = float(record["confidence"])
-                predicted = classes.index(int(record["count"]))
-                embedding = np.asarray(record.get("embedding", []), dtype=np.float64)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line being written, or a record from before signals were captured
-            seen.append(Seen(signals, predicted, embedding, str(record.get("time", ""))))
+                version = json.loads(line).get("model_version") if model_version else None
+            except (ValueError, RecursionError, AttributeError):
+                skipped["unreadable line"] += 1
+                continue
+            if model_version and version not in (None, model_version):
+                skipped["other model version"] += 1
+                continue
+            try:
+                dim = (
+                    embedding_dim if embedding_dim is not None else len(json.loads(line).get("embedding", []))
+                )
+                seen.append(_parse(line, classes, signal_names, dim))
+            except RecursionError:
+                skipped["unreadable line"] += 1
+            except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
+                skipped["incomplete or invalid record"] += 1
     seen.sort(key=lambda s: s.time)
-    return seen
+    return Capture(seen, dict(skipped))
 
 
 @dataclass

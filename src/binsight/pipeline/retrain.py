@@ -38,6 +38,7 @@ from binsight.registry import Registry
 from binsight.reporting.html import HtmlReport
 from binsight.training.metrics import Metric
 from binsight.utils.io import atomic_write_json
+from binsight.utils.redact import SecretUrl
 
 log = logging.getLogger(__name__)
 Step = TypeVar("Step", bound=BaseModel)
@@ -52,9 +53,13 @@ class PipelineConfig(BaseModel):
     data: Path = Field(description="dataset directory (ABID layout); re-indexed and split each run")
     registry: str = Field(description="model registry: a folder or s3://bucket/prefix")
     work_dir: Path = Field(Path("runs/pipeline"), description="where each run keeps its steps and state")
-    run_id: str | None = Field(None, description="re-use to resume a crashed run (default: a timestamp)")
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="re-use to resume a crashed run (default: a timestamp); letters, digits, _ . -",
+    )
     new_data: str | None = Field(None, description="folder or s3://bucket/prefix with new images + metadata")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default AWS)")
+    s3_endpoint_url: SecretUrl | None = Field(None, description="S3-compatible endpoint (default AWS)")
     train_config: Path | None = Field(None, description="JSON training config (e.g. from `binsight tune`)")
     train_overrides: dict[str, Any] = Field(
         default_factory=dict, description='training settings on top, e.g. {"pretrained": false}'
@@ -62,7 +67,9 @@ class PipelineConfig(BaseModel):
     metric: Metric = Field(Metric.ACCURACY, description="the metric the candidate must improve")
     margin: float = Field(0.005, ge=0.0, description="how much better the candidate must be on `metric`")
     tolerance: float = Field(0.02, ge=0.0, description="how much worse it may be on the other metrics")
-    alias: str = Field("production", description="registry alias to promote")
+    alias: str = Field(
+        "production", pattern=r"^[a-z][a-z0-9_-]{0,40}$", description="registry alias to promote"
+    )
     split_seed: int = Field(
         0, description="seed of the first split; a dataset already split keeps its own seed and fractions"
     )
@@ -201,7 +208,7 @@ class Pipeline:
         result = Evaluated(candidate=SplitMetrics.model_validate(candidate.model_dump(include=set(keys))))
         current = self.registry.alias(self.config.alias)
         if current is not None:
-            version = current["version"]
+            version = current.version
             checkpoint = self.registry.fetch(version, "model.pt", self.dir / "production" / "model.pt")
             production = evaluate(
                 checkpoint, data=self.config.data, split="test", out=self.dir / "eval-production", workers=0

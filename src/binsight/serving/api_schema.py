@@ -93,8 +93,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 _PREDICTION_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("the request is malformed: not an image, bad JSON, bad base64, bad S3 URI, ..."),
-    403: _error("S3 denied access to the object"),
-    404: _error("the S3 object does not exist"),
+    403: _error("the s3_uri is outside the prefixes this server may read (or S3 inputs are off)"),
+    404: _error("the S3 object does not exist, or this server may not read it"),
     413: _error("body, image, pixel count or number of images over the limit"),
     415: _error("unsupported content type"),
     500: _error("a defect in the server (logged)"),
@@ -147,3 +147,48 @@ def invocation_responses(many_or_one: bool) -> dict[int | str, dict[str, Any]]:
     else:
         ok = {"model": Predictions, "description": "the predictions, in request order"}
     return {200: ok, **_PREDICTION_ERRORS}
+
+
+def declare_security(app: Any, auth_required: bool, metrics_public: bool) -> None:
+    """The bearer scheme in the OpenAPI document, and on each route that needs a token, with its scope
+    (OpenAPI lists scopes only for OAuth, so the scope goes in the description)."""
+    from binsight.serving.auth import route_scope
+
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema:
+            return dict(app.openapi_schema)
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        if auth_required:
+            components = document.setdefault("components", {})
+            components.setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "a token from the server's tokens file (binsight token new)",
+            }
+            for path, operations in document.get("paths", {}).items():
+                scope = route_scope(path, metrics_public)
+                if scope is None:
+                    continue
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+                    operation["description"] = (
+                        operation.get("description", "") + f" Needs a token with the `{scope}` scope."
+                    ).strip()
+                    operation.setdefault("responses", {})["401"] = {
+                        "description": "no token, or not a valid one",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                        },
+                    }
+                    operation["responses"]["403"] = {
+                        "description": "the token lacks the scope, or S3 access outside the allow-list",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                        },
+                    }
+        app.openapi_schema = document
+        return document
+
+    app.openapi = schema

@@ -23,7 +23,6 @@ import binascii
 import contextlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -33,16 +32,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from binsight.serving.api_schema import ERROR_RESPONSES, invocation_body, invocation_responses
+from binsight.serving.api_schema import (
+    ERROR_RESPONSES,
+    declare_security,
+    invocation_body,
+    invocation_responses,
+)
+from binsight.serving.auth import AccessControl, access_policy
 from binsight.serving.config import ServeConfig
-from binsight.serving.inputs import RequestError, overloaded
+from binsight.serving.inputs import FetchLedger, RequestError, overloaded
 from binsight.serving.metrics import ServerMetrics
 from binsight.serving.service import CountingService
 from binsight.serving.web import static_file, traffic_summary
 
 log = logging.getLogger(__name__)
 
-IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/x-image", "image/webp", "image/bmp"}
+IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/x-image", "image/webp"}
 MAX_EXPECTED_COUNT = 1_000_000
 _DIGITS = re.compile(r"[0-9]{1,7}")
 
@@ -95,7 +100,7 @@ def _admitted(service: CountingService, images: int) -> Iterator[None]:
         service.admission.leave(images)
 
 
-async def _instance_bytes(service: CountingService, instance: Any) -> tuple[bytes, str]:
+async def _instance_bytes(service: CountingService, instance: Any, ledger: FetchLedger) -> tuple[bytes, str]:
     if not isinstance(instance, dict):
         raise RequestError(400, "bad_instance", "each instance must be an object with 'image' or 's3_uri'")
     if "image" in instance or "b64" in instance:
@@ -110,7 +115,7 @@ async def _instance_bytes(service: CountingService, instance: Any) -> tuple[byte
         uri = instance["s3_uri"]
         if not isinstance(uri, str):
             raise RequestError(400, "bad_s3_uri", "'s3_uri' must be a string")
-        return await service.inputs.fetch_s3(uri), uri
+        return await service.inputs.fetch_s3(uri, ledger), uri
     raise RequestError(400, "missing_image", "give 'image' (base64) or 's3_uri'")
 
 
@@ -154,20 +159,32 @@ async def _predict_request(service: CountingService, request: Request) -> tuple[
             "too_many_images",
             f"{len(instances)} images; at most {config.max_images_per_request} per request",
         )
-    default_expected = _expected(document.get("expected_count")) if many else None
+    # The query's expected_count is honoured for JSON bodies too, as the default of every instance;
+    # given in both places with different values, the request is ambiguous and refused.
+    query_expected = _expected_from_query(request.query_params.get("expected_count"))
+    body_expected = _expected(document.get("expected_count"))
+    if query_expected is not None and body_expected is not None and query_expected != body_expected:
+        raise RequestError(
+            400, "bad_expected_count", "expected_count differs between the query and the JSON body"
+        )
+    default_expected = body_expected if body_expected is not None else query_expected
     expected_counts = [
         _expected(item.get("expected_count", default_expected)) if isinstance(item, dict) else None
         for item in instances
     ]
-    with _admitted(service, len(instances)):
-        fetched = await asyncio.gather(*(_instance_bytes(service, item) for item in instances))
-        service.inputs.check_request_pixels([data for data, _ in fetched])
-        predictions = await asyncio.gather(
-            *(
-                service.count(data, source, count)
-                for (data, source), count in zip(fetched, expected_counts, strict=True)
+    ledger = service.inputs.ledger()
+    try:
+        with _admitted(service, len(instances)):
+            fetched = await asyncio.gather(*(_instance_bytes(service, item, ledger) for item in instances))
+            service.inputs.check_request_pixels([data for data, _ in fetched])
+            predictions = await asyncio.gather(
+                *(
+                    service.count(data, source, count)
+                    for (data, source), count in zip(fetched, expected_counts, strict=True)
+                )
             )
-        )
+    finally:
+        ledger.close()
     return list(predictions), many
 
 
@@ -224,6 +241,9 @@ class ObserveRequests:
 def create_app(config: ServeConfig) -> FastAPI:
     metrics = ServerMetrics()
     state: dict[str, CountingService] = {}
+    policy = access_policy(
+        config.host, config.tokens_file, config.no_auth, config.allowed_hosts, config.metrics_public
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -273,6 +293,13 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app.add_middleware(ObserveRequests, metrics=metrics, state=state)
 
+    def refused(path: str, status: int, code: str) -> None:
+        metrics.error(path, code)
+        metrics.request(path, status, 0.0)
+
+    # Added last, so it runs first: nothing is routed, read or counted for a caller it refuses.
+    app.add_middleware(AccessControl, policy=policy, on_refused=refused)
+
     async def predict(request: Request) -> tuple[list[dict[str, Any]], bool]:
         try:
             async with asyncio.timeout(config.request_timeout_s):
@@ -282,9 +309,12 @@ def create_app(config: ServeConfig) -> FastAPI:
                 504, "deadline_exceeded", f"the request took over {config.request_timeout_s:g} s"
             ) from None
 
-    def reload_failure() -> dict[str, str] | None:
+    def reload_failure(detail: bool) -> dict[str, str] | None:
         failure = state["service"].last_reload_failure
-        return None if failure is None else failure.__dict__
+        if failure is None:
+            return None
+        # /ping is public: it says when, not what (the error names files on the server).
+        return failure.__dict__ if detail else {"at": failure.at}
 
     @app.get("/ping", responses=ERROR_RESPONSES)
     async def ping() -> JSONResponse:
@@ -295,7 +325,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             {
                 "status": "ok",
                 "model_version": service.counter.info.version,
-                "last_reload_failure": reload_failure(),
+                "last_reload_failure": reload_failure(detail=False),
             }
         )
 
@@ -307,7 +337,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             "verdicts": service.policy.basis,
             "max_batch_size": config.max_batch_size,
             "runtime": service.counter.runtime.__dict__,
-            "last_reload_failure": reload_failure(),
+            "self_check": service.counter.check.describe() if service.counter.check else None,
+            "last_reload_failure": reload_failure(detail=True),
         }
 
     @app.post(
@@ -324,7 +355,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         predictions, _ = await predict(request)
         return JSONResponse({"predictions": predictions})
 
-    pages = {name: static_file(name) for name in ("index.html", "traffic.html", "style.css")}
+    pages = {name: static_file(name) for name in ("index.html", "traffic.html")}
+    assets = {"style.css": "text/css", "api.js": "text/javascript"}
+    asset_bodies = {name: static_file(name) for name in assets}
 
     # The pages are for people, not part of the API contract.
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -335,16 +368,23 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def traffic_page() -> str:
         return pages["traffic.html"]
 
-    @app.get("/static/style.css", include_in_schema=False)
-    async def stylesheet() -> Response:
-        return Response(pages["style.css"], media_type="text/css")
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        if name not in assets:
+            raise RequestError(404, "not_found", "no such file")
+        return Response(asset_bodies[name], media_type=assets[name])
 
     @app.get("/v1/traffic")
     async def traffic() -> dict[str, Any]:
         summary = await asyncio.get_running_loop().run_in_executor(None, traffic_summary, config.capture_dir)
         summary["sample_rate"] = config.capture_sample_rate
         watch = state["service"].watch
-        summary["drift"] = watch.summary() if watch else {"status": "no baseline in the model file"}
+        if watch is not None:
+            summary["drift"] = watch.summary()
+        elif config.monitor_interval_s <= 0:
+            summary["drift"] = {"status": "off (the server runs with --monitor-interval-s 0)"}
+        else:
+            summary["drift"] = {"status": "no baseline in the model file"}
         return summary
 
     @app.get(
@@ -356,11 +396,5 @@ def create_app(config: ServeConfig) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    declare_security(app, policy.auth_required, config.metrics_public)
     return app
-
-
-def app_from_env() -> FastAPI:
-    """uvicorn's factory for worker processes: the config travels in an environment variable."""
-    from binsight.serving.server import CONFIG_ENV
-
-    return create_app(ServeConfig.model_validate_json(os.environ[CONFIG_ENV]))

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,10 @@ class DataCapture:
         queue_size: int = 10_000,
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Captured records hold other clients' S3 URIs, image hashes, embeddings and records: private
+        # to the server's user, whatever the umask.
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)
         self.sample_rate = sample_rate
         self.max_file_bytes = max_file_bytes
         self.max_files = max_files
@@ -59,14 +62,29 @@ class DataCapture:
             / f"capture-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**9:09d}.jsonl"
         )
 
-    def _prune(self) -> None:
-        mine = sorted(self.directory.glob(f"capture-*-{os.getpid()}-*.jsonl"))
-        for old in mine[: max(0, len(mine) - self.max_files)]:
-            old.unlink(missing_ok=True)
+    def _prune(self, current: Path) -> None:
+        """Keep the newest `max_files` files of the whole folder, whichever process (or an earlier run
+        of the server) wrote them; a file written to in the last minute may belong to a live worker."""
+        files = []
+        for path in self.directory.glob("capture-*.jsonl"):
+            try:
+                files.append((path.stat().st_mtime, path))
+            except FileNotFoundError:  # pruned by another worker just now
+                continue
+        files.sort()
+        recent = time.time() - 60
+        for mtime, old in files[: max(0, len(files) - self.max_files)]:
+            if old != current and mtime < recent:
+                old.unlink(missing_ok=True)
+
+    def _open(self, path: Path) -> TextIO:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(descriptor, "a", encoding="utf-8")
 
     def _drain(self) -> None:
         path = self._new_file()
-        handle = path.open("a", encoding="utf-8")
+        self._prune(path)
+        handle = self._open(path)
         try:
             while True:
                 entry = self._queue.get()
@@ -79,8 +97,8 @@ class DataCapture:
                     if handle.tell() >= self.max_file_bytes:
                         handle.close()
                         path = self._new_file()
-                        handle = path.open("a", encoding="utf-8")
-                        self._prune()
+                        handle = self._open(path)
+                        self._prune(path)
                 except OSError:
                     self.dropped += 1
                     log.exception("data capture could not write to %s", path)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from binsight.inference.engines import Backend, Precision
 from binsight.inference.verdict import VerdictSettings
+from binsight.utils.redact import SecretUrl
+from binsight.utils.s3 import BadS3Uri, parse_s3_uri
 
 
 class ServeConfig(VerdictSettings):
@@ -59,15 +61,50 @@ class ServeConfig(VerdictSettings):
     monitor_alpha: float = Field(
         0.01, gt=0.0, lt=1.0, description="drift: chance that a window like the baseline raises an alarm"
     )
-    s3_endpoint_url: str | None = None
+    tokens_file: Path | None = Field(
+        None,
+        description="bearer tokens with scopes (`binsight token new`); also $BINSIGHT_TOKENS. "
+        "Without tokens the server runs open only on loopback",
+    )
+    no_auth: bool = Field(
+        False,
+        description="serve without authentication on a non-loopback interface (IAM or a proxy in front)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names the pages (and, without auth, every route) answer to, besides "
+        "loopback and --host; * for any",
+    )
+    metrics_public: bool = Field(False, description="/metrics without a token (default: admin scope)")
+    s3_allow: list[str] = Field(
+        default_factory=list,
+        description="s3://bucket/prefix/ a request's s3_uri may name (repeatable); none: S3 inputs are off",
+    )
+    s3_endpoint_url: SecretUrl | None = None
     s3_unsigned: bool = Field(False, description="anonymous S3 reads (public buckets such as ABID)")
     s3_timeout_s: float = Field(10.0, gt=0.0)
+    s3_fetch_threads: int = Field(8, ge=1, le=256, description="concurrent S3 reads per process")
+    max_fetch_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="bytes of S3 objects held by all requests of a process together; more get 503",
+    )
 
     @model_validator(mode="after")
     def _one_model_source(self) -> ServeConfig:
         if (self.model is None) == (self.registry is None):
             raise ValueError("give either model (an ONNX file) or registry (with alias)")
         return self
+
+    @field_validator("s3_allow")
+    @classmethod
+    def _prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            try:
+                parse_s3_uri(prefix, allow_prefix=True)
+            except BadS3Uri as exc:
+                raise ValueError(f"{prefix[:200]!r}: {exc.message}") from None
+        return prefixes
 
     def threads_per_worker(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)

@@ -6,20 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from concurrent.futures import Executor
+import logging
+import re
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from binsight.imaging import ImageTooLargeError, open_image
+from binsight.imaging import ImageTooLargeError, UnsupportedImageError, open_image
 from binsight.inference.runtime import LoadedModel
 from binsight.monitoring.baseline import observe_photo
-from binsight.utils.s3 import BadS3Uri, parse_s3_uri, s3_client
+from binsight.utils.redact import redact
+from binsight.utils.s3 import BadS3Uri, S3AllowList, S3Uri, parse_s3_uri, s3_client
 
 if TYPE_CHECKING:
     from binsight.serving.config import ServeConfig
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
@@ -52,13 +58,79 @@ def header_pixels(data: bytes) -> int:
     return width * height
 
 
+class ByteBudget:
+    """Bytes of fetched S3 objects held by all requests of a process: an `s3_uri` request costs the
+    server memory the client never sent, so it is admitted by bytes as a body is."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+
+class FetchLedger:
+    """One request's fetched bytes: at most `per_request` in all (what a body may carry), returned to
+    the process's budget when the request ends."""
+
+    def __init__(self, budget: ByteBudget, per_request: int) -> None:
+        self.budget, self.per_request, self.taken = budget, per_request, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int, uri: str) -> None:
+        with self._lock:
+            if self.taken + size > self.per_request:
+                raise RequestError(
+                    413,
+                    "too_many_bytes",
+                    f"the request's S3 objects hold over {self.per_request} bytes together (at {uri})",
+                )
+            if not self.budget.take(size):
+                raise overloaded()
+            self.taken += size
+
+    def close(self) -> None:
+        with self._lock:
+            self.budget.give(self.taken)
+            self.taken = 0
+
+
+def _clean(message: str) -> str:
+    """Pillow's messages name the in-memory file (`<_io.BytesIO object at 0x7f...>`): say "the image"."""
+    return _OBJECT_REPR.sub("the image", message)[:300]
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 class RequestInputs:
     """Reads and prepares the images of requests for one server process."""
 
     def __init__(self, config: ServeConfig, executor: Executor) -> None:
         self.config = config
         self.decoder = executor
+        self.s3_allow = S3AllowList.parse(config.s3_allow)
+        # S3 reads wait on the network: they get their own threads, so a slow or silent endpoint
+        # cannot hold the decode threads that requests with image bodies need.
+        self.fetcher = ThreadPoolExecutor(config.s3_fetch_threads, thread_name_prefix="s3-fetch")
+        self.fetch_budget = ByteBudget(config.max_fetch_bytes)
         self._s3: Any = None
+        self._s3_lock = threading.Lock()
+
+    def ledger(self) -> FetchLedger:
+        return FetchLedger(self.fetch_budget, self.config.max_body_bytes)
+
+    def close(self) -> None:
+        self.fetcher.shutdown(wait=False, cancel_futures=True)
 
     def check_request_pixels(self, images: list[bytes]) -> None:
         """Refuse a request whose images together would take too long to decode, before decoding any."""
@@ -78,13 +150,15 @@ class RequestInputs:
         try:
             observed = observe_photo(data, info.input_hw, info.mean, info.std, self.config.max_image_pixels)
         except (ImageTooLargeError, Image.DecompressionBombError) as exc:
-            raise RequestError(413, "image_too_large", str(exc)) from None
-        except UnidentifiedImageError:
+            raise RequestError(413, "image_too_large", _clean(str(exc))) from None
+        except (UnsupportedImageError, UnidentifiedImageError):
             raise RequestError(
-                400, "not_an_image", "the body is not an image Pillow can read (JPEG, PNG, ...)"
+                400, "not_an_image", "the body is not a JPEG, PNG or WebP image (checked by its first bytes)"
             ) from None
         except (OSError, SyntaxError, ValueError) as exc:
-            raise RequestError(400, "corrupt_image", f"the image could not be decoded: {exc}") from None
+            raise RequestError(
+                400, "corrupt_image", f"the image could not be decoded: {_clean(str(exc))}"
+            ) from None
         return Prepared(
             model,
             observed.pixels,
@@ -95,38 +169,64 @@ class RequestInputs:
             observed.signals,
         )
 
-    async def fetch_s3(self, uri: str) -> bytes:
+    async def fetch_s3(self, uri: str, ledger: FetchLedger) -> bytes:
+        """An allowed object's bytes. Nothing is asked of S3 for a URI outside the allow-list, and a
+        missing object and a forbidden one get the same answer: a client learns nothing about objects
+        it may not read."""
         try:
             location = parse_s3_uri(uri)
         except BadS3Uri as exc:
             raise RequestError(400, "bad_s3_uri", exc.message) from None
+        if not self.s3_allow:
+            raise RequestError(
+                403,
+                "s3_not_allowed",
+                "this server does not fetch from S3; send the image itself, or ask the operator to allow "
+                "a prefix (binsight serve --s3-allow s3://bucket/prefix/)",
+            )
+        if not self.s3_allow.allows(location):
+            raise RequestError(
+                403, "s3_not_allowed", "the URI is outside the S3 prefixes this server may read"
+            )
         return await asyncio.get_running_loop().run_in_executor(
-            self.decoder, self._get_s3_object, uri, location.bucket, location.key
+            self.fetcher, self._get_s3_object, str(location), location, ledger
         )
 
-    def _get_s3_object(self, uri: str, bucket: str, key: str) -> bytes:
+    def _client(self) -> Any:
+        with self._s3_lock:
+            if self._s3 is None:
+                self._s3 = s3_client(
+                    self.config.s3_endpoint_url,
+                    unsigned=self.config.s3_unsigned,
+                    timeout_s=self.config.s3_timeout_s,
+                    max_attempts=2,
+                    max_pool_connections=self.config.s3_fetch_threads,
+                )
+            return self._s3
+
+    def _get_s3_object(self, uri: str, location: S3Uri, ledger: FetchLedger) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-        if self._s3 is None:
-            self._s3 = s3_client(
-                self.config.s3_endpoint_url,
-                unsigned=self.config.s3_unsigned,
-                timeout_s=self.config.s3_timeout_s,
-                max_attempts=2,
-            )
+        unavailable = RequestError(
+            404, "s3_unavailable", f"cannot read {uri}: it does not exist or this server may not read it"
+        )
         try:
-            response = self._s3.get_object(Bucket=bucket, Key=key)
-            if response.get("ContentLength", 0) > self.config.max_body_bytes:
-                raise RequestError(
-                    413, "image_too_large", f"{uri} is over {self.config.max_body_bytes} bytes"
-                )
-            return bytes(response["Body"].read())
+            response = self._client().get_object(Bucket=location.bucket, Key=location.key)
+            limit = self.config.max_body_bytes
+            declared = int(response.get("ContentLength", 0))
+            if declared > limit:
+                response["Body"].close()
+                raise RequestError(413, "image_too_large", f"{uri} is over {limit} bytes")
+            ledger.take(declared, uri)
+            data = bytes(response["Body"].read(declared + 1))
+            if len(data) != declared:  # a store that lies about the length gets no more than it said
+                raise RequestError(502, "s3_error", f"S3 sent a different length than it declared for {uri}")
+            return data
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in {"NoSuchKey", "NoSuchBucket", "404"}:
-                raise RequestError(404, "s3_not_found", f"{uri} does not exist") from None
-            if code in {"AccessDenied", "403"}:
-                raise RequestError(403, "s3_access_denied", f"access to {uri} was denied") from None
+            if code in {"NoSuchKey", "NoSuchBucket", "404", "AccessDenied", "403", "AllAccessDisabled"}:
+                raise unavailable from None
+            log.warning("S3 error for %s: %s", uri, redact(str(exc)))
             raise RequestError(502, "s3_error", f"S3 answered {code or 'an error'} for {uri}") from None
         except NoCredentialsError:
             raise RequestError(
@@ -135,4 +235,6 @@ class RequestInputs:
                 f"the server has no AWS credentials to read {uri} (public buckets: serve with --s3-unsigned)",
             ) from None
         except BotoCoreError as exc:
-            raise RequestError(502, "s3_unreachable", f"could not fetch {uri}: {exc}") from None
+            # The exception names the S3 endpoint, which is the operator's business, not the client's.
+            log.warning("S3 unreachable for %s: %s", uri, redact(str(exc)))
+            raise RequestError(502, "s3_unreachable", f"S3 could not be reached for {uri}") from None

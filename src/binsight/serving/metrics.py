@@ -18,6 +18,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from binsight.inference.selfcheck import SelfCheck
 from binsight.monitoring.drift import DriftResult
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -32,6 +33,7 @@ KNOWN_ROUTES = {
     "/traffic",
     "/v1/traffic",
     "/static/style.css",
+    "/static/api.js",
 }
 
 
@@ -118,6 +120,20 @@ class ServerMetrics:
             registry=registry,
             multiprocess_mode="liveall",
         )
+        self.self_check_diff = Gauge(
+            "binsight_self_check_max_prob_diff",
+            "Largest probability difference from fp32 on the model's reference photos, on this CPU",
+            ["engine"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.self_check_agreement = Gauge(
+            "binsight_self_check_agreement",
+            "Share of the model's reference photos whose count agrees with fp32, on this CPU",
+            ["engine"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
         self.worker = os.environ.get("BINSIGHT_WORKER", "0")
         self._version: str | None = None
 
@@ -137,6 +153,11 @@ class ServerMetrics:
 
     def queue_depth(self, depth: int) -> None:
         self.depth.set(depth)
+
+    def self_check(self, check: SelfCheck | None) -> None:
+        if check is not None:
+            self.self_check_diff.labels(check.engine).set(check.max_prob_diff)
+            self.self_check_agreement.labels(check.engine).set(check.agreement)
 
     def model_loaded(self, version: str) -> None:
         if self._version is not None and self._version != version:

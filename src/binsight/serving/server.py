@@ -31,7 +31,6 @@ from binsight.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
-CONFIG_ENV = "BINSIGHT_SERVE_CONFIG"
 WORKER_ENV = "BINSIGHT_WORKER"
 
 
@@ -147,10 +146,15 @@ def _worker(config_json: str, index: int, port: int) -> None:
 
 def serve(config: ServeConfig) -> None:
     from binsight.inference.runtime import load_counter
+    from binsight.serving.auth import access_policy
     from binsight.serving.sources import model_source
 
+    # Fail here, clearly, rather than in every worker: an unauthenticated public server, a bad tokens
+    # file, an unloadable model.
+    access_policy(
+        config.host, config.tokens_file, config.no_auth, config.allowed_hosts, config.metrics_public
+    )
     source = model_source(config)
-    # Fail here, clearly, rather than in every worker.
     load_counter(source.local_path(source.signature()), 1, backend=config.backend, precision=config.precision)
     if config.workers == 1:
         from binsight.serving.app import create_app
@@ -171,7 +175,8 @@ def _supervise(config: ServeConfig) -> None:
     anchor = listening_socket(config.host, config.port, reuse_port=True)
     port = anchor.getsockname()[1]
     context = multiprocessing.get_context("spawn")
-    payload = config.model_dump_json()
+    # The workers need the real endpoint URL, credentials included (never written anywhere).
+    payload = config.model_dump_json(context={"with_secrets": True})
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(

@@ -46,6 +46,7 @@ class CountingService:
         self.policy = self._policy(self.counter)
         self.watch = self._watch(self.counter)
         self.metrics.model_loaded(self.counter.info.version)
+        self.metrics.self_check(self.counter.check)
         self.admission = Admission(config.max_queue_ms / 1000.0, ceiling=config.queue_size)
         self.batcher = DynamicBatcher(
             lambda model, batch: model.observe(batch),
@@ -114,6 +115,7 @@ class CountingService:
                     await task
         await self.batcher.stop()
         self.decoder.shutdown(wait=False)
+        self.inputs.close()
         if self.capture:
             self.capture.close()
 
@@ -164,6 +166,7 @@ class CountingService:
         self._signature = signature
         self.last_reload_failure = None
         self.metrics.model_loaded(fresh.info.version)
+        self.metrics.self_check(fresh.check)
         log.info("model reloaded: %s -> %s", previous, fresh.info.version)
         return True
 

@@ -4,12 +4,11 @@ signature and reloads on a change."""
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from binsight.registry import Registry
+from binsight.registry import Registry, default_cache
 
 if TYPE_CHECKING:
     from binsight.serving.config import ServeConfig
@@ -51,12 +50,13 @@ def model_source(config: ServeConfig) -> ModelSource:
     if config.model is not None:
         return FileSource(config.model)
     assert config.registry is not None  # the config validator allows exactly one source
-    cache = config.registry_cache or Path(tempfile.gettempdir()) / "binsight-registry-cache"
-    return AliasSource(Registry(config.registry), config.alias, cache)
+    registry = Registry(config.registry, config.s3_endpoint_url)
+    return AliasSource(registry, config.alias, config.registry_cache or default_cache())
 
 
 class AliasSource:
-    """What a server loads when it follows a registry alias: the alias's version, fetched locally."""
+    """What a server loads when it follows a registry alias: the alias's version, fetched into a
+    private cache keyed by the registry and the file's sha256, and verified on every load."""
 
     def __init__(self, registry: Registry, alias: str, cache_dir: Path) -> None:
         self.registry, self.alias, self.cache_dir = registry, alias, cache_dir
@@ -65,7 +65,4 @@ class AliasSource:
         return self.registry.resolve(self.alias)
 
     def local_path(self, signature: str) -> Path:
-        target = self.cache_dir / f"{signature}.onnx"
-        if not target.exists():
-            self.registry.fetch(signature, "model.onnx", target)
-        return target
+        return self.registry.fetch_verified(signature, "model.onnx", self.cache_dir)

@@ -14,6 +14,7 @@ import os
 import random
 import socket
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from binsight.reporting.html import HtmlReport
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.metrics import Metric
 from binsight.utils.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from binsight.utils.redact import SecretUrl, redact
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,9 @@ class TuneConfig(BaseModel):
     data: Path = Field(description="dataset directory with splits/")
     out: Path = Field(Path("runs/tune"), description="study folder (results, report, best config)")
     study_name: str = Field("binsight", description="the study's name in the storage")
-    storage: str | None = Field(None, description="Optuna RDB URL or journal:PATH (default sqlite in out/)")
+    storage: SecretUrl | None = Field(
+        None, description="Optuna RDB URL or journal:PATH (default sqlite in out/)"
+    )
     n_trials: int = Field(20, ge=1, description="finished trials in the whole study, all workers together")
     timeout_s: float | None = Field(None, gt=0, description="seconds this worker may search")
     metric: Metric = Field(Metric.ACCURACY, description="validation metric to optimise")
@@ -69,6 +73,10 @@ class TuneConfig(BaseModel):
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
 
+    def shown_storage(self) -> str:
+        """The storage URL as it may be printed or written: its password replaced by ***."""
+        return redact(self.storage_url())
+
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("journal:"):
@@ -78,13 +86,17 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     # A worker that dies leaves its trial RUNNING; heartbeats let the others mark it failed and retry it.
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=30,
-        grace_period=120,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-    )
+    # Optuna flags heartbeats as experimental (since v2.8, unchanged): that one warning is silenced here,
+    # where it is raised, not for the whole process.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=30,
+            grace_period=120,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+        )
 
 
 def _pruner(kind: str) -> optuna.pruners.BasePruner:
@@ -156,10 +168,15 @@ def _open_study(config: TuneConfig) -> optuna.Study:
             )
         except (SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as exc:
             if attempt == 5:
-                raise BinsightError(f"cannot open the study in {config.storage_url()}: {exc}") from None
+                raise BinsightError(
+                    f"cannot open the study in {config.shown_storage()}: {redact(str(exc))}"
+                ) from None
             time.sleep(0.3 + random.random())
         except (ValueError, ImportError) as exc:
-            raise BinsightError(f"cannot open the study storage {config.storage_url()}: {exc}") from None
+            raise BinsightError(
+                f"cannot open the study storage {config.shown_storage()}: {redact(str(exc))}",
+                hint="PostgreSQL needs binsight's [postgres] extra: pip install 'binsight[postgres]'",
+            ) from None
     raise AssertionError("unreachable")
 
 
@@ -211,7 +228,7 @@ def write_results(study: optuna.Study, config: TuneConfig) -> dict[str, Any]:
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     summary: dict[str, Any] = {
         "study": study.study_name,
-        "storage": config.storage_url(),
+        "storage": config.shown_storage(),
         "trials": len(rows),
         "states": states,
     }

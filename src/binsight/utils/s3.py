@@ -8,6 +8,7 @@ normalised by a proxy or an S3-compatible store into another object than the one
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from binsight.errors import BinsightError
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 MAX_KEY_BYTES = 1024
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 class BadS3Uri(BinsightError):
@@ -44,10 +46,16 @@ def check_bucket(bucket: str) -> None:
 def check_key(key: str, *, allow_prefix: bool = False) -> None:
     if not key and not allow_prefix:
         raise BadS3Uri("the S3 URI names no object", hint="use s3://bucket/key")
-    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no S3 key can hold it
+        raise BadS3Uri("the S3 key is not valid Unicode text") from None
+    if len(encoded) > MAX_KEY_BYTES:
         raise BadS3Uri(f"the S3 key is over {MAX_KEY_BYTES} bytes")
-    if any(ord(char) < 32 or ord(char) == 127 for char in key):
-        raise BadS3Uri("the S3 key contains control characters")
+    # C0/C1 controls (U+0085 included), format characters, and line/paragraph separators (U+2028/9):
+    # each can split a log line or hide what an object is called.
+    if any(unicodedata.category(char) in _UNSAFE_CATEGORIES for char in key):
+        raise BadS3Uri("the S3 key contains control or invisible characters")
     if any(part in {".", ".."} for part in key.split("/")):
         raise BadS3Uri(f"the S3 key {key!r} has '.' or '..' segments", hint="name the object directly")
 
@@ -62,6 +70,35 @@ def parse_s3_uri(uri: str, *, allow_prefix: bool = False) -> S3Uri:
         raise BadS3Uri(f"{uri[:200]!r} names a folder, not an object", hint="use s3://bucket/key")
     check_key(key, allow_prefix=allow_prefix)
     return S3Uri(bucket, key)
+
+
+@dataclass(frozen=True)
+class S3AllowList:
+    """The bucket/prefixes a component may read on someone else's behalf. A prefix is a folder:
+    `s3://b/photos` admits `s3://b/photos/x.jpg`, not `s3://b/photos-private/x.jpg`."""
+
+    prefixes: tuple[S3Uri, ...]
+
+    @classmethod
+    def parse(cls, prefixes: list[str] | tuple[str, ...]) -> S3AllowList:
+        folders = []
+        for text in prefixes:
+            location = parse_s3_uri(text, allow_prefix=True)
+            key = location.key if not location.key or location.key.endswith("/") else location.key + "/"
+            folders.append(S3Uri(location.bucket, key))
+        return cls(tuple(folders))
+
+    def __bool__(self) -> bool:
+        return bool(self.prefixes)
+
+    def allows(self, location: S3Uri) -> bool:
+        return any(
+            location.bucket == prefix.bucket and location.key.startswith(prefix.key)
+            for prefix in self.prefixes
+        )
+
+    def __str__(self) -> str:
+        return ", ".join(map(str, self.prefixes)) or "nothing"
 
 
 def s3_client(

@@ -6,6 +6,8 @@ job resumes from on another machine). A write is atomic on both: a rename on dis
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +22,9 @@ class Store(Protocol):
     url: str
 
     def read(self, key: str) -> bytes | None: ...
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]: ...
     def write(self, key: str, data: bytes) -> None: ...
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool: ...
     def create(self, key: str, data: bytes) -> bool: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def get_file(self, key: str, path: Path) -> None: ...
@@ -40,6 +44,25 @@ class LocalStore:
 
     def write(self, key: str, data: bytes) -> None:
         atomic_write_bytes(self.root / key, data)
+
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        data = self.read(key)
+        return data, None if data is None else hashlib.sha256(data).hexdigest()
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Write only if the object is still what was read (`tag`; None: still absent). Writers of one
+        folder take its lock file for the compare and the rename, so none overwrites another unseen."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.read_tagged(key)[1] != tag:
+                    return False
+                atomic_write_bytes(path, data)
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def create(self, key: str, data: bytes) -> bool:
         """Write only if absent (claims a version number against concurrent registrations)."""
@@ -85,17 +108,33 @@ class S3Store:
     def write(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None, None
+        return bytes(response["Body"].read()), str(response["ETag"])
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """S3's conditional write: `If-Match` the ETag read, or `If-None-Match: *` for a new object."""
+        condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        return self._conditional_put(key, data, condition)
+
     def create(self, key: str, data: bytes) -> bool:
+        return self._conditional_put(key, data, {"IfNoneMatch": "*"})
+
+    def _conditional_put(self, key: str, data: bytes, condition: dict[str, str]) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {
                 "PreconditionFailed",
                 "412",
                 "ConditionalRequestConflict",
+                "409",
             }:
                 return False
             raise
