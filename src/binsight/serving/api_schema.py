@@ -53,8 +53,12 @@ JSON_BODY = {
 
 
 class Prediction(BaseModel):
-    count: int = Field(description="the most probable count")
+    count: int = Field(description="the most probable count (the answer that is most often exactly right)")
     confidence: float = Field(description="its probability")
+    median_count: int = Field(
+        description="the posterior median (the answer with the smallest absolute error)"
+    )
+    mean_count: float = Field(description="the posterior mean (the answer with the smallest squared error)")
     probabilities: dict[str, float] = Field(description="P(count) per class; the top class is 'that or more'")
     model_version: str
     latency_ms: float

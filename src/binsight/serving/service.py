@@ -189,9 +189,14 @@ class CountingService:
         if self.watch is not None and prepared.model is self.counter:
             signals = {**prepared.signals, "confidence": float(probabilities.max())}
             self.watch.add(Seen(signals, int(np.argmax(probabilities)), embedding, now))
+        classes = np.asarray(info.classes, dtype=np.float64)
         result: dict[str, Any] = {
             "count": int(info.classes[int(np.argmax(probabilities))]),
             "confidence": round(float(probabilities.max()), 6),
+            # The other two answers a distribution gives (docs/benchmarks.md: argmax for accuracy,
+            # median for absolute error, mean for squared error); the top class counts as its value.
+            "median_count": int(info.classes[int(np.searchsorted(np.cumsum(probabilities), 0.5))]),
+            "mean_count": round(float(probabilities @ classes), 4),
             "probabilities": {
                 str(c): round(float(p), 6) for c, p in zip(info.classes, probabilities, strict=True)
             },

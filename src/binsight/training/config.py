@@ -88,6 +88,32 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     workers: int = Field(2, ge=0, description="data loader processes per training process")
     cache: bool = Field(False, description="decode and resize every image once into a uint8 cache")
+    train_on_cache: bool = Field(
+        False,
+        description="freeze the backbone's first --frozen-blocks (all of a CNN), compute their output once "
+        "per photo and view, and train only the rest on that cache: minutes per run on a CPU",
+    )
+    frozen_blocks: int | None = Field(
+        None, ge=0, description="with --train-on-cache: blocks kept frozen (dinov2_small: 0-12; default all)"
+    )
+    cache_views: list[str] = Field(
+        default_factory=lambda: ["o", "h"],
+        description="with --train-on-cache: views cached per photo (o as is, h/v/hv flipped); each epoch "
+        "draws from them, as augmentation",
+    )
+    class_balance: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="weight each count by (1/frequency)**this in the loss: 0 none, 1 fully balanced",
+    )
+    teachers: list[Path] = Field(
+        default_factory=list,
+        description="trained checkpoints whose averaged answers the model also learns (distillation)",
+    )
+    distill: float = Field(
+        0.0, ge=0.0, le=1.0, description="with --teachers: share of the loss that is the teachers' answers"
+    )
 
     seed: int = Field(0, description="random seed")
     early_stopping: int | None = Field(5, ge=1, description="epochs without val improvement before stopping")
@@ -110,6 +136,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_choices(self) -> TrainConfig:
+        if not self.cache_views or not set(self.cache_views) <= {"o", "h", "v", "hv"}:
+            raise ValueError("cache_views are among o (as is), h, v, hv (flipped), at least one")
         try:
             check_arch(self.arch)
         except BinsightError as exc:

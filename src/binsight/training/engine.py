@@ -16,7 +16,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from binsight.data.split import fingerprint, load_split
+from binsight.errors import BinsightError
 from binsight.models.factory import build_model
+from binsight.training.cached import CachedTrainer
 from binsight.training.checkpoint import (
     CHECKPOINT_FORMAT,
     rng_state,
@@ -37,6 +39,7 @@ from binsight.training.hardware import Precision, resolve_device, wants_channels
 from binsight.training.loop import predict, train_one_epoch
 from binsight.training.metrics import Metric, counting_metrics, majority_baseline
 from binsight.training.monitors import Monitors
+from binsight.training.objective import build_objective
 from binsight.training.optim import build_optimizer, build_scheduler
 from binsight.training.profiling import make_profiler, write_profile_summary
 from binsight.training.progress import Progress, resume, save_checkpoints
@@ -102,36 +105,54 @@ def _train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model = build_model(
-        config.arch, config.head, num_classes, config.pretrained, config.weights, config.dropout
+        config.arch,
+        config.head,
+        num_classes,
+        config.pretrained,
+        config.weights,
+        config.dropout,
+        config.input_hw,
     ).to(device)
-    channels_last = wants_channels_last(config, device)
+    channels_last = wants_channels_last(config, device) and not config.train_on_cache
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
     head = model.head
     head.start_from_prior(
         torch.bincount(torch.from_numpy(np.minimum(train_counts, num_classes - 1)), minlength=num_classes)
     )
+    precision = Precision(config, device)
 
-    train_set, val_set = build_datasets(config, context, train_rows, val_rows, num_classes)
-    pin = device.type == "cuda"
-    train_loader = make_loader(
-        train_set, config.batch_size, True, config.workers, config.seed, context.enabled, pin
-    )
-    val_loader = make_loader(
-        val_set, config.batch_size, False, config.workers, config.seed, context.enabled, pin
-    )
-    steps_per_epoch = (
-        len(train_loader)
-        if config.max_train_batches is None
-        else min(len(train_loader), config.max_train_batches)
-    )
+    cached: CachedTrainer | None = None
+    if config.train_on_cache:
+        if context.enabled or device.type != "cpu":
+            raise BinsightError(
+                "--train-on-cache runs in one CPU process", hint="run it without torchrun, with --device cpu"
+            )
+        cached = CachedTrainer(config, model, train_rows, val_rows, num_classes, precision)
+        steps_per_epoch = cached.steps_per_epoch
+    else:
+        train_set, val_set = build_datasets(config, context, train_rows, val_rows, num_classes)
+        pin = device.type == "cuda"
+        train_loader = make_loader(
+            train_set, config.batch_size, True, config.workers, config.seed, context.enabled, pin
+        )
+        val_loader = make_loader(
+            val_set, config.batch_size, False, config.workers, config.seed, context.enabled, pin
+        )
+        steps_per_epoch = (
+            len(train_loader)
+            if config.max_train_batches is None
+            else min(len(train_loader), config.max_train_batches)
+        )
 
     trained: nn.Module = model
     if context.enabled:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(trained, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    precision = Precision(config, device)
+    objective = build_objective(
+        config, head, np.minimum(train_counts, num_classes - 1), train_rows, num_classes
+    )
     monitors = Monitors()
     monitors.check_class_balance(
         np.bincount(np.minimum(train_counts, num_classes - 1), minlength=num_classes)
@@ -161,8 +182,8 @@ def _train(
             config.arch,
             config.head,
             device,
-            len(train_set),
-            len(val_set),
+            len(train_rows),
+            len(val_rows),
             num_classes,
             context.world_size,
         )
@@ -170,34 +191,42 @@ def _train(
     for epoch in range(progress.start_epoch, config.epochs):
         if progress.stopped_early(config.early_stopping):
             break
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(stream_seed(config.seed, context.rank, epoch))
-        profiler = None
-        if config.profile_steps and epoch == progress.start_epoch and context.is_main:
-            profiler = make_profiler(config, device, out)
-            profiler.start()
-        stats = train_one_epoch(
-            trained,
-            head,
-            train_loader,
-            optimizer,
-            scheduler,
-            precision,
-            device,
-            config,
-            monitors,
-            epoch,
-            context,
-            profiler,
-        )
-        if profiler is not None:
-            profiler.stop()
-            write_profile_summary(profiler, out, stats)
-        _, probabilities, val_loss = predict(
-            trained, head, val_loader, device, precision, context, channels_last, config.label_smoothing
-        )
-        metrics = counting_metrics(val_set.counts, probabilities)
+        if cached is not None:
+            stats = cached.train_epoch(
+                objective, optimizer, scheduler, monitors, epoch, stream_seed(config.seed, 0, epoch)
+            )
+            probabilities, val_loss = cached.validate()
+            val_counts = cached.val_counts
+        else:
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+            train_loader.generator.manual_seed(stream_seed(config.seed, context.rank, epoch))
+            profiler = None
+            if config.profile_steps and epoch == progress.start_epoch and context.is_main:
+                profiler = make_profiler(config, device, out)
+                profiler.start()
+            stats = train_one_epoch(
+                trained,
+                objective,
+                train_loader,
+                optimizer,
+                scheduler,
+                precision,
+                device,
+                config,
+                monitors,
+                epoch,
+                context,
+                profiler,
+            )
+            if profiler is not None:
+                profiler.stop()
+                write_profile_summary(profiler, out, stats)
+            _, probabilities, val_loss = predict(
+                trained, head, val_loader, device, precision, context, channels_last, config.label_smoothing
+            )
+            val_counts = val_set.counts
+        metrics = counting_metrics(val_counts, probabilities)
         record = {
             "epoch": epoch + 1,
             **stats,
@@ -270,7 +299,9 @@ def _train(
         num_classes=num_classes,
         epochs_run=len(progress.history),
         best=progress.best,
-        majority_baseline_val_accuracy=majority_baseline(train_counts, val_set.counts),
+        majority_baseline_val_accuracy=majority_baseline(
+            train_counts, np.array([int(r["count"]) for r in val_rows])
+        ),
         history=progress.history,
         findings=[f.__dict__ for f in monitors.findings],
         world_size=context.world_size,

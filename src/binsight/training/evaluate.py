@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from binsight.data.split import fingerprint, load_split
 from binsight.errors import BinsightError
@@ -31,9 +32,51 @@ def load_model(checkpoint: dict[str, Any]) -> tuple[CountingModel, TrainConfig, 
     """Rebuild the trained model from a checkpoint alone (no pretrained weights needed)."""
     config = TrainConfig.model_validate(checkpoint["config"])
     num_classes = int(checkpoint["num_classes"])
-    model = build_model(config.arch, config.head, num_classes, pretrained=False, dropout=config.dropout)
+    model = build_model(
+        config.arch,
+        config.head,
+        num_classes,
+        pretrained=False,
+        dropout=config.dropout,
+        input_hw=config.input_hw,
+    )
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config, num_classes
+
+
+def photo_probabilities(
+    checkpoint_path: Path,
+    data_dir: Path,
+    rows: list[dict[str, str]],
+    mirrored: bool = False,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """A trained model's probabilities for each photo of `rows`, through the evaluation path; with
+    `mirrored`, averaged with those of the mirror image (a flip never changes a count)."""
+    model, config, num_classes = load_model(load_checkpoint(checkpoint_path))
+    dataset = BinDataset(
+        data_dir, rows, eval_transform(config.input_hw, *config.mean_std), config.input_hw, num_classes
+    )
+    loader = make_loader(dataset, batch_size, False, 0, 0, False, False)
+    device = torch.device("cpu")
+    precision = Precision(config.model_copy(update={"amp": "auto"}), device)
+    _, probabilities, _ = predict(model, model.head, loader, device, precision, DistContext())
+    if mirrored:
+        _, flipped, _ = predict(Mirrored(model), model.head, loader, device, precision, DistContext())
+        probabilities = (probabilities + flipped) / 2
+    return probabilities
+
+
+class Mirrored(torch.nn.Module):
+    """The model applied to the mirror image of each photo."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        output: torch.Tensor = self.model(torch.flip(images, dims=[3]))
+        return output
 
 
 def evaluate(

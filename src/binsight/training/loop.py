@@ -17,6 +17,7 @@ from binsight.training.data import Loader
 from binsight.training.distributed import DistContext, all_reduce_sum, gather_objects
 from binsight.training.hardware import Precision, wants_channels_last
 from binsight.training.monitors import Monitors
+from binsight.training.objective import Objective
 from binsight.utils.progress import bar
 
 
@@ -38,9 +39,54 @@ def _batches(
         yield images, targets.to(device, non_blocking=True), indices, waited
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    config: TrainConfig,
+    monitors: Monitors,
+    epoch: int,
+    step: int,
+) -> float:
+    """Backward, clip, check the gradient, step; returns the gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    precision.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # untyped in torch
+    precision.scaler.unscale_(optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm=config.grad_clip or float("inf")))
+    monitors.check_gradient(grad_norm, epoch, step)
+    if math.isfinite(grad_norm) or precision.scaler.is_enabled():
+        precision.scaler.step(optimizer)  # skips the step itself on inf/nan under fp16
+    precision.scaler.update()
+    scheduler.step()
+    return grad_norm
+
+
+def epoch_stats(
+    context: DistContext,
+    loss_sum: float,
+    seen: int,
+    seconds: float,
+    data_seconds: float,
+    grad_norms: list[float],
+) -> dict[str, float]:
+    loss_total, seen_total = all_reduce_sum(context, [loss_sum, float(seen)])
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    return {
+        "train_loss": loss_total / max(seen_total, 1.0),
+        "train_images_per_second": seen_total / seconds,
+        "data_wait_fraction": data_seconds / seconds,
+        "grad_norm_mean": float(np.mean(finite)) if finite else float("nan"),
+        "grad_norm_max": float(np.max(finite)) if finite else float("nan"),
+        "seconds": seconds,
+    }
+
+
 def train_one_epoch(
     model: nn.Module,
-    head: CountHead,
+    objective: Objective,
     loader: Loader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -65,28 +111,15 @@ def train_one_epoch(
         f"epoch {epoch + 1}/{config.epochs}",
         unit="img",
     ) as progress:
-        for images, targets, _, waited in _batches(loader, device, channels_last):
+        for images, targets, rows, waited in _batches(loader, device, channels_last):
             if steps >= total_steps:
                 break
             with precision.autocast():
                 outputs = model(images)
-            loss = head.loss(
-                outputs.float(),
-                targets,
-                config.label_smoothing,
-                neighbour_smoothing=config.neighbour_smoothing,
+            loss = objective(outputs.float(), targets, rows)
+            grad_norm = optimizer_step(
+                loss, model, optimizer, scheduler, precision, config, monitors, epoch, steps
             )
-            optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # untyped in torch
-            precision.scaler.unscale_(optimizer)
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=config.grad_clip or float("inf"))
-            )
-            monitors.check_gradient(grad_norm, epoch, steps)
-            if math.isfinite(grad_norm) or precision.scaler.is_enabled():
-                precision.scaler.step(optimizer)  # skips the step itself on inf/nan under fp16
-            precision.scaler.update()
-            scheduler.step()
             if profiler is not None:
                 profiler.step()
 
@@ -100,17 +133,7 @@ def train_one_epoch(
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
-    loss_total, seen_total = all_reduce_sum(context, [loss_sum, float(seen)])
-    finite = [g for g in grad_norms if math.isfinite(g)]
-    return {
-        "train_loss": loss_total / max(seen_total, 1.0),
-        "train_images_per_second": seen_total / seconds,
-        "data_wait_fraction": data_seconds / seconds,
-        "grad_norm_mean": float(np.mean(finite)) if finite else float("nan"),
-        "grad_norm_max": float(np.max(finite)) if finite else float("nan"),
-        "seconds": seconds,
-    }
+    return epoch_stats(context, loss_sum, seen, time.perf_counter() - started, data_seconds, grad_norms)
 
 
 @torch.no_grad()
