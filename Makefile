@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-avx2 lint bench clean
 
 $(STAMP): pyproject.toml requirements/weights.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The engines, export, self-check and serving tests on an AVX2-only CPU (no AVX-512, VNNI or bf16):
+# PyTorch and OpenVINO capped by their environment variables, ONNX Runtime under qemu's emulation of a
+# Haswell (tests/test_cpu_caps.py; what each cap does and does not emulate: docs/benchmarks.md).
+test-avx2: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q \
+		tests/test_cpu_caps.py tests/test_selfcheck.py tests/test_serving.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

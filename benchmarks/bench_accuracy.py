@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 
 from binsight.audit.evaluation import catch_curve, simulate_errors
+from binsight.cpu import cpu_class, cpu_features
 from binsight.data.index import build_index
 from binsight.data.split import SplitConfig, load_split, write_splits
-from binsight.inference.engines import cpu_features
 from binsight.training.config import load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import photo_probabilities
@@ -251,7 +251,7 @@ def main() -> int:
     results_path = args.work / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
     results.update(
-        cpu=sorted(cpu_features()) or ["no AVX-512"],
+        cpu=[cpu_class(), *sorted(cpu_features())],
         split={
             **SPLIT.model_dump(),
             "train": len(train_counts),

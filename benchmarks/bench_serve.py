@@ -38,10 +38,10 @@ import httpx
 import numpy as np
 import torch
 
+from binsight.cpu import cpu_features
 from binsight.data.split import load_split
 from binsight.export.onnx import export
 from binsight.imaging import decode_image, to_model_input
-from binsight.inference.engines import cpu_features
 from binsight.inference.runtime import load_counter
 from binsight.serving.config import Backend, Precision
 from binsight.serving.loadtest import run_load

@@ -16,14 +16,27 @@ from binsight.training.results import EvaluationReport, TrainSummary
 
 
 @pytest.mark.slow
-def test_the_demo_runs_every_stage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("training", ["fine-tune", "frozen"])  # the two modes `auto` chooses between
+def test_the_demo_runs_every_stage(tmp_path: Path, training: str) -> None:
     out = tmp_path / "demo"
-    command = [sys.executable, "-m", "binsight", "demo", "--out", str(out), "--n-images", "100"]
+    command = [
+        sys.executable,
+        "-m",
+        "binsight",
+        "demo",
+        "--out",
+        str(out),
+        "--n-images",
+        "100",
+        "--training",
+        training,
+    ]
     env = dict(os.environ, BINSIGHT_PROGRESS="0")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = done.stdout
     assert all(f"[{step}/8]" in printed for step in range(1, 9)), printed
+    assert ("frozen features" in printed) == (training == "frozen")
     assert TrainSummary.read(out / "model" / "history.json").epochs_run >= 1
     assert EvaluationReport.read(out / "model" / "eval-test" / "metrics.json").n == 10
     assert (out / "model.onnx").stat().st_size > 0 and (out / "model.int8.onnx").stat().st_size > 0

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,13 +34,17 @@ class DemoConfig(BaseModel):
     out: Path = Field(Path("runs/demo"), description="output directory")
     n_images: int = Field(1500, ge=100, description="synthetic bin photos to generate")
     seed: int = Field(0, description="seed of the photos, the split and the training")
+    training: Literal["auto", "fine-tune", "frozen"] = Field(
+        "auto",
+        description="fine-tune the backbone, or train a head on its frozen features (auto: by the CPU)",
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from binsight.demo import run_demo
 
     config = config_from_args(args, DemoConfig)
-    run_demo(config.out, n_images=config.n_images, seed=config.seed)
+    run_demo(config.out, n_images=config.n_images, seed=config.seed, training=config.training)
     return 0
 
 

@@ -12,6 +12,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,12 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from binsight.card import ModelCard
+from binsight.cpu import native_bf16
 from binsight.data.split import load_split
 from binsight.errors import BinsightError
 from binsight.imaging import Size, as_hw, decode_image, normalise, resize_to
 from binsight.inference.conformal import Calibration
-from binsight.inference.engines import RuntimeChoice, cpu_features
+from binsight.inference.engines import RuntimeChoice
 from binsight.inference.runtime import META_PREFIX, LoadedModel, OnnxCounter, OpenVinoCounter
 from binsight.inference.selfcheck import ReferenceSet
 from binsight.models.heads import CountingModel
@@ -148,7 +150,7 @@ def serving_engines(quantized: bool) -> list[RuntimeChoice]:
         RuntimeChoice("onnxruntime", precision, "export"),
         RuntimeChoice("openvino", precision, "export"),
     ]
-    if not quantized and cpu_features() & {"amx_bf16", "avx512_bf16"}:
+    if not quantized and native_bf16():
         engines.append(RuntimeChoice("openvino", "bf16", "export"))
     return engines
 
@@ -221,7 +223,31 @@ def _add_metadata(path: Path, entries: dict[str, str]) -> None:
     atomic_write_bytes(path, proto.SerializeToString())
 
 
-def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the int8 file is quantised (static QDQ, calibrated on validation photos). Measured across
+    CPUs in `benchmarks/bench_int8.py`: 8-bit weights with u8 activations saturate the 16-bit
+    intermediate sums of int8 kernels on CPUs without VNNI (AVX2, AVX-512 before Cascade Lake), which
+    costs whole counts; 7-bit weights (`reduce_range`) leave the headroom."""
+
+    reduce_range: bool = True
+    signed_activations: bool = False
+    per_channel: bool = True
+    exclude_depthwise: bool = False
+
+
+def _depthwise_convs(path: Path) -> list[str]:
+    proto = onnx.load(str(path))
+    names = []
+    for node in proto.graph.node:
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1:
+                names.append(node.name)
+    return names
+
+
+def _quantize_int8(fp32_path: Path, calibration: np.ndarray, recipe: Int8Recipe = Int8Recipe()) -> bytes:
     """Static QDQ quantisation calibrated on real validation images (dynamic quantisation leaves the
     convolutions, which are nearly all of a CNN's time, in float)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -248,9 +274,11 @@ def _quantize_int8(fp32_path: Path, calibration: np.ndarray) -> bytes:
                 str(output),
                 Reader(),
                 quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if recipe.signed_activations else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                per_channel=True,
+                per_channel=recipe.per_channel,
+                reduce_range=recipe.reduce_range,
+                nodes_to_exclude=_depthwise_convs(prepared) if recipe.exclude_depthwise else None,
             )
             return output.read_bytes()
     finally:

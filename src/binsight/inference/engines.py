@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
+from binsight.cpu import cpu_features
 from binsight.errors import BinsightError
 
 Backend = Literal["auto", "onnxruntime", "openvino"]
@@ -21,24 +21,6 @@ class RuntimeChoice:
     backend: str
     precision: str  # fp32, bf16, or int8 (an int8 file runs in int8 whatever was asked)
     reason: str
-
-
-def cpu_features() -> set[str]:
-    """The CPU flags that decide the fast path (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split()) & {
-                "avx512f",
-                "avx512_bf16",
-                "avx512_vnni",
-                "amx_bf16",
-                "amx_int8",
-            }
-    return set()
 
 
 def choose_runtime(backend: Backend, precision: Precision) -> RuntimeChoice:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from binsight.cpu import native_bf16
 from binsight.errors import BinsightError
 from binsight.training.config import TrainConfig
 from binsight.training.distributed import DistContext
@@ -29,8 +30,9 @@ def resolve_device(requested: str, context: DistContext) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions at 2x or more the fp32 rate (measured in
-    docs/benchmarks.md); elsewhere bf16 on CPU is emulated and slower than fp32."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    docs/benchmarks.md); elsewhere bf16 on CPU is emulated and slower than fp32. Honours the caps a
+    developer sets to emulate a smaller CPU (`binsight.cpu`)."""
+    return native_bf16()
 
 
 class Precision:
