@@ -24,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from binsight.batch.run import BatchRun, read_results
-from binsight.batch.stages import read_source
 from binsight.imaging import decode_image
 from binsight.inference.verdict import MISMATCH, OK, REVIEW
 from binsight.reporting.html import HtmlReport, image_data_uri
 from binsight.utils.io import atomic_write_bytes, atomic_write_json
+from binsight.utils.reading import read_source
 from binsight.utils.text import printable, spreadsheet_safe
 
 BUDGETS = (0.05, 0.10, 0.20)
@@ -43,6 +43,7 @@ OUTPUT_FIELDS = (
     "confidence",
     "verdict",
     "problem",
+    "recount",
 )
 
 
@@ -75,6 +76,13 @@ def rank(results: pa.Table, review_budget: float | None = None) -> pa.Table:
         verdicts[is_scored & (position < flagged) & (verdicts == OK)] = REVIEW
     ranked = ranked.set_column(ranked.schema.get_field_index("verdict"), "verdict", pa.array(verdicts))
     return ranked.append_column("rank", pa.array(np.arange(1, len(order) + 1)))
+
+
+def _with_recounts(ranked: pa.Table, findings: dict[str, str]) -> pa.Table:
+    from binsight.recheck.queue import photo_id_of
+
+    column = [findings.get(photo_id_of(image), "") for image in ranked.column("image").to_pylist()]
+    return ranked.append_column("recount", pa.array(column, pa.string()))
 
 
 def _csv_table(ranked: pa.Table) -> pa.Table:
@@ -113,12 +121,13 @@ def write_audit(
     endpoint_url: str | None = None,
     unsigned: bool = False,
     max_thumbnails: int = 60,
+    recounts: dict[str, str] | None = None,
 ) -> AuditSummary:
     """The ranked list (`audit.csv`), its summary (`audit.json`) and a report of the bins to re-check
     with their photos (`report.html`), from the shards of a finished batch run."""
     results = read_results(out)
     card = json.loads((results.schema.metadata or {}).get(b"binsight.card", b"{}"))
-    ranked = rank(results, review_budget)
+    ranked = _with_recounts(rank(results, review_budget), recounts or {})
     buffer = io.BytesIO()
     pacsv.write_csv(_csv_table(ranked), buffer, pacsv.WriteOptions(quoting_style="needed"))
     atomic_write_bytes(out / "audit.csv", buffer.getvalue())
@@ -154,6 +163,7 @@ def write_audit(
         caption = (
             f"#{row['rank']} {row['verdict']}: recorded {row['recorded_quantity']}, photo shows "
             f"{row['predicted_count']} (P(record right) {row['p_recorded']:.2f})"
+            + (f"; {row['recount']}" if row["recount"] else "")
         )
         cells.append(
             f"<figure>{picture}<figcaption>{html.escape(caption)}<br>"

@@ -68,3 +68,6 @@ class AuditConfig(BatchConfig, VerdictSettings):
     split: str = Field("test", description="split to evaluate on")
     error_rate: float = Field(0.1, gt=0.0, lt=1.0, description="--evaluate: share of records to corrupt")
     seed: int = Field(0, description="--evaluate: seed of the simulated errors")
+    recheck_storage: SecretUrl | None = Field(
+        None, description="label store whose recounts of these bins the report shows (`binsight recheck`)"
+    )

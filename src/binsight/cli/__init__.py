@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from binsight import __version__
-from binsight.cli import batch, data, mlops, serving, training
+from binsight.cli import batch, data, mlops, recheck, serving, training
 from binsight.cliargs import add_command, config_from_args
 from binsight.errors import BinsightError
 from binsight.utils.redact import install_redaction, redact
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole job on synthetic bins (no network, no GPU)",
         title="demo",
     )
-    for group in (data, training, serving, mlops, batch):
+    for group in (data, training, serving, mlops, batch, recheck):
         group.register(verbs)
     return parser
 

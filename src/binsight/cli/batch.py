@@ -74,6 +74,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         verdicts=verdicts,
     )
     run = run_batch(config, model, settings)
+    findings = None
+    if config.recheck_storage:
+        from binsight.recheck.resolve import recount_findings
+        from binsight.recheck.store import LabelStore
+
+        findings = recount_findings(LabelStore(config.recheck_storage), f"audit:{config.out.name}")
     summary = write_audit(
         config.out,
         run,
@@ -81,6 +87,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         config.review_budget,
         config.s3_endpoint_url,
         config.s3_unsigned,
+        recounts=findings,
     )
     print(
         f"audit: {summary.bins} bins {summary.verdicts} at {run.photos_per_s:.1f} photos/s "

@@ -29,6 +29,9 @@ class IndexSettings(BaseModel):
         description="photo folder: bucket layout, <count>/<id>.jpg folders, or images/ with labels.csv"
     )
     labels: Path | None = Field(None, description="CSV of id,count (default: DATA/labels.csv)")
+    recounts: Path | None = Field(
+        None, description="people's recounts (`binsight recheck export`): they outrank the recorded counts"
+    )
     out: Path | None = Field(None, description="where index.csv (and then splits/) go (default: DATA)")
     workers: int | None = Field(None, ge=1, description="parallel readers (default: all cores)")
 
@@ -83,7 +86,13 @@ def _cmd_data_index(args: argparse.Namespace) -> int:
     from binsight.data.index import build_index
 
     settings = config_from_args(args, IndexSettings)
-    result = build_index(settings.data, workers=settings.workers, out=settings.out, labels=settings.labels)
+    result = build_index(
+        settings.data,
+        workers=settings.workers,
+        out=settings.out,
+        labels=settings.labels,
+        recounts=settings.recounts,
+    )
     mismatches = sum(int(r["quantity_mismatch"]) for r in result.rows)
     print(
         f"index ({result.layout} layout): {len(result.rows)} images indexed, {len(result.skipped)} skipped, "

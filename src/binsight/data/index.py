@@ -29,6 +29,8 @@ INDEX_FIELDS = (
     "id",
     "image",
     "count",
+    "recorded_count",  # the inventory record (EXPECTED_QUANTITY or the labels file), kept beside a recount
+    "count_source",  # "record", or "recount" where a person's recount outranks the record
     "quantity_sum",
     "quantity_mismatch",
     "width",
@@ -88,6 +90,8 @@ def _index_row(entry: Entry, base: Path) -> dict[str, Any] | str:
         "id": entry.image_id,
         "image": Path(os.path.relpath(entry.image, base)).as_posix(),
         "count": count,
+        "recorded_count": count,
+        "count_source": "record",
         "quantity_sum": record.quantity_sum if record else "",
         "quantity_mismatch": int(record is not None and count != record.quantity_sum),
         "width": width,
@@ -118,9 +122,12 @@ def build_index(
     workers: int | None = None,
     out: str | os.PathLike[str] | None = None,
     labels: str | os.PathLike[str] | None = None,
+    recounts: str | os.PathLike[str] | None = None,
 ) -> IndexResult:
     """Index the photos under `root` in whichever layout it has; the index (and later the splits) go to
-    `out`, default `root` itself, with image paths relative to it (a read-only photo folder works)."""
+    `out`, default `root` itself, with image paths relative to it (a read-only photo folder works).
+    `recounts` (a labels CSV from `binsight recheck export`) outranks the recorded count of the photos it
+    names; both are kept (`count`, `recorded_count`)."""
     root = Path(root)
     base = Path(out) if out else root
     found = discover(root, Path(labels) if labels else None)
@@ -139,6 +146,7 @@ def build_index(
             else:
                 rows.append(result)
     skipped.sort(key=lambda s: image_id_order(s["id"]))
+    recounted = apply_recounts(rows, Path(recounts)) if recounts else 0
     index_path = base / INDEX_FILE
     atomic_write_csv(index_path, rows, INDEX_FIELDS)
     mismatches = [r["id"] for r in rows if r["quantity_mismatch"]]
@@ -150,11 +158,31 @@ def build_index(
             "indexed": len(rows),
             "skipped": skipped,
             "skipped_by_problem": dict(Counter(s["problem"].split(":")[0].split(" (")[0] for s in skipped)),
+            "recounted": recounted,
             "quantity_mismatches": len(mismatches),
             "quantity_mismatch_ids": mismatches[:1000],
         },
     )
     return IndexResult(rows=rows, skipped=skipped, path=index_path, layout=found.layout)
+
+
+def apply_recounts(rows: list[dict[str, Any]], path: Path) -> int:
+    """Set `count` from people's recounts (`id,count` CSV); returns how many photos changed source."""
+    recounted: dict[str, int] = {}
+    for line in read_csv(path):
+        text = (line.get("count") or "").strip()
+        if "id" not in line or not text.isdigit():
+            raise BinsightError(
+                f"{path} is not a recount labels file (id,count)",
+                hint="write it with `binsight recheck export`",
+            )
+        recounted[line["id"]] = int(text)
+    changed = 0
+    for row in rows:
+        if row["id"] in recounted:
+            row["count"], row["count_source"] = recounted[row["id"]], "recount"
+            changed += 1
+    return changed
 
 
 def load_index(path: str | os.PathLike[str]) -> list[dict[str, str]]:

@@ -44,7 +44,9 @@ def _rank(seed: int, image_id: str) -> bytes:
 def assign_splits(rows: list[dict[str, Any]], config: SplitConfig) -> dict[str, list[dict[str, Any]]]:
     by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_class[str(row["count"])].append(row)
+        # Stratified by the recorded count: a recount that corrects a label never moves its photo to
+        # another split, so the test set stays the same photos as recounts arrive.
+        by_class[str(row.get("recorded_count") or row["count"])].append(row)
     result: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     for members in by_class.values():
         members = sorted(members, key=lambda r: _rank(config.seed, r["id"]))

@@ -28,6 +28,7 @@ from binsight.pipeline.state import (
     Evaluated,
     Exported,
     Ingested,
+    LabelState,
     PipelineState,
     Promoted,
     Registered,
@@ -37,7 +38,7 @@ from binsight.pipeline.state import (
 from binsight.registry import Registry
 from binsight.reporting.html import HtmlReport
 from binsight.training.metrics import Metric
-from binsight.utils.io import atomic_write_json
+from binsight.utils.io import atomic_write_json, sha256_file
 from binsight.utils.redact import SecretUrl
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ class PipelineConfig(BaseModel):
     )
     split_seed: int = Field(
         0, description="seed of the first split; a dataset already split keeps its own seed and fractions"
+    )
+    recounts: Path | None = Field(
+        None, description="people's recounts (`binsight recheck export`): they outrank the records"
+    )
+    recheck_storage: SecretUrl | None = Field(
+        None, description="the label store the recounts came from, whose state the run records"
     )
 
 
@@ -126,9 +133,23 @@ def ingest(config: PipelineConfig) -> Ingested:
                     f"{source} has no {IMAGES_DIR}/ folder", hint="new data must use the ABID layout"
                 )
             added = _ingest_folder(source, config.data)
-    index = build_index(config.data)
+    index = build_index(config.data, recounts=config.recounts)
     summary = write_splits(config.data, existing_split_config(config.data, config.split_seed))
+    labels = None
+    if config.recounts is not None:
+        store = None
+        if config.recheck_storage:
+            from binsight.recheck.store import LabelStore
+
+            store = LabelStore(config.recheck_storage).state()
+        labels = LabelState(
+            recounts_file=str(config.recounts),
+            recounts_sha256=sha256_file(config.recounts),
+            photos_recounted=sum(1 for r in index.rows if r["count_source"] == "recount"),
+            store=store,
+        )
     return Ingested(
+        labels=labels,
         added_images=added,
         indexed=len(index.rows),
         skipped=len(index.skipped),

@@ -18,7 +18,17 @@ class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LabelState(BaseModel):
+    """Where the people's recounts a run trained on came from (the label store's state at ingest)."""
+
+    recounts_file: str
+    recounts_sha256: str
+    photos_recounted: int
+    store: dict[str, int] | None = None  # items, recounts and schema version of the label store
+
+
 class Ingested(_Step):
+    labels: LabelState | None = None
     added_images: int
     indexed: int
     skipped: int

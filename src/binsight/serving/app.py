@@ -396,5 +396,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    if config.recheck:
+        from binsight.serving.recheck import add_recheck_routes
+
+        add_recheck_routes(app, config, policy)
     declare_security(app, policy.auth_required, config.metrics_public)
     return app

@@ -80,6 +80,13 @@ class ServeConfig(VerdictSettings):
         default_factory=list,
         description="s3://bucket/prefix/ a request's s3_uri may name (repeatable); none: S3 inputs are off",
     )
+    recheck: bool = Field(False, description="serve the recount page (/recheck) and its API")
+    recheck_storage: SecretUrl | None = Field(
+        None, description="label store URL (default sqlite in runs/recheck/); PostgreSQL for a team"
+    )
+    recheck_show_record: bool = Field(
+        False, description="show recounters the recorded quantity and the model's answer (biases them)"
+    )
     s3_endpoint_url: SecretUrl | None = None
     s3_unsigned: bool = Field(False, description="anonymous S3 reads (public buckets such as ABID)")
     s3_timeout_s: float = Field(10.0, gt=0.0)

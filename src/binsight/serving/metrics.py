@@ -34,6 +34,8 @@ KNOWN_ROUTES = {
     "/v1/traffic",
     "/static/style.css",
     "/static/api.js",
+    "/recheck",
+    "/v1/recheck/next",
 }
 
 

@@ -1,0 +1,184 @@
+"""What people are asked to recount, and in which order: two budgets a day.
+
+- **Suspicious** bins, most likely to hold a wrong record: an audit run's ranking (1 - P(recorded)),
+  or live traffic whose verdict was not `ok`. This catches inventory errors.
+- **Informative** bins, whose label would teach the model most: the model is unsure (small margin
+  between its two likeliest counts), it leans to the counts it learns worst (2, 3 and 4 items), and
+  the bins picked are spread out (greedy farthest-point selection over the model's answers, so ten
+  near-identical photos do not take ten recounts). This grows the training data where it is weakest.
+
+`--informative-share` splits a day's budget between them (measured by simulation in
+benchmarks/bench_recheck.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from binsight.errors import BinsightError
+from binsight.recheck.store import QueueEntry
+from binsight.utils.io import read_csv
+
+MIDDLE = (2, 3, 4)  # the counts models learn worst on ABID (docs/benchmarks.md)
+
+
+def photo_id_of(image: str) -> str:
+    """ABID's id is the file name without its extension (ids are strings: `00121` is not `121`)."""
+    return Path(image.rstrip("/")).name.rsplit(".", 1)[0]
+
+
+def _int_or_none(text: str | None) -> int | None:
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def from_audit(folder: Path, limit: int | None = None) -> list[QueueEntry]:
+    """The flagged bins of `binsight audit ... --out FOLDER`, most suspicious first."""
+    ranked = folder / "audit.csv"
+    if not ranked.is_file():
+        raise BinsightError(f"no audit.csv in {folder}", hint="run `binsight audit BINS --out FOLDER` first")
+    summary = json.loads((folder / "audit.json").read_text()) if (folder / "audit.json").is_file() else {}
+    version = str(summary.get("model_version", ""))
+    entries = []
+    for row in read_csv(ranked):
+        if row.get("verdict") not in ("mismatch", "review") or row.get("problem"):
+            continue
+        image = row["image"].removeprefix("'")  # audit.csv quotes cells a spreadsheet would evaluate
+        entries.append(
+            QueueEntry(
+                photo_id=photo_id_of(image),
+                image=image,
+                queue=f"audit:{folder.name}",
+                reason="suspicious",
+                priority=float(row.get("p_record_wrong") or 0.0),
+                recorded=_int_or_none(row.get("recorded_quantity")),
+                predicted=_int_or_none(row.get("predicted_count")),
+                model_version=version,
+            )
+        )
+    return entries[:limit] if limit else entries
+
+
+def from_list(path: Path, queue: str | None = None) -> list[QueueEntry]:
+    """A plain list: a CSV with an image column (and optionally recorded_quantity), or one image per
+    line; the order is the priority."""
+    if path.suffix.lower() == ".csv":
+        rows = read_csv(path)
+        images = [(r.get("image") or r.get("s3_uri") or "", r.get("recorded_quantity")) for r in rows]
+    else:
+        images = [(line.strip(), None) for line in path.read_text().splitlines() if line.strip()]
+    images = [(image, recorded) for image, recorded in images if image and not image.startswith("#")]
+    if not images:
+        raise BinsightError(f"{path} lists no images")
+    name = queue or f"list:{path.name}"
+    return [
+        QueueEntry(
+            photo_id_of(image), image, name, "suspicious", float(len(images) - i), _int_or_none(recorded)
+        )
+        for i, (image, recorded) in enumerate(images)
+    ]
+
+
+def from_traffic(capture_dir: Path) -> list[QueueEntry]:
+    """Captured requests that named an S3 photo and a recorded quantity the model doubted."""
+    entries: dict[str, QueueEntry] = {}
+    for path in sorted(capture_dir.glob("capture-*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                source, verdict = record["source"], record.get("verdict")
+                recorded = record["expected_count"]
+                probabilities = np.asarray(record["probabilities"], dtype=np.float64)
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue
+            if not isinstance(source, str) or not source.startswith("s3://") or verdict in (None, "ok"):
+                continue
+            classes = len(probabilities)
+            p_recorded = float(probabilities[min(int(recorded), classes - 1)]) if classes else 0.0
+            entries[source] = QueueEntry(
+                photo_id_of(source),
+                source,
+                f"traffic:{capture_dir.name}",
+                "suspicious",
+                1.0 - p_recorded,
+                int(recorded),
+                int(record.get("count", -1)),
+                str(record.get("model_version", "")),
+            )
+    return sorted(entries.values(), key=lambda e: -e.priority)
+
+
+def informative_order(
+    probabilities: np.ndarray, embeddings: np.ndarray | None = None, k: int | None = None
+) -> list[int]:
+    """Rows to recount to teach the model most, best first: uncertain, leaning to the middle counts,
+    and spread out. `embeddings` (one vector per photo, e.g. the server's) measure spread; without
+    them the probability vectors do."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    n = len(probabilities)
+    k = n if k is None else min(k, n)
+    top2 = np.sort(probabilities, axis=1)[:, -2:]
+    uncertainty = 1.0 - (top2[:, 1] - top2[:, 0])  # 1 - margin
+    middle = probabilities[:, [c for c in MIDDLE if c < probabilities.shape[1]]].sum(axis=1)
+    score = uncertainty * (0.5 + middle)
+    space = np.asarray(embeddings if embeddings is not None else probabilities, dtype=np.float64)
+    space = space / (np.linalg.norm(space, axis=1, keepdims=True) + 1e-12)
+    chosen: list[int] = []
+    # Greedy: the best score, discounted by closeness to what is already chosen.
+    distance = np.full(n, 2.0)
+    available = np.ones(n, dtype=bool)
+    for _ in range(k):
+        value = np.where(available, score * np.minimum(1.0, distance), -np.inf)
+        best = int(np.argmax(value))
+        chosen.append(best)
+        available[best] = False
+        distance = np.minimum(distance, np.linalg.norm(space - space[best], axis=1))
+    return chosen
+
+
+def split_budget(
+    suspicious: list[QueueEntry], informative: list[QueueEntry], budget: int, share: float
+) -> list[QueueEntry]:
+    """`budget` bins for today: `share` of them informative, the rest suspicious (each list best
+    first); a list too short leaves its place to the other."""
+    n_informative = min(len(informative), round(budget * share))
+    n_suspicious = min(len(suspicious), budget - n_informative)
+    n_informative = min(len(informative), budget - n_suspicious)
+    return suspicious[:n_suspicious] + informative[:n_informative]
+
+
+def from_predictions(folder: Path, k: int) -> list[QueueEntry]:
+    """The `k` most informative photos of a `binsight predict ... --out FOLDER` run (its Parquet
+    shards), for the informative budget."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = sorted((folder / "shards").glob("part-*.parquet"))
+    if not shards:
+        raise BinsightError(
+            f"no prediction shards under {folder}", hint="run `binsight predict SOURCE --out FOLDER`"
+        )
+    table = pa.concat_tables(pq.read_table(s) for s in shards)
+    problems = table.column("problem").to_pylist()
+    keep = [i for i, p in enumerate(problems) if not p]
+    images = [table.column("image")[i].as_py() for i in keep]
+    probabilities = np.asarray([table.column("probabilities")[i].as_py() for i in keep], dtype=np.float64)
+    predicted = probabilities.argmax(axis=1)
+    version = (table.schema.metadata or {}).get(b"binsight.model_version", b"").decode()
+    order = informative_order(probabilities, k=k)
+    return [
+        QueueEntry(
+            photo_id_of(images[i]),
+            images[i],
+            f"informative:{folder.name}",
+            "informative",
+            float(k - rank),
+            None,
+            int(predicted[i]),
+            version,
+        )
+        for rank, i in enumerate(order)
+    ]
