@@ -44,6 +44,7 @@ from binsight.training.optim import build_optimizer, build_scheduler
 from binsight.training.profiling import make_profiler, write_profile_summary
 from binsight.training.progress import Progress, resume, save_checkpoints
 from binsight.training.results import BestEpoch, TrainSummary, model_card
+from binsight.training.teachers import teacher_probabilities
 from binsight.utils.io import atomic_write_json, exclusive_folder
 from binsight.utils.plots import history_curves
 from binsight.utils.storage import Store, open_store
@@ -150,9 +151,12 @@ def _train(
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(trained, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    objective = build_objective(
-        config, head, np.minimum(train_counts, num_classes - 1), train_rows, num_classes
+    teacher = (
+        teacher_probabilities(config.teachers, data_dir, train_rows, out)
+        if config.teachers and config.distill > 0
+        else None
     )
+    objective = build_objective(config, head, np.minimum(train_counts, num_classes - 1), num_classes, teacher)
     monitors = Monitors()
     monitors.check_class_balance(
         np.bincount(np.minimum(train_counts, num_classes - 1), minlength=num_classes)

@@ -5,15 +5,13 @@ ABID is bimodal (many 1s and 5s, few 3s): a model that answers only 1 or 5 alrea
 cross-entropy rewards it for that. `class_balance` weights each count by (1/frequency)**b. A teacher
 (a stronger model, e.g. DINOv2 fine-tuned) gives a full distribution for every training photo, which
 tells a small student how a 3 differs from a 4 better than one label does; its answers are computed
-once per run (`teacher_probabilities`) and looked up by row.
+once per run (`teachers.py`) and looked up by row.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +19,6 @@ import torch
 from binsight.errors import BinsightError
 from binsight.models.heads import CountHead
 from binsight.training.config import TrainConfig
-from binsight.utils.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,47 +61,20 @@ def class_weights(train_targets: np.ndarray, num_classes: int, strength: float) 
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def teacher_probabilities(
-    teachers: list[Path], data_dir: Path, rows: list[dict[str, str]], out: Path
-) -> np.ndarray:
-    """The teachers' averaged probabilities for each training photo (each also on its mirror image),
-    computed once and kept in the run folder under the teachers' hashes."""
-    from binsight.training.evaluate import photo_probabilities
-
-    key = hashlib.sha256("".join(sha256_file(t) for t in teachers).encode()).hexdigest()[:16]
-    target = out / f"teachers-{key}.npy"
-    if target.is_file():
-        cached: np.ndarray = np.load(target)
-        if len(cached) == len(rows):
-            return cached
-    answers = []
-    for teacher in teachers:
-        log.info("computing the answers of teacher %s for %d training photos", teacher, len(rows))
-        answers.append(photo_probabilities(teacher, data_dir, rows, mirrored=True))
-    if len({a.shape[1] for a in answers}) != 1:
-        raise BinsightError(
-            "the teachers answer different numbers of classes", hint="give teachers of one kind"
-        )
-    probabilities: np.ndarray = np.mean(answers, axis=0)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(target, probabilities)
-    return probabilities
-
-
 def build_objective(
     config: TrainConfig,
     head: CountHead,
     train_targets: np.ndarray,
-    rows: list[dict[str, str]],
     num_classes: int,
+    teacher: np.ndarray | None,
 ) -> Objective:
-    teacher = None
-    if config.teachers and config.distill > 0:
-        probabilities = teacher_probabilities(config.teachers, Path(config.data), rows, Path(config.out))
-        if probabilities.shape[1] != num_classes:
+    """The loss for `config`; `teacher`: the teachers' probabilities per training photo (`teachers.py`)."""
+    answers = None
+    if teacher is not None and config.distill > 0:
+        if teacher.shape[1] != num_classes:
             raise BinsightError(
-                f"the teacher answers {probabilities.shape[1]} classes, this model {num_classes}",
+                f"the teacher answers {teacher.shape[1]} classes, this model {num_classes}",
                 hint="train the student with the teacher's --num-classes",
             )
-        teacher = torch.from_numpy(probabilities.astype(np.float32))
-    return Objective(head, config, class_weights(train_targets, num_classes, config.class_balance), teacher)
+        answers = torch.from_numpy(teacher.astype(np.float32))
+    return Objective(head, config, class_weights(train_targets, num_classes, config.class_balance), answers)

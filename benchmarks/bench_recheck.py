@@ -1,0 +1,218 @@
+"""Which bins to recount to teach the model most: the active policy against random, by simulation on
+real ABID photos.
+
+The training split of ../shared/abid (the bench_accuracy split: seed 0, 60/20/20) is the pool. A small
+labelled seed set starts the model; every round, N more photos are "recounted" (their recorded count
+is revealed), chosen either at random or by binsight's informative policy (`recheck.queue.
+informative_order`: uncertain, leaning to the middle counts, spread out in the embedding), and the
+model is retrained. The model is a linear head on frozen DINOv2 ViT-S/14 features (class token and mean
+patch token, computed once through binsight's feature cache), which trains in about a second, so the
+whole curve is cheap; the fixed test split scores every round. Several seeds give the spread.
+
+Reported: accuracy, RMSE (posterior mean) and recall at 2/3/4 per round and policy; the labels the
+active policy needs to reach the random policy's final accuracy; the accuracy gap at equal labels,
+against the seed spread. A PNG of the curves.
+
+Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
+     [--seeds 5] [--start 200] [--step 100] [--rounds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("BINSIGHT_PROGRESS", "0")
+NUM_CLASSES = 7
+
+
+def pooled_features(work: Path, data: Path, split: str) -> np.ndarray:
+    """DINOv2's pooled features (768) of every photo of a split, through binsight's feature cache."""
+    target = work / f"dinov2-pooled-{split}.npy"
+    if target.is_file():
+        return np.load(target)
+    from binsight.data.split import load_split
+    from binsight.models.factory import build_model
+    from binsight.training.cached import feature_cache, split_backbone
+    from binsight.training.config import TrainConfig
+    from binsight.training.hardware import Precision
+
+    config = TrainConfig(
+        data=data, out=work / "unused", arch="dinov2_small", image_size=224, image_width=308, num_classes=7
+    )
+    model = build_model(config.arch, config.head, NUM_CLASSES, True, None, 0.0, config.input_hw).eval()
+    backbone = split_backbone(model.backbone)
+    precision = Precision(config, torch.device("cpu"))
+    tokens = feature_cache(
+        config, backbone, backbone.depth, split, load_split(data, split), ["o"], precision
+    )["o"]
+    pooled = []
+    with torch.no_grad():
+        for start in range(0, len(tokens), 256):
+            chunk = torch.from_numpy(np.asarray(tokens[start : start + 256], dtype=np.float32))
+            pooled.append(backbone.tail(chunk, backbone.depth).numpy())
+    features = np.concatenate(pooled).astype(np.float32)
+    np.save(target, features)
+    return features
+
+
+def train_head(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 150) -> torch.nn.Module:
+    """Multinomial logistic regression on standardised features (AdamW, full batch, weight decay)."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], NUM_CLASSES)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-2)
+    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(inputs), targets, label_smoothing=0.05).backward()
+        optimizer.step()
+    return head.eval()
+
+
+def probabilities(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(head(torch.from_numpy(x)), dim=1).numpy()
+
+
+def scores(p: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    targets = np.minimum(counts, NUM_CLASSES - 1)
+    predicted = p.argmax(axis=1)
+    mean = p @ np.arange(NUM_CLASSES)
+    out = {
+        "accuracy": float((predicted == targets).mean()),
+        "rmse": float(np.sqrt(((mean - counts.clip(max=NUM_CLASSES - 1)) ** 2).mean())),
+    }
+    for k in (2, 3, 4):
+        out[f"recall_{k}"] = float((predicted[targets == k] == k).mean())
+    return out
+
+
+def simulate(
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray,
+    counts_test: np.ndarray,
+    policy: str,
+    seed: int,
+    args: argparse.Namespace,
+) -> list[dict[str, float]]:
+    from binsight.recheck.queue import informative_order
+
+    rng = np.random.default_rng(seed)
+    labelled = list(rng.choice(len(x), size=args.start, replace=False))
+    curve = []
+    for round_ in range(args.rounds + 1):
+        head = train_head(x[labelled], y[labelled], seed)
+        curve.append({"labels": len(labelled), **scores(probabilities(head, x_test), counts_test)})
+        if round_ == args.rounds:
+            break
+        pool = np.setdiff1d(np.arange(len(x)), labelled)
+        if policy == "random":
+            chosen = rng.choice(pool, size=args.step, replace=False)
+        else:
+            order = informative_order(probabilities(head, x[pool]), x[pool], k=args.step)
+            chosen = pool[order]
+        labelled += list(chosen)
+    return curve
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--abid", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "abid"
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/binsight-accuracy"))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--start", type=int, default=200)
+    parser.add_argument("--step", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    if not (args.abid / "labels.csv").is_file():
+        print(
+            f"SKIP: no real ABID photos at {args.abid} (labels.csv missing); pass --abid DIR", file=sys.stderr
+        )
+        return 0
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_accuracy import prepare_data
+    from binsight.utils.io import read_csv
+
+    data = prepare_data(args.abid, args.work)["all"]
+    x_train, x_test = pooled_features(args.work, data, "train"), pooled_features(args.work, data, "test")
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    y = np.minimum([int(r["count"]) for r in read_csv(data / "splits" / "train.csv")], NUM_CLASSES - 1)
+    counts_test = np.array([int(r["count"]) for r in read_csv(data / "splits" / "test.csv")])
+    curves = {
+        policy: [
+            simulate(x_train, y.astype(np.int64), x_test, counts_test, policy, s, args)
+            for s in range(args.seeds)
+        ]
+        for policy in ("random", "active")
+    }
+    report(curves, args)
+    return 0
+
+
+def report(curves: dict[str, list[list[dict[str, float]]]], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [point["labels"] for point in curves["random"][0]]
+    summary: dict[str, dict[str, np.ndarray]] = {}
+    for policy, runs in curves.items():
+        summary[policy] = {
+            key: np.array([[point[key] for point in run] for run in runs])
+            for key in ("accuracy", "rmse", "recall_2", "recall_3", "recall_4")
+        }
+    print(f"\n{args.seeds} seeds; start {args.start} labels, +{args.step} per round; test split")
+    print("| labels | random acc | active acc | gap (pt) | random RMSE | active RMSE | active recall 2/3/4 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for i, n in enumerate(labels):
+        r, a = summary["random"], summary["active"]
+        print(
+            f"| {n} | {r['accuracy'][:, i].mean():.3f} ± {r['accuracy'][:, i].std():.3f} "
+            f"| {a['accuracy'][:, i].mean():.3f} ± {a['accuracy'][:, i].std():.3f} "
+            f"| {100 * (a['accuracy'][:, i].mean() - r['accuracy'][:, i].mean()):+.1f} "
+            f"| {r['rmse'][:, i].mean():.3f} | {a['rmse'][:, i].mean():.3f} "
+            f"| {'/'.join(f'{a[key][:, i].mean():.2f}' for key in ('recall_2', 'recall_3', 'recall_4'))} |"
+        )
+    final = summary["random"]["accuracy"][:, -1].mean()
+    active_mean = summary["active"]["accuracy"].mean(axis=0)
+    reached = next((labels[i] for i, v in enumerate(active_mean) if v >= final), None)
+    print(
+        f"\nrandom's final accuracy {final:.3f} at {labels[-1]} labels; the active policy reaches it at "
+        f"{reached if reached is not None else 'more than ' + str(labels[-1])} labels"
+        + (f" ({100 * reached / labels[-1]:.0f}% of the labels)" if reached is not None else "")
+    )
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for policy, colour in (("random", "C0"), ("active", "C3")):
+        for axis, key in zip(axes, ("accuracy", "recall_3"), strict=True):
+            values = summary[policy][key]
+            axis.plot(labels, values.mean(axis=0), color=colour, label=policy)
+            axis.fill_between(labels, values.min(axis=0), values.max(axis=0), color=colour, alpha=0.15)
+            axis.set_xlabel("recounted labels")
+            axis.set_ylabel(key.replace("_", " at "))
+            axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("Recounts chosen at random vs by the informative policy (test split, min-max over seeds)")
+    figure.tight_layout()
+    out = args.work / "recheck_simulation.png"
+    figure.savefig(out, dpi=110)
+    (args.work / "recheck_simulation.json").write_text(
+        json.dumps({p: [[dict(pt) for pt in run] for run in runs] for p, runs in curves.items()}, indent=1)
+    )
+    print(f"curves: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
