@@ -32,7 +32,7 @@ from binsight.audit.audit import BUDGETS
 from binsight.audit.evaluation import ALPHA_GRID, catch_curve, conformal_plot, simulate_errors
 from binsight.batch.run import score_photos
 from binsight.data.split import load_split
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 from binsight.inference.conformal import Calibration
 from binsight.inference.runtime import load_counter
 from binsight.inference.verdict import MISMATCH, ConformalPolicy, VerdictThresholds, judge, p_of_count
@@ -99,7 +99,7 @@ def main() -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.out / "model.onnx"
-    export(args.checkpoint, model, data=args.data, version="bench-conformal")
+    export(ExportConfig(checkpoint=args.checkpoint, out=model, data=args.data, version="bench-conformal"))
 
     val_probs, val_truth = probabilities_of(model, args.data, "val")
     test_probs, test_truth = probabilities_of(model, args.data, "test")

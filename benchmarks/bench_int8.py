@@ -101,7 +101,7 @@ def main() -> int:
 
     from binsight.cpu import cpu_class, cpu_features
     from binsight.export import onnx as onnx_export
-    from binsight.export.onnx import Int8Recipe, _sample_inputs, export
+    from binsight.export.onnx import ExportConfig, Int8Recipe, _sample_inputs, export
     from binsight.training.checkpoint import load_checkpoint
     from binsight.training.evaluate import load_model
 
@@ -111,7 +111,7 @@ def main() -> int:
     inputs = args.work / "inputs.npz"
     np.savez(inputs, images=images)
     fp32 = args.work / "fp32.onnx"
-    export(args.checkpoint, fp32, data=args.data, calibration_images=64)
+    export(ExportConfig(checkpoint=args.checkpoint, out=fp32, data=args.data, calibration_images=64))
     files = {"fp32": fp32}
     calibration, _ = _sample_inputs(args.data, "val", config, num_classes, 64)
     for name, settings in VARIANTS.items():

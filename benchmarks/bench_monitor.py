@@ -28,7 +28,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from binsight.data.split import load_split
 from binsight.data.synth import SynthConfig, generate_dataset
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 from binsight.inference.runtime import load_counter
 from binsight.monitoring.baseline import Baseline, observe_photos
 from binsight.monitoring.drift import DriftDetector
@@ -62,7 +62,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model.onnx"
-        export(args.checkpoint, model, data=args.data)
+        export(ExportConfig(checkpoint=args.checkpoint, out=model, data=args.data))
         counter = load_counter(model, backend=args.backend, precision=args.precision)
         assert counter.info.baseline is not None
         baseline = Baseline.from_json(counter.info.baseline)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from binsight.data.split import load_split
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 from binsight.imaging import decode_image, to_model_input
 from binsight.inference.runtime import load_counter
 
@@ -71,7 +71,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         fp32 = work / "model.onnx"
-        export(args.checkpoint, fp32, data=args.data, quantize=True)
+        export(ExportConfig(checkpoint=args.checkpoint, out=fp32, data=args.data, quantize="int8"))
         qdq = work / "model.int8.onnx"
         calibration, _ = preprocessed(fp32, args.data, "val", args.calibration_images)
         test, labels = preprocessed(fp32, args.data, "test", 10_000)

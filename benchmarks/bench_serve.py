@@ -40,7 +40,7 @@ import torch
 
 from binsight.cpu import cpu_features
 from binsight.data.split import load_split
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 from binsight.imaging import decode_image, to_model_input
 from binsight.inference.runtime import load_counter
 from binsight.serving.config import Backend, Precision
@@ -253,7 +253,7 @@ def main() -> int:
             if checkpoint is None:
                 continue
             onnx = work / f"{key}.onnx"
-            report = export(checkpoint, onnx, quantize=True)
+            report = export(ExportConfig(checkpoint=checkpoint, out=onnx, quantize="int8"))
             assert report.int8 is not None  # asked for
             models[key] = {"fp32": onnx, "int8": Path(report.int8.onnx), "checkpoint": checkpoint}
 

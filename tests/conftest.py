@@ -148,7 +148,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small indexed dataset, two quickly trained models (different seeds) and their ONNX exports."""
     from binsight.data.index import build_index
     from binsight.data.split import SplitConfig, write_splits
-    from binsight.export.onnx import export
+    from binsight.export.onnx import ExportConfig, export
     from binsight.training.config import TrainConfig
     from binsight.training.engine import train
 
@@ -175,7 +175,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         train(config)
         paths[f"checkpoint_{name}"] = root / f"run-{name}" / "best.pt"
         paths[f"onnx_{name}"] = root / f"model-{name}.onnx"
-        export(paths[f"checkpoint_{name}"], paths[f"onnx_{name}"], version=f"v-{name}")
+        export(
+            ExportConfig(
+                checkpoint=paths[f"checkpoint_{name}"], out=paths[f"onnx_{name}"], version=f"v-{name}"
+            )
+        )
     return paths
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from binsight.errors import BinsightError
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 from binsight.inference.runtime import load_counter
 from binsight.models import dinov2
 from binsight.models.dinov2 import Dinov2Backbone, build_dinov2_small, packaged_file
@@ -104,7 +104,7 @@ def test_dinov2_trains_on_cached_tokens_and_exports(trained: dict[str, Path], tm
     )
     caches = list((trained["data"] / ".cache").glob("features-*/hv.npy"))
     assert caches and np.load(caches[0], mmap_mode="r").dtype == np.float16
-    report = export(tmp_path / "run" / "best.pt", tmp_path / "dino.onnx")
+    report = export(ExportConfig(checkpoint=tmp_path / "run" / "best.pt", out=tmp_path / "dino.onnx"))
     assert report.max_abs_diff_vs_pytorch < 1e-4
     counter = load_counter(report.onnx, backend="onnxruntime")
     assert counter.check is not None and counter.check.passed and counter.info.arch == "dinov2_small"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 
 QEMU = shutil.which("qemu-x86_64")
 needs_qemu = pytest.mark.skipif(
@@ -41,7 +41,7 @@ def run_python(code: str, env: dict[str, str] | None = None, emulate: bool = Fal
 @pytest.fixture(scope="module")
 def int8_pair(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("caps")
-    report = export(trained["checkpoint_a"], folder / "m.onnx", quantize=True)
+    report = export(ExportConfig(checkpoint=trained["checkpoint_a"], out=folder / "m.onnx", quantize="int8"))
     assert report.int8 is not None
     return {"fp32": Path(report.onnx), "int8": Path(report.int8.onnx)}
 

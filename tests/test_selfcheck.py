@@ -14,7 +14,7 @@ import pytest
 
 from binsight.errors import BinsightError
 from binsight.export import onnx as onnx_export
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 from binsight.inference.runtime import META_PREFIX, load_counter
 from binsight.inference.selfcheck import TOLERANCES, ReferenceSet
 from binsight.serving.app import create_app
@@ -37,7 +37,9 @@ def doctor_reference(path: Path) -> None:
 @pytest.fixture(scope="module")
 def exported(trained: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("selfcheck")
-    report = export(trained["checkpoint_a"], folder / "model.onnx", quantize=True)
+    report = export(
+        ExportConfig(checkpoint=trained["checkpoint_a"], out=folder / "model.onnx", quantize="int8")
+    )
     assert report.int8 is not None
     return {"fp32": Path(report.onnx), "int8": Path(report.int8.onnx), "folder": folder}
 
@@ -79,7 +81,9 @@ def test_an_int8_file_that_loses_accuracy_is_marked_and_never_served(
     trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(onnx_export, "INT8_MAX_COST", -1.0)  # any cost at all is too much
-    report = export(trained["checkpoint_a"], tmp_path / "m.onnx", quantize=True)
+    report = export(
+        ExportConfig(checkpoint=trained["checkpoint_a"], out=tmp_path / "m.onnx", quantize="int8")
+    )
     assert report.int8 is not None and report.int8.serving.startswith("int8 loses")
     counter = load_counter(report.int8.onnx)
     assert counter.path == tmp_path / "m.onnx"  # the companion serves

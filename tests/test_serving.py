@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from binsight.card import ModelCard
 from binsight.cli import main
 from binsight.errors import BinsightError
-from binsight.export.onnx import export
+from binsight.export.onnx import ExportConfig, export
 from binsight.imaging import decode_image, to_model_input
 from binsight.inference import engines
 from binsight.inference.runtime import OnnxCounter, load_counter
@@ -79,7 +79,9 @@ def test_export_is_verified_self_describing_and_quantizable(trained: dict[str, P
     probs = counter.predict(np.zeros((3, 3, 32, 32), np.float32))
     assert probs.shape == (3, len(info.classes)) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
-    report = export(trained["checkpoint_a"], tmp_path / "m.onnx", quantize=True)
+    report = export(
+        ExportConfig(checkpoint=trained["checkpoint_a"], out=tmp_path / "m.onnx", quantize="int8")
+    )
     assert report.max_abs_diff_vs_pytorch < 1e-4 and report.calibration and report.monitoring_baseline
     # A calibration per engine this machine can serve with, each from that engine's own outputs.
     assert {"onnxruntime/fp32", "openvino/fp32"} <= set(report.engines)

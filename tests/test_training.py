@@ -22,7 +22,7 @@ from binsight.training import engine
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.engine import train
-from binsight.training.evaluate import evaluate
+from binsight.training.evaluate import EvaluateConfig, evaluate
 from binsight.training.metrics import Metric
 from binsight.training.results import EvaluationReport, TrainSummary
 
@@ -68,7 +68,7 @@ def test_a_small_model_learns_to_count_and_is_reported(bins: Path, tmp_path: Pat
         assert (tmp_path / "run" / name).exists(), name
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
-    result = evaluate(tmp_path / "run" / "best.pt", split="test", workers=0)
+    result = evaluate(EvaluateConfig(checkpoint=tmp_path / "run" / "best.pt", split="test", workers=0))
     assert result.n == 90 and result.accuracy > (result.majority_baseline_accuracy or 1.0)
     out = tmp_path / "run" / "eval-test"
     assert EvaluationReport.read(out / "metrics.json") == result  # what is written is what is read

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
 
-from binsight.errors import BinsightError
+from binsight.errors import BinsightError, invalid_settings
 
 Config = TypeVar("Config", bound=BaseModel)
 _SCALARS: dict[Any, Any] = {int: int, float: float, str: str, Path: Path}
@@ -105,7 +105,11 @@ def add_config_arguments(
             default = field.get_default(call_default_factory=True)
             suffix = f" (default {default})" if default is not None else ""
         help_text = (field.description or "") + suffix
-        if annotation is bool:
+        if annotation is bool and name.startswith("no_"):
+            # A switch already named in the negative (--no-auth): argparse's --X/--no-X pair would
+            # read `--no-auth` as auth=False of a field called `auth`.
+            group.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
+        elif annotation is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(annotation) is Literal:
             choices = typing.get_args(annotation)
@@ -129,19 +133,32 @@ def add_config_arguments(
 def add_command(
     verbs: Any,
     name: str,
-    model: type[BaseModel],
-    handler: Callable[[argparse.Namespace], int],
+    model: type[Config],
+    run: Callable[[Config], Any],
+    report: Callable[[Config, Any], int | None] | None = None,
     *,
     help: str,
     description: str | None = None,
     positional: tuple[str, ...] = (),
     title: str | None = None,
+    make_config: Callable[[argparse.Namespace], Config] | None = None,
 ) -> argparse.ArgumentParser:
-    """A verb: its parser, its flags generated from `model`, and the function it runs."""
+    """A verb is glue: its flags are generated from `model`; the parsed config goes, whole, to `run`
+    (a library function `stage(config) -> result`), and `report` prints the result and returns the exit
+    code. A handler never copies fields, so none can be dropped (tests/test_cli_configs.py)."""
     parser: argparse.ArgumentParser = verbs.add_parser(name, help=help, description=description)
     add_config_arguments(parser, model, positional=positional, title=title)
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(
+        run=run, report=report, make_config=make_config or (lambda args: config_from_args(args, model))
+    )
     return parser
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Parse -> config -> call -> print, the same for every verb."""
+    config = args.make_config(args)
+    result = args.run(config)
+    return int(args.report(config, result) or 0) if args.report else 0
 
 
 def config_from_args(args: argparse.Namespace, model: type[Config], **fixed: Any) -> Config:
@@ -159,11 +176,7 @@ def config_from_args(args: argparse.Namespace, model: type[Config], **fixed: Any
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
-            for e in exc.errors()
-        )
-        raise BinsightError(f"invalid settings: {problems}") from None
+        raise invalid_settings(exc) from None
 
 
 def json_object(text: str, flag: str) -> dict[str, Any]:

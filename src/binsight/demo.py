@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from binsight.data.index import build_index
 from binsight.data.split import SplitConfig, write_splits
 from binsight.data.stats import dataset_stats, format_stats
@@ -16,6 +18,19 @@ log = logging.getLogger(__name__)
 
 
 DemoTraining = Literal["auto", "fine-tune", "frozen"]
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Field(Path("runs/demo"), description="output directory")
+    n_images: int = Field(1500, ge=100, description="synthetic bin photos to generate")
+    seed: int = Field(0, description="seed of the photos, the split and the training")
+    epochs: int = Field(6, ge=1, description="fine-tuning epochs (a head on frozen features trains 40)")
+    training: DemoTraining = Field(
+        "auto",
+        description="fine-tune the backbone, or train a head on its frozen features (auto: by the CPU)",
+    )
 
 
 def choose_training(requested: DemoTraining) -> tuple[str, str]:
@@ -31,19 +46,18 @@ def choose_training(requested: DemoTraining) -> tuple[str, str]:
     return "frozen", "this CPU has no native bf16, where fine-tuning would take over ten minutes"
 
 
-def run_demo(
-    out: Path, n_images: int = 1500, seed: int = 0, epochs: int = 6, training: DemoTraining = "auto"
-) -> None:
+def run_demo(config: DemoConfig) -> None:
     from binsight.audit.evaluation import evaluate_audit
-    from binsight.export.onnx import export
+    from binsight.export.onnx import ExportConfig, export
     from binsight.inference.runtime import load_counter
     from binsight.training.config import load_config
     from binsight.training.engine import train
-    from binsight.training.evaluate import evaluate
+    from binsight.training.evaluate import EvaluateConfig, evaluate
 
+    out, seed = config.out, config.seed
     data_dir = out / "data"
     started = time.perf_counter()
-    written = generate_dataset(data_dir, SynthConfig(n_images=n_images, seed=seed))
+    written = generate_dataset(data_dir, SynthConfig(n_images=config.n_images, seed=seed))
     print(f"[1/8] synthesized {written} bin photos in {time.perf_counter() - started:.1f}s -> {data_dir}")
     index = build_index(data_dir)
     print(f"[2/8] indexed {len(index.rows)} images ({len(index.skipped)} skipped)")
@@ -54,14 +68,14 @@ def run_demo(
 
     # The packaged ImageNet weights: offline, and a head start that the synthetic bins share with
     # real ones. The abid recipe's settings at a small input, so the demo stays a couple of minutes.
-    mode, why = choose_training(training)
+    mode, why = choose_training(config.training)
     settings: dict[str, object] = {
         "data": data_dir,
         "out": out / "model",
         # Synthetic photos are square: a square input, unlike the recipe's 4:3 for real ABID.
         "image_size": 128,
         "image_width": 128,
-        "epochs": epochs,
+        "epochs": config.epochs,
         "seed": seed,
     }
     if mode == "frozen":
@@ -69,21 +83,21 @@ def run_demo(
         settings.update(
             train_on_cache=True, cache_views=["o", "h", "v", "hv"], epochs=40, lr=3e-3, batch_size=64
         )
-    config = load_config(None, settings, recipe="abid")
+    training = load_config(None, settings, recipe="abid")
     what = "fine-tuning" if mode == "fine-tune" else "training a head on the frozen features of"
-    print(f"[5/8] {what} {config.arch} (ImageNet weights), {config.epochs} epochs on CPU ({why})...")
-    result = train(config)
+    print(f"[5/8] {what} {training.arch} (ImageNet weights), {training.epochs} epochs on CPU ({why})...")
+    result = train(training)
     best = result.best
     print(
         f"      best val accuracy {best.value or float('nan'):.3f} at epoch {best.epoch} "
         f"(always answering the most common count: {result.majority_baseline_val_accuracy:.3f})"
     )
-    metrics = evaluate(out / "model" / "best.pt", split="test")
+    metrics = evaluate(EvaluateConfig(checkpoint=out / "model" / "best.pt", split="test"))
     print(
         f"[6/8] test: accuracy {metrics.accuracy:.3f}, off-by-one {metrics.off_by_one_accuracy:.3f}, "
         f"MAE {metrics.mae:.3f}, RMSE {metrics.rmse:.3f}, ECE {metrics.ece:.3f}"
     )
-    onnx = export(out / "model" / "best.pt", out / "model.onnx", quantize=True)
+    onnx = export(ExportConfig(checkpoint=out / "model" / "best.pt", out=out / "model.onnx", quantize="int8"))
     int8 = onnx.int8
     assert int8 is not None  # asked for
     print(

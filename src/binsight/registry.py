@@ -34,12 +34,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from binsight.errors import BinsightError
 from binsight.utils.io import sha256_file
+from binsight.utils.redact import SecretUrl
 from binsight.utils.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,47 @@ class Registry:
                 hint="the registry's copy was changed after registration; register the model again",
             )
         return target
+
+
+class ModelsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["list", "show", "promote", "rollback"] = Field(
+        "list", description="list, show, promote or rollback"
+    )
+    target: str = Field("production", description="version (v0003) or alias to show or promote")
+    registry: str = Field(description="folder or s3://bucket/prefix")
+    alias: str = Field(
+        "production", pattern=r"^[a-z][a-z0-9_-]{0,40}$", description="alias to move (promote, rollback)"
+    )
+    reason: str | None = Field(None, description="recorded with the alias's move")
+    s3_endpoint_url: SecretUrl | None = Field(None, description="S3-compatible endpoint (default AWS)")
+
+
+@dataclass(frozen=True)
+class ModelsAnswer:
+    """What `binsight models` found or did."""
+
+    versions: list[Version]  # list: every complete version; show: the one shown
+    incomplete: list[str]
+    aliases: dict[str, str]
+    moved: AliasRecord | None = None  # promote, rollback
+
+
+def manage_models(config: ModelsConfig) -> ModelsAnswer:
+    registry = Registry(config.registry, config.s3_endpoint_url)
+    if config.action == "list":
+        complete, incomplete = registry.listing()
+        return ModelsAnswer([registry.get(n) for n in complete], incomplete, registry.aliases())
+    if config.action == "show":
+        return ModelsAnswer([registry.get(registry.resolve(config.target))], [], {})
+    if config.action == "promote":
+        moved = registry.set_alias(
+            config.alias, registry.resolve(config.target), config.reason or "manual promote"
+        )
+    else:
+        moved = registry.rollback(config.alias)
+    return ModelsAnswer([], [], {config.alias: moved.version}, moved)
 
 
 def private_folder(path: Path) -> Path:

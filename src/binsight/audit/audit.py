@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from binsight.batch.config import AuditConfig
 from binsight.batch.run import BatchRun, read_results
+from binsight.errors import BinsightError
 from binsight.imaging import decode_image
 from binsight.inference.verdict import MISMATCH, OK, REVIEW
 from binsight.reporting.html import HtmlReport, image_data_uri
@@ -31,6 +34,7 @@ from binsight.utils.io import atomic_write_bytes, atomic_write_json
 from binsight.utils.reading import read_source
 from binsight.utils.text import printable, spreadsheet_safe
 
+log = logging.getLogger(__name__)
 BUDGETS = (0.05, 0.10, 0.20)
 OUTPUT_FIELDS = (
     "rank",
@@ -172,3 +176,60 @@ def write_audit(
     report.raw('<div class="thumbs">' + "".join(cells) + "</div>")
     report.write(out / "report.html")
     return summary
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """`binsight audit`: the ranked list of a run, or, with --evaluate, the simulated-error evaluation."""
+
+    summary: AuditSummary | None = None
+    run: BatchRun | None = None
+    evaluation: dict[str, Any] | None = None
+
+
+def audit(config: AuditConfig) -> AuditOutcome:
+    from binsight.batch.run import model_file, run_batch
+    from binsight.batch.stages import ScorerSettings
+    from binsight.inference.runtime import load_counter, model_info
+    from binsight.inference.verdict import VerdictSettings
+
+    model, version = model_file(config)
+    info = model_info(model, version)
+    verdicts = VerdictSettings.model_validate(config.model_dump(include=set(VerdictSettings.model_fields)))
+    try:
+        policy = verdicts.policy(info.calibration)
+    except ValueError as exc:
+        raise BinsightError(str(exc)) from None
+    log.info("verdicts by %s", policy.basis)
+    if config.evaluate:
+        from binsight.audit.evaluation import evaluate_audit
+
+        if config.data is None:
+            raise BinsightError("--evaluate needs --data (a dataset with splits)")
+        counter = load_counter(model, config.threads, version, config.backend, config.precision)
+        evaluation = evaluate_audit(
+            counter, config.data, config.split, config.out, config.error_rate, config.seed, policy
+        )
+        return AuditOutcome(evaluation=evaluation)
+    if config.source is None:
+        raise BinsightError("give the bins to audit (a CSV, or a folder or s3:// prefix in the ABID layout)")
+    settings = ScorerSettings(
+        config.backend, config.precision, config.threads, version, judge=True, verdicts=verdicts
+    )
+    run = run_batch(config, model, settings)
+    findings = None
+    if config.recheck_storage:
+        from binsight.recheck.resolve import recount_findings
+        from binsight.recheck.store import LabelStore
+
+        findings = recount_findings(LabelStore(config.recheck_storage), f"audit:{config.out.name}")
+    summary = write_audit(
+        config.out,
+        run,
+        policy.basis,
+        config.review_budget,
+        config.s3_endpoint_url,
+        config.s3_unsigned,
+        recounts=findings,
+    )
+    return AuditOutcome(summary=summary, run=run)

@@ -388,3 +388,19 @@ def read_results(out: Path) -> pa.Table:
     if not files:
         raise BinsightError(f"no results under {out / SHARDS}")
     return pa.concat_tables(pq.read_table(f) for f in files)
+
+
+def model_file(config: BatchConfig) -> tuple[Path, str | None]:
+    """The ONNX file to run, and the registry version name when it came from one."""
+    if config.model is not None:
+        return config.model, None
+    from binsight.registry import fetch_alias
+
+    assert config.registry is not None  # the config validator allows exactly one source
+    return fetch_alias(config.registry, config.alias, None, config.s3_endpoint_url)
+
+
+def predict(config: BatchConfig) -> BatchRun:
+    """`binsight predict`: every photo of the source scored into Parquet shards, resumably."""
+    model, version = model_file(config)
+    return run_batch(config, model, ScorerSettings(config.backend, config.precision, config.threads, version))

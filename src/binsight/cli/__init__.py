@@ -6,46 +6,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from binsight import __version__
 from binsight.cli import batch, data, mlops, recheck, serving, training
-from binsight.cliargs import add_command, config_from_args
-from binsight.errors import BinsightError
+from binsight.cliargs import add_command, dispatch
+from binsight.errors import BinsightError, invalid_settings
 from binsight.utils.redact import install_redaction, redact
 
 log = logging.getLogger("binsight")
-
-
-def _format_validation_error(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "config"
-        problems.append(f"{where}: {error['msg']}")
-    return "invalid configuration: " + "; ".join(problems)
-
-
-class DemoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    out: Path = Field(Path("runs/demo"), description="output directory")
-    n_images: int = Field(1500, ge=100, description="synthetic bin photos to generate")
-    seed: int = Field(0, description="seed of the photos, the split and the training")
-    training: Literal["auto", "fine-tune", "frozen"] = Field(
-        "auto",
-        description="fine-tune the backbone, or train a head on its frozen features (auto: by the CPU)",
-    )
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from binsight.demo import run_demo
-
-    config = config_from_args(args, DemoConfig)
-    run_demo(config.out, n_images=config.n_images, seed=config.seed, training=config.training)
-    return 0
 
 
 # ---------------------------------------------------------------- parser
@@ -61,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
+    from binsight.demo import DemoConfig, run_demo
+
     add_command(
         verbs,
         "demo",
         DemoConfig,
-        _cmd_demo,
+        run_demo,
         help="the whole job on synthetic bins (no network, no GPU)",
         title="demo",
     )
@@ -88,12 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     install_redaction()
     try:
-        return int(args.handler(args) or 0)
+        return dispatch(args)
     except BinsightError as exc:
         print(f"binsight: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except ValidationError as exc:
-        print(f"binsight: error: {redact(_format_validation_error(exc))}", file=sys.stderr)
+        print(f"binsight: error: {redact(str(invalid_settings(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("binsight: interrupted; run the same command again to resume", file=sys.stderr)

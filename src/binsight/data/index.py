@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data.abid import MetadataError, image_id_order, parse_metadata
 from binsight.data.layouts import Entry, Layout, discover
@@ -115,6 +116,26 @@ def _index_row(entry: Entry, base: Path) -> dict[str, Any] | str:
             separators=(",", ":"),
         ),
     }
+
+
+class IndexConfig(BaseModel):
+    """`binsight data index`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(
+        description="photo folder: bucket layout, <count>/<id>.jpg folders, or images/ with labels.csv"
+    )
+    labels: Path | None = Field(None, description="CSV of id,count (default: DATA/labels.csv)")
+    recounts: Path | None = Field(
+        None, description="people's recounts (`binsight recheck export`): they outrank the recorded counts"
+    )
+    out: Path | None = Field(None, description="where index.csv (and then splits/) go (default: DATA)")
+    workers: int | None = Field(None, ge=1, description="parallel readers (default: all cores)")
+
+
+def index_dataset(config: IndexConfig) -> IndexResult:
+    return build_index(config.data, config.workers, config.out, config.labels, config.recounts)
 
 
 def build_index(

@@ -93,6 +93,16 @@ def write_splits(
     return summary
 
 
+class SplitSettings(SplitConfig):
+    """`binsight data split`: the split's settings and the dataset to split."""
+
+    data: Path = Field(description="dataset directory with index.csv")
+
+
+def split_dataset(settings: SplitSettings) -> dict[str, Any]:
+    return write_splits(settings.data, SplitConfig.model_validate(settings.model_dump(exclude={"data"})))
+
+
 def load_split(data_dir: Path, split: str) -> list[dict[str, str]]:
     """The rows of one split (train, val or test) of a dataset, with a hint when it is missing."""
     path = data_dir / SPLIT_DIR / f"{split}.csv"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data.index import load_index
 from binsight.data.split import SPLIT_DIR, SPLITS
@@ -69,6 +70,19 @@ def dataset_stats(
     )
     atomic_write_json(out / "stats.json", stats)
     return stats
+
+
+class StatsConfig(BaseModel):
+    """`binsight data stats`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="dataset directory with index.csv")
+    out: Path | None = Field(None, description="where to write plots (default DATA/stats)")
+
+
+def describe_dataset(config: StatsConfig) -> dict[str, Any]:
+    return dataset_stats(config.data, config.out)
 
 
 def format_stats(stats: dict[str, Any]) -> str:

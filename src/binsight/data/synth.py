@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
@@ -362,3 +363,24 @@ def generate_dataset(root: str | os.PathLike[str], config: SynthConfig) -> int:
                     written += newly
                     progress.update(1)
     return written
+
+
+class SynthSettings(SynthConfig):
+    """`binsight data synth`: the photos' settings and where to write them."""
+
+    out: Path = Field(description="dataset directory to write")
+
+
+@dataclass(frozen=True)
+class Synthesized:
+    out: Path
+    requested: int
+    written: int  # new ones (a re-run writes only what is missing)
+    seconds: float
+
+
+def synthesize(settings: SynthSettings) -> Synthesized:
+    started = time.perf_counter()
+    config = SynthConfig.model_validate(settings.model_dump(exclude={"out"}))
+    written = generate_dataset(settings.out, config)
+    return Synthesized(settings.out, config.n_images, written, time.perf_counter() - started)

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from binsight.card import ModelCard
@@ -390,27 +390,34 @@ def _write_int8(
     )
 
 
-def export(
-    checkpoint_path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    data: str | os.PathLike[str] | None = None,
-    quantize: bool = False,
-    version: str | None = None,
-    verify_images: int = 16,
-    calibration_images: int = 5000,
-    tolerance: float = 1e-4,
-) -> ExportReport:
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="best.pt of a training run")
+    out: Path = Field(description="ONNX file to write")
+    data: Path | None = Field(
+        None, description="dataset for verification and calibration (default: trained on)"
+    )
+    quantize: Literal["int8"] | None = Field(None, description="also write MODEL.int8.onnx")
+    version: str | None = Field(None, description="version string stored in the file")
+    verify_images: int = Field(16, ge=1, le=64, description="validation photos checked against PyTorch")
+    calibration_images: int = Field(
+        5000, ge=1, description="validation photos for the conformal calibration and the drift baseline"
+    )
+    tolerance: float = Field(1e-4, gt=0.0, description="largest ONNX vs PyTorch probability difference")
+
+
+def export(settings: ExportConfig) -> ExportReport:
     """Write the verified ONNX file with everything serving needs inside it: the card, the self-check's
     reference photos, and per engine a conformal calibration and a drift baseline; optionally an int8
     file beside it, marked not for serving when it loses accuracy."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(settings.checkpoint)
     model, config, num_classes = load_model(checkpoint)
-    data_dir = Path(data) if data else Path(config.data)
-    out = Path(out)
+    data_dir = settings.data or Path(config.data)
+    out, verify_images, tolerance = settings.out, settings.verify_images, settings.tolerance
     metadata = {
         "card": _card(checkpoint, config, num_classes).model_dump_json(),
-        "version": version or "",
+        "version": settings.version or "",
         "quantized": "",
         "embedding_dim": str(EMBEDDING_DIM),
     }
@@ -431,11 +438,13 @@ def export(
     )
 
     def describe(path: Path, quantized: bool) -> tuple[Calibrated | None, Baselined | None, dict[str, float]]:
-        return _describe_for_serving(path, data_dir, config, num_classes, calibration_images, quantized)
+        return _describe_for_serving(
+            path, data_dir, config, num_classes, settings.calibration_images, quantized
+        )
 
     report.calibration, report.monitoring_baseline, fp32_accuracy = describe(out, False)
     report.engines = sorted(fp32_accuracy)
-    if quantize:
+    if settings.quantize == "int8":
         if reference is None:
             raise BinsightError(
                 "int8 quantisation needs validation images to calibrate on",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.errors import BinsightError
 from binsight.monitoring.baseline import Baseline, Seen
@@ -191,3 +192,48 @@ def write_report(result: MonitorResult, baseline: Baseline, seen: list[Seen], ou
         save_figure(fig, out / "signals.png")
         report.figure(out / "signals.png", "Baseline against the latest window, per signal")
     report.write(out / "report.html")
+
+
+class MonitorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    capture_dir: Path = Field(description="the server's --capture-dir")
+    model: Path = Field(description="the served ONNX file (it holds the baseline)")
+    out: Path = Field(Path("runs/monitor"), description="output folder")
+    window: int = Field(200, ge=10, description="photos per window")
+    alpha: float = Field(
+        0.01, gt=0.0, lt=1.0, description="chance that a window like the baseline raises an alarm"
+    )
+    fail_on_drift: bool = Field(
+        False, description="exit 3 when the latest window drifted, 4 when too few records to judge"
+    )
+
+
+@dataclass
+class MonitorRun:
+    result: MonitorResult
+    skipped: dict[str, int]
+    model_version: str
+
+
+def run_monitor(config: MonitorConfig) -> MonitorRun:
+    """Captured traffic of the model's own version against its baseline, window by window; writes
+    monitor.json, report.html and the plots."""
+    from binsight.inference.runtime import load_counter
+
+    counter = load_counter(config.model, backend="onnxruntime")
+    if not counter.info.baseline:
+        raise BinsightError(
+            f"{config.model} has no monitoring baseline", hint="export it again with this binsight version"
+        )
+    baseline = Baseline.from_json(counter.info.baseline)
+    capture = read_capture(
+        config.capture_dir,
+        tuple(counter.info.classes),
+        counter.info.version,
+        tuple(name for name in baseline.scalars if name != "confidence"),
+        baseline.embeddings.shape[1],
+    )
+    result = monitor(baseline, capture.seen, config.window, config.alpha)
+    write_report(result, baseline, capture.seen, config.out)
+    return MonitorRun(result, capture.skipped, counter.info.version)

@@ -210,21 +210,27 @@ class Pipeline:
         return Trained(checkpoint=str(self.dir / "train" / "best.pt"), best=summary.best)
 
     def _export(self) -> Exported:
-        from binsight.export.onnx import export
+        from binsight.export.onnx import ExportConfig, export
 
-        report = export(self.dir / "train" / "best.pt", self.dir / "model.onnx", data=self.config.data)
+        report = export(
+            ExportConfig(
+                checkpoint=self.dir / "train" / "best.pt", out=self.dir / "model.onnx", data=self.config.data
+            )
+        )
         return Exported(onnx=report.onnx, max_abs_diff_vs_pytorch=report.max_abs_diff_vs_pytorch)
 
     def _evaluate(self) -> Evaluated:
-        from binsight.training.evaluate import evaluate
+        from binsight.training.evaluate import EvaluateConfig, evaluate
 
         keys = ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "n", "split_fingerprint")
         candidate = evaluate(
-            self.dir / "train" / "best.pt",
-            data=self.config.data,
-            split="test",
-            out=self.dir / "eval-candidate",
-            workers=0,
+            EvaluateConfig(
+                checkpoint=self.dir / "train" / "best.pt",
+                data=self.config.data,
+                split="test",
+                out=self.dir / "eval-candidate",
+                workers=0,
+            )
         )
         result = Evaluated(candidate=SplitMetrics.model_validate(candidate.model_dump(include=set(keys))))
         current = self.registry.alias(self.config.alias)
@@ -232,7 +238,13 @@ class Pipeline:
             version = current.version
             checkpoint = self.registry.fetch(version, "model.pt", self.dir / "production" / "model.pt")
             production = evaluate(
-                checkpoint, data=self.config.data, split="test", out=self.dir / "eval-production", workers=0
+                EvaluateConfig(
+                    checkpoint=checkpoint,
+                    data=self.config.data,
+                    split="test",
+                    out=self.dir / "eval-production",
+                    workers=0,
+                )
             )
             result.production = SplitMetrics.model_validate(production.model_dump(include=set(keys)))
             result.production_version = version
@@ -325,3 +337,8 @@ class Pipeline:
                 "promote": promoted.model_dump(mode="json"),
             },
         )
+
+
+def run_pipeline(config: PipelineConfig) -> PipelineState:
+    """One run of the loop: ingest, train, export, evaluate, decide, register, promote (resumable)."""
+    return Pipeline(config).run()

@@ -38,7 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
@@ -85,6 +87,38 @@ def token_line(name: str, scopes: list[Scope], token: str) -> str:
     if not _NAME.match(name):
         raise BinsightError(f"token name {name!r}: use letters, digits, '_', '.', '@' or '-' (at most 64)")
     return f"{name} {','.join(s.value for s in scopes)} sha256:{digest_of(token).hex()}"
+
+
+class TokenConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["new"] = Field("new", description="new: make a token and add its hash to the file")
+    name: str = Field(description="who holds it (shown in logs and errors), e.g. camera-7")
+    scopes: list[Scope] = Field(
+        default_factory=lambda: [Scope.INVOKE], description="invoke, admin, recheck (comma-separated)"
+    )
+    file: Path = Field(Path("tokens.txt"), description="tokens file to append to (created 0600)")
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    name: str
+    scopes: list[Scope]
+    token: str  # shown once, never stored
+    file: Path
+
+
+def issue_token(config: TokenConfig) -> IssuedToken:
+    """A new token: its hash appended to the tokens file (created private), the token returned once."""
+    token = new_token()
+    line = token_line(config.name, config.scopes, token)
+    existing = config.file.read_text(encoding="utf-8") if config.file.exists() else ""
+    if any(part.split()[:1] == [config.name] for part in existing.splitlines()):
+        raise BinsightError(f"{config.file} already has a token named {config.name!r}")
+    descriptor = os.open(config.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as out:
+        out.write(("" if not existing or existing.endswith("\n") else "\n") + line + "\n")
+    return IssuedToken(config.name, config.scopes, token, config.file)
 
 
 def _parse(text: str, where: str) -> list[_Entry]:

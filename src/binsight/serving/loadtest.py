@@ -16,10 +16,14 @@ import itertools
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from binsight.errors import BinsightError
 
 # Past these the client, not the server, limits what is measured.
 SATURATED_CPU_SHARE = 0.8
@@ -265,3 +269,28 @@ def format_summary(summary: dict[str, Any]) -> str:
             "(use a lower --rate, a C generator such as wrk, or another machine)"
         )
     return "\n".join(lines)
+
+
+class LoadtestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="e.g. http://127.0.0.1:8080/invocations")
+    images: Path = Field(description="folder of .jpg bin photos (or one file)")
+    duration: float = Field(30.0, gt=0.0, description="seconds")
+    concurrency: int = Field(8, ge=1, description="clients in flight (closed loop)")
+    rate: float | None = Field(None, gt=0.0, description="requests/s (open loop) instead")
+    poisson: bool = Field(False, description="open loop: independent callers (exponential gaps)")
+    max_images: int = Field(200, ge=1, description="photos read from --images at most")
+
+
+def loadtest(config: LoadtestConfig) -> dict[str, Any]:
+    """Drive an endpoint with the photos of `config.images`; the summary of `LoadResult`."""
+    folder = config.images
+    files = sorted(folder.glob("*.jpg"))[: config.max_images] if folder.is_dir() else [folder]
+    if not files or not files[0].is_file():
+        raise BinsightError(f"no .jpg images at {folder}", hint="point --images at a folder of bin photos")
+    bodies = [f.read_bytes() for f in files]
+    result = asyncio.run(
+        run_load(config.url, bodies, config.duration, config.concurrency, config.rate, poisson=config.poisson)
+    )
+    return result.summary()

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from binsight.errors import BinsightError
+from binsight.errors import BinsightError, invalid_settings
 from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD
 from binsight.models.backbones import check_arch, normalisation
 from binsight.models.heads import HEADS
@@ -123,6 +123,7 @@ class TrainConfig(BaseModel):
     max_train_batches: int | None = Field(None, ge=1, description="cap per epoch (smoke tests)")
     profile_steps: int = Field(0, ge=0, description="record a torch.profiler trace of N steps")
     tensorboard: bool = Field(True, description="write TensorBoard logs in the run directory")
+    fresh: bool = Field(False, description="start over, ignoring a checkpoint already in --out")
 
     @model_validator(mode="before")
     @classmethod
@@ -186,9 +187,4 @@ def load_config(path: Path | None, overrides: dict[str, object], recipe: str | N
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
-        )
-        raise BinsightError(
-            f"invalid training config: {problems}", hint="see `binsight train --help` for the settings"
-        ) from None
+        raise invalid_settings(exc, hint="see `binsight train --help` for the settings") from None

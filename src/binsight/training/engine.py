@@ -69,9 +69,7 @@ def _fetch_remote_checkpoints(remote: Store, out: Path) -> None:
     log.info("fetched the checkpoints of %s into %s", remote.url, out)
 
 
-def train(
-    config: TrainConfig, fresh: bool = False, on_epoch_end: Callable[[dict[str, Any]], None] | None = None
-) -> TrainSummary:
+def train(config: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
     """Train, validate every epoch, keep the best model; returns the run summary.
 
     `on_epoch_end` sees each epoch's record after its checkpoint is saved; an exception it raises (a
@@ -83,9 +81,9 @@ def train(
         logging.getLogger("binsight").setLevel(logging.WARNING)  # one voice in the log, not N
     try:
         if not context.is_main:
-            return _train(config, context, fresh, on_epoch_end)
+            return _train(config, context, on_epoch_end)
         with exclusive_folder(config.out, "training run"):
-            return _train(config, context, fresh, on_epoch_end)
+            return _train(config, context, on_epoch_end)
     finally:
         shutdown_distributed(context)
 
@@ -93,7 +91,6 @@ def train(
 def _train(
     config: TrainConfig,
     context: DistContext,
-    fresh: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None,
 ) -> TrainSummary:
     device = resolve_device(config.device, context)
@@ -165,11 +162,11 @@ def _train(
     progress = Progress(history=[], best=BestEpoch(metric=config.select_metric))
     last_path = out / "last.pt"
     remote = open_store(config.checkpoint_dir) if config.checkpoint_dir else None
-    if remote is not None and not fresh and not last_path.exists():
+    if remote is not None and not config.fresh and not last_path.exists():
         _fetch_remote_checkpoints(remote, out)
     # Per-rank stream for dropout and augmentation; a resumed run replaces it with the saved state.
     torch.manual_seed(stream_seed(config.seed, context.rank))
-    if last_path.exists() and not fresh:
+    if last_path.exists() and not config.fresh:
         progress = resume(last_path, config, context, model, optimizer, scheduler, precision, monitors)
     elif context.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data.split import fingerprint, load_split
 from binsight.errors import BinsightError
@@ -79,21 +79,36 @@ class Mirrored(torch.nn.Module):
         return output
 
 
-def evaluate(
-    checkpoint_path: str | os.PathLike[str],
-    data: str | os.PathLike[str] | None = None,
-    split: str = "test",
-    out: str | os.PathLike[str] | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    device: str = "auto",
-) -> EvaluationReport:
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="best.pt or last.pt of a training run")
+    data: Path | None = Field(None, description="dataset directory (default: the one trained on)")
+    split: Literal["train", "val", "test"] = Field("test", description="split to evaluate on")
+    out: Path | None = Field(None, description="output directory (default RUN/eval-SPLIT)")
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
+    workers: int = Field(2, ge=0, description="data loader processes")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out or self.checkpoint.parent / f"eval-{self.split}"
+
+
+def evaluate(settings: EvaluateConfig) -> EvaluationReport:
+    """A checkpoint on a split: metrics.json, the confusion matrix and curves as PNG, report.html."""
+    checkpoint_path, split, batch_size, workers = (
+        settings.checkpoint,
+        settings.split,
+        settings.batch_size,
+        settings.workers,
+    )
     checkpoint = load_checkpoint(checkpoint_path)
     model, config, num_classes = load_model(checkpoint)
-    data_dir = Path(data) if data else Path(config.data)
-    out_dir = Path(out) if out else Path(checkpoint_path).parent / f"eval-{split}"
+    data_dir = settings.data or Path(config.data)
+    out_dir = settings.out_dir
     context = DistContext()
-    torch_device = resolve_device(device, context)
+    torch_device = resolve_device(settings.device, context)
     model.to(torch_device)
     rows = load_split(data_dir, split)
     dataset = BinDataset(

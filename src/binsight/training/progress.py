@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = {
     "profile_steps",
     "tensorboard",
     "cache",
+    "fresh",
 }
 
 

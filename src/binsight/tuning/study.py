@@ -27,7 +27,8 @@ from binsight.errors import BinsightError
 from binsight.reporting.html import HtmlReport
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.metrics import Metric
-from binsight.utils.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from binsight.utils.io import atomic_write_csv, atomic_write_text
+from binsight.utils.records import JsonRecord
 from binsight.utils.redact import SecretUrl, redact
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,20 @@ def _open_study(config: TuneConfig) -> optuna.Study:
     raise AssertionError("unreachable")
 
 
-def tune(config: TuneConfig) -> dict[str, Any]:
+class TuneSummary(JsonRecord):
+    """`summary.json`: the study's trials and its best so far (storage shown without its password)."""
+
+    study: str
+    storage: str
+    trials: int
+    states: dict[str, int]
+    best_value: float | None = None
+    best_params: dict[str, Any] | None = None
+    best_trial: int | None = None
+    best_config: str | None = None
+
+
+def tune(config: TuneConfig) -> TuneSummary:
     config.out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(config)
@@ -218,39 +232,32 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def write_results(study: optuna.Study, config: TuneConfig) -> dict[str, Any]:
+def write_results(study: optuna.Study, config: TuneConfig) -> TuneSummary:
     rows = trial_rows(study)
     columns = sorted(
         {c for row in rows for c in row}, key=lambda c: (not c.startswith(("number", "state", "value")), c)
     )
     atomic_write_csv(config.out / "results.csv", rows, columns)
-    states = dict(Counter(row["state"] for row in rows))
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    summary: dict[str, Any] = {
-        "study": study.study_name,
-        "storage": config.shown_storage(),
-        "trials": len(rows),
-        "states": states,
-    }
-    if not completed:
-        atomic_write_json(config.out / "summary.json", summary)
-        return summary
-    best = study.best_trial
-    best_config = trial_config(optuna.trial.FixedTrial(best.params, best.number), config)
-    best_config = best_config.model_copy(update={"out": config.out / "best-model"})
-    atomic_write_text(config.out / "best_config.json", best_config.model_dump_json(indent=2))
-    summary.update(
-        best_value=best.value,
-        best_params=best.params,
-        best_trial=best.number,
-        best_config=str(config.out / "best_config.json"),
+    summary = TuneSummary(
+        study=study.study_name,
+        storage=config.shown_storage(),
+        trials=len(rows),
+        states=dict(Counter(row["state"] for row in rows)),
     )
-    atomic_write_json(config.out / "summary.json", summary)
-    _report(study, config, summary)
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        best = study.best_trial
+        best_config = trial_config(optuna.trial.FixedTrial(best.params, best.number), config)
+        best_config = best_config.model_copy(update={"out": config.out / "best-model"})
+        atomic_write_text(config.out / "best_config.json", best_config.model_dump_json(indent=2))
+        summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number
+        summary.best_config = str(config.out / "best_config.json")
+    summary.write(config.out / "summary.json")
+    if summary.best_value is not None:
+        _report(study, config, summary)
     return summary
 
 
-def _report(study: optuna.Study, config: TuneConfig, summary: dict[str, Any]) -> None:
+def _report(study: optuna.Study, config: TuneConfig, summary: TuneSummary) -> None:
     import warnings
 
     from optuna.visualization import matplotlib as optuna_plots
@@ -259,10 +266,10 @@ def _report(study: optuna.Study, config: TuneConfig, summary: dict[str, Any]) ->
 
     report = HtmlReport(f"binsight tune: {study.study_name}")
     report.paragraph(
-        f"{summary['trials']} trials ({summary['states']}); best {config.metric} "
-        f"{summary['best_value']:.4f} (trial {summary['best_trial']}) with {summary['best_params']}."
+        f"{summary.trials} trials ({summary.states}); best {config.metric} "
+        f"{summary.best_value:.4f} (trial {summary.best_trial}) with {summary.best_params}."
     )
-    report.paragraph(f"Train it: binsight train --config {summary['best_config']}")
+    report.paragraph(f"Train it: binsight train --config {summary.best_config}")
     plots: dict[str, Callable[[optuna.Study], Any]] = {
         "optimization_history": optuna_plots.plot_optimization_history,
         "intermediate_values": optuna_plots.plot_intermediate_values,
