@@ -24,7 +24,7 @@ import numpy as np
 
 from binsight.data.split import load_split
 from binsight.export.onnx import ExportConfig, export
-from binsight.imaging import decode_image, to_model_input
+from binsight.imaging import Preprocess
 from binsight.inference.runtime import load_counter
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
@@ -43,12 +43,7 @@ def nncf_python(venv: Path) -> Path:
 def preprocessed(model: Path, data: Path, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
     info = load_counter(model, backend="onnxruntime").info
     rows = load_split(data, split)[:limit]
-    images = np.stack(
-        [
-            to_model_input(decode_image(data / r["image"], info.input_hw), info.input_hw, info.mean, info.std)
-            for r in rows
-        ]
-    )
+    images = np.stack([Preprocess.from_card(info.card)(data / r["image"]) for r in rows])
     return images.astype(np.float32), np.array([int(r["count"]) for r in rows])
 
 

@@ -41,7 +41,7 @@ import torch
 from binsight.cpu import cpu_features
 from binsight.data.split import load_split
 from binsight.export.onnx import ExportConfig, export
-from binsight.imaging import decode_image, to_model_input
+from binsight.imaging import Preprocess
 from binsight.inference.runtime import load_counter
 from binsight.serving.config import Backend, Precision
 from binsight.serving.loadtest import run_load
@@ -178,7 +178,8 @@ def test_inputs(
     data: Path, hw: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     rows = load_split(data, "test")
-    pixels = np.stack([to_model_input(decode_image(str(data / r["image"]), hw), hw, mean, std) for r in rows])
+    preprocess = Preprocess(hw, mean, std)
+    pixels = np.stack([preprocess(data / r["image"]) for r in rows])
     return pixels, np.array([int(r["count"]) for r in rows])
 
 

@@ -106,8 +106,8 @@ def main() -> None:
             dataset = BinDataset(
                 data,
                 rows,
-                train_transform(args.image_size, 1.0),
-                args.image_size,
+                train_transform(config.preprocess, 1.0, "hv"),
+                config.preprocess,
                 6,
                 cache_path(data, "train", rows, args.image_size) if cache else None,
             )

@@ -22,7 +22,7 @@ from PIL import Image
 
 from binsight.batch.run import read_results
 from binsight.cli import main
-from binsight.imaging import decode_image, to_model_input
+from binsight.imaging import Preprocess
 from binsight.inference.runtime import load_counter
 from binsight.utils.io import read_csv
 from tests.conftest import BUCKET, make_public, s3_client, unused_loopback_port
@@ -85,8 +85,7 @@ def test_predict_over_a_prefix_matches_the_server_path_and_resumes(
     info = counter.info
     rows = table.to_pylist()
     for row in rows[:-1]:
-        image = decode_image(bodies[row["image"]], info.input_hw)
-        expected = counter.predict(to_model_input(image, info.input_hw, info.mean, info.std)[None])[0]
+        expected = counter.predict(Preprocess.from_card(info.card)(bodies[row["image"]])[None])[0]
         np.testing.assert_allclose(row["probabilities"], expected, atol=1e-5)
         assert row["predicted_count"] == info.classes[int(np.argmax(expected))] and row["problem"] == ""
     broken = rows[-1]

@@ -17,7 +17,7 @@ from PIL import Image
 from binsight.cli import main
 from binsight.data.index import build_index
 from binsight.errors import BinsightError
-from binsight.imaging import decode_image, to_model_input
+from binsight.imaging import Preprocess
 from binsight.models import lite
 from binsight.models.backbones import build_backbone, normalisation
 from binsight.models.heads import CountHead, neighbour_targets
@@ -47,7 +47,7 @@ def test_packaged_lite_weights_classify_a_natural_photo(arch: str) -> None:
     classifier.load_state_dict({"weight": state["classifier.weight"], "bias": state["classifier.bias"]})
     size = lite.LITE_WEIGHTS[arch].native_size
     mean, std = normalisation(arch)
-    image = to_model_input(decode_image(str(GRACE_HOPPER), size), size, mean, std)
+    image = Preprocess((size, size), mean, std)(GRACE_HOPPER)
     with torch.no_grad():
         probabilities = classifier(model.eval()(torch.from_numpy(image)[None])).softmax(dim=1)[0]
     assert int(probabilities.argmax()) == MILITARY_UNIFORM
@@ -146,19 +146,28 @@ def test_neighbour_smoothing_moves_mass_to_adjacent_counts_only() -> None:
     assert head.loss(outputs, torch.tensor([0, 2, 4]), neighbour_smoothing=0.2) > 0
 
 
-def test_non_square_inputs_match_between_evaluation_and_serving() -> None:
+def test_training_evaluation_serving_and_batch_see_the_same_pixels(tmp_path: Path) -> None:
+    """One `Preprocess` everywhere: on a non-square photo the four paths agree to float rounding."""
+    from binsight.batch.stages import fetch_and_decode
+    from binsight.monitoring.baseline import observe_photo
+
     data = jpeg(470, 346, seed=1)  # ABID's median photo shape
-    size = (224, 304)
+    (tmp_path / "bin.jpg").write_bytes(data)
     mean, std = normalisation("efficientnet_lite0")
-    served = to_model_input(decode_image(data, size), size, mean, std)
-    evaluated = eval_transform(size, mean, std)(decode_image(data, size)).numpy()
-    assert served.shape == evaluated.shape == (3, 224, 304)
-    np.testing.assert_allclose(served, evaluated, atol=1e-5)
-    augmented = train_transform(size, 1.0, "hv", mean, std)(decode_image(data, size))
+    preprocess = Preprocess((224, 304), mean, std)
+    served = observe_photo(data, preprocess).pixels  # the server's path, signals observed on the way
+    evaluated = eval_transform(preprocess)(preprocess.decode(data)).numpy()
+    plain = train_transform(preprocess, 0.0, "none")(preprocess.decode(data)).numpy()  # no augmentation
+    batch = fetch_and_decode(
+        {"row": [0], "image": [str(tmp_path / "bin.jpg")], "recorded": [-1], "record_source": [""]},
+        preprocess=preprocess,
+    )
+    batched = preprocess.normalise(batch["pixels"])[0]
+    assert served.shape == evaluated.shape == plain.shape == batched.shape == (3, 224, 304)
+    for other in (evaluated, plain, batched, preprocess(data)):
+        np.testing.assert_allclose(other, served, atol=1e-6)
+    augmented = train_transform(preprocess, 1.0, "hv")(preprocess.decode(data))
     assert augmented.shape == (3, 224, 304)
-    # Without augmentation, training sees the served pixels too.
-    plain = train_transform(size, 0.0, "none", mean, std)(decode_image(data, size)).numpy()
-    np.testing.assert_allclose(plain, served, atol=1e-6)
 
 
 def test_the_abid_recipe_loads_and_flags_override_it() -> None:

@@ -29,7 +29,7 @@ from binsight.card import ModelCard
 from binsight.cli import main
 from binsight.errors import BinsightError
 from binsight.export.onnx import ExportConfig, export
-from binsight.imaging import decode_image, to_model_input
+from binsight.imaging import Preprocess
 from binsight.inference import engines
 from binsight.inference.runtime import OnnxCounter, load_counter
 from binsight.serving.app import create_app
@@ -128,7 +128,7 @@ def test_engines_agree_and_the_choice_is_explained(
 def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dict) -> None:
     jpeg = images(trained, 1)[0]
     counter = OnnxCounter(trained["onnx_a"])
-    expected = counter.predict(to_model_input(decode_image(jpeg, 32), 32)[None])[0]
+    expected = counter.predict(Preprocess((32, 32))(jpeg)[None])[0]
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(png, "PNG")
     b64 = base64.b64encode(jpeg).decode()

@@ -1,18 +1,21 @@
-"""Image decoding and model-input preparation shared by training, evaluation and the server.
+"""Image decoding and model-input preparation: `Preprocess`, the one definition every stage uses.
 
-Evaluation and serving must see identical pixels, so both go through `decode_image` (JPEG draft mode)
-and a Pillow bilinear resize to the model's input size. Inputs need not be square: a size is either
-one side (a square) or (height, width), the order tensors use.
+Inputs need not be square: a size is either one side (a square) or (height, width), the order
+tensors use.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
+
+from binsight.card import ModelCard
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,14 +102,46 @@ def resize_to(image: Image.Image, size: Size) -> Image.Image:
     return image.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def to_model_input(
-    image: Image.Image,
-    size: Size,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> np.ndarray:
-    """CHW float32, normalised: what the exported model takes (one image of a batch)."""
-    return normalise(np.asarray(resize_to(image, size)), mean, std)
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model sees a photo, defined once: decode (magic-byte check, JPEG draft mode), squash to
+    the input size with Pillow's bilinear resize, scale to 0-1 and normalise. Training (before its
+    augmentation), evaluation, export's reference photos, the server and batch runs all call this, so
+    a model sees the same numbers everywhere (tests/test_real_photo_pieces.py holds them equal)."""
+
+    input_hw: tuple[int, int]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def from_card(cls, card: ModelCard) -> Preprocess:
+        return cls(card.input_hw, tuple(card.mean), tuple(card.std))
+
+    def decode(
+        self,
+        source: str | os.PathLike[str] | bytes | BinaryIO,
+        max_pixels: int | None = None,
+        observe: Callable[[Image.Image], None] | None = None,
+    ) -> Image.Image:
+        """The photo as RGB, decoded at the smallest JPEG scale still covering the input. `observe`
+        sees the opened file before decoding (the monitoring signals read its size and JPEG quality)."""
+        image = open_image(source, max_pixels)
+        if observe is not None:
+            observe(image)
+        return draft_rgb(image, self.input_hw)
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """HWC uint8 RGB at the input size: what caches and the batch decode stage keep."""
+        return np.asarray(resize_to(image, self.input_hw))
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 HWC (or NHWC) -> float32 CHW (or NCHW), the exported graph's input."""
+        return normalise(pixels, self.mean, self.std)
+
+    def __call__(
+        self, source: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int | None = None
+    ) -> np.ndarray:
+        return self.normalise(self.pixels(self.decode(source, max_pixels)))
 
 
 def normalise(

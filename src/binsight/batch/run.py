@@ -28,6 +28,7 @@ from binsight.batch.config import BatchConfig
 from binsight.batch.sources import NO_RECORD, Manifest, list_source
 from binsight.batch.stages import Batch, Scorer, ScorerSettings, fetch_and_decode
 from binsight.errors import BinsightError
+from binsight.imaging import Preprocess
 from binsight.inference.runtime import LoadedModel, model_info
 from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder, sha256_file
 from binsight.utils.progress import bar
@@ -212,7 +213,7 @@ def score_photos(
     """Probabilities for each photo (NaN rows where it could not be read) and the problems, in memory:
     for evaluations over a split, where shards and resumption are not wanted."""
     manifest = Manifest(images, [NO_RECORD] * len(images), [""] * len(images))
-    decode_kwargs = _decode_kwargs(counter.info.input_hw, endpoint_url, unsigned)
+    decode_kwargs = _decode_kwargs(Preprocess.from_card(counter.info.card), endpoint_url, unsigned)
     probabilities = np.full((len(images), len(counter.info.classes)), np.nan, dtype=np.float32)
     problems: list[str | None] = [None] * len(images)
     scorer = Scorer(counter, ScorerSettings())
@@ -226,7 +227,7 @@ def score_photos(
 
 
 def _decode_kwargs(
-    input_hw: tuple[int, int],
+    preprocess: Preprocess,
     endpoint_url: str | None,
     unsigned: bool,
     threads: int = 16,
@@ -237,7 +238,7 @@ def _decode_kwargs(
     if config is not None:
         limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
     return {
-        "input_hw": input_hw,
+        "preprocess": preprocess,
         "endpoint_url": endpoint_url,
         "unsigned": unsigned,
         "threads": threads,
@@ -261,7 +262,7 @@ def _quiet_ray_data() -> None:
 
 
 def _on_ray(
-    pending: pa.Table, config: BatchConfig, model: Path, settings: ScorerSettings, input_hw: tuple[int, int]
+    pending: pa.Table, config: BatchConfig, model: Path, settings: ScorerSettings, preprocess: Preprocess
 ) -> Iterator[Batch]:
     try:
         import ray
@@ -293,7 +294,7 @@ def _on_ray(
     decoded = ray.data.from_arrow(blocks).map_batches(
         fetch_and_decode,  # type: ignore[arg-type]  # Ray's stubs omit keyword-only fn_kwargs
         fn_kwargs=_decode_kwargs(
-            input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads, config
+            preprocess, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads, config
         ),
         batch_size=config.batch_size,
         batch_format="numpy",
@@ -301,7 +302,8 @@ def _on_ray(
         # What a task holds at once (photos as fetched, then pixels), so Ray does not pack more on a node
         # than fits. It also keeps Ray from fusing this stage into the model's actors (it fuses stages
         # whose resource requests match), which would leave decoding to the few model replicas.
-        memory=_WORKER_BYTES + config.batch_size * (_FETCHED_PHOTO_BYTES + 3 * input_hw[0] * input_hw[1]),
+        memory=_WORKER_BYTES
+        + config.batch_size * (_FETCHED_PHOTO_BYTES + 3 * preprocess.input_hw[0] * preprocess.input_hw[1]),
     )
     scored = decoded.map_batches(
         Scorer,
@@ -350,12 +352,16 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
         if config.ray is None:
             scorer = Scorer(str(model), settings)
             decode_kwargs = _decode_kwargs(
-                info.input_hw, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads, config
+                Preprocess.from_card(info.card),
+                config.s3_endpoint_url,
+                config.s3_unsigned,
+                config.fetch_threads,
+                config,
             )
             batches = _in_process(pending, scorer, decode_kwargs, config.batch_size)
             executor = "in process"
         else:
-            batches = _on_ray(pending, config, model, settings, info.input_hw)
+            batches = _on_ray(pending, config, model, settings, Preprocess.from_card(info.card))
             executor = f"ray ({config.ray}), {config.replicas} model replica(s)"
         with bar(pending.num_rows, "scoring", unit="photo") as progress:
             for batch in batches:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from binsight.batch.sources import NO_RECORD
-from binsight.imaging import decode_image, normalise, resize_to
+from binsight.imaging import Preprocess
 from binsight.inference.engines import Backend, Precision
 from binsight.inference.runtime import LoadedModel, load_counter
 from binsight.inference.verdict import VerdictSettings, judge
@@ -44,7 +44,7 @@ def _recorded_from(uri: str, endpoint_url: str | None, unsigned: bool) -> int:
 def fetch_and_decode(
     batch: Batch,
     *,
-    input_hw: tuple[int, int],
+    preprocess: Preprocess,
     endpoint_url: str | None = None,
     unsigned: bool = False,
     threads: int = 16,
@@ -56,7 +56,7 @@ def fetch_and_decode(
     Threads overlap the S3 round trips; Pillow releases the GIL while it decodes."""
     images, sources = batch["image"], batch["record_source"]
     recorded = np.asarray(batch["recorded"], dtype=np.int64).copy()
-    height, width = input_hw
+    height, width = preprocess.input_hw
     pixels = np.zeros((len(images), height, width, 3), dtype=np.uint8)
     problems = [""] * len(images)
 
@@ -69,8 +69,7 @@ def fetch_and_decode(
                 return
         try:
             data = read_source(str(images[index]), endpoint_url, unsigned, max_bytes)
-            image = decode_image(data, input_hw, max_pixels=max_pixels)
-            pixels[index] = np.asarray(resize_to(image, input_hw))
+            pixels[index] = preprocess.pixels(preprocess.decode(data, max_pixels))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError) as exc:
             problems[index] = f"unreadable: {printable(_OBJECT_REPR.sub('the image', str(exc)))[:300]}"
 
@@ -127,6 +126,7 @@ class Scorer:
         info = self.counter.info
         self.settings = settings
         self.policy = settings.verdicts.policy(info.calibration)
+        self.preprocess = Preprocess.from_card(info.card)
         self.classes = np.asarray(info.classes, dtype=np.int64)
 
     def __call__(self, batch: Batch) -> Batch:
@@ -138,7 +138,7 @@ class Scorer:
         predicted = np.full(rows, -1, dtype=np.int64)
         confidence = np.full(rows, np.nan, dtype=np.float32)
         if len(good):
-            inputs = normalise(np.asarray(batch["pixels"])[good], info.mean, info.std)
+            inputs = self.preprocess.normalise(np.asarray(batch["pixels"])[good])
             probabilities[good] = self.counter.predict(inputs)
             predicted[good] = self.classes[probabilities[good].argmax(1)]
             confidence[good] = probabilities[good].max(1)

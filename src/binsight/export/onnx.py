@@ -25,7 +25,7 @@ from binsight.card import ModelCard
 from binsight.cpu import native_bf16
 from binsight.data.split import load_split
 from binsight.errors import BinsightError
-from binsight.imaging import Size, as_hw, decode_image, normalise, resize_to
+from binsight.imaging import Size, as_hw
 from binsight.inference.conformal import Calibration
 from binsight.inference.engines import RuntimeChoice
 from binsight.inference.runtime import META_PREFIX, LoadedModel, OnnxCounter, OpenVinoCounter
@@ -136,8 +136,7 @@ def _sample_inputs(
     data_dir: Path, split: str, config: TrainConfig, num_classes: int, limit: int
 ) -> tuple[np.ndarray, np.ndarray]:
     rows = load_split(data_dir, split)[:limit]
-    size = config.input_hw
-    dataset = BinDataset(data_dir, rows, eval_transform(size, *config.mean_std), size, num_classes)
+    dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
     images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
     return images, dataset.counts[: len(images)]
 
@@ -186,8 +185,7 @@ def _describe_for_serving(
         rows = []
     if not rows:
         return None, None, {}
-    size = config.input_hw
-    dataset = BinDataset(data_dir, rows, eval_transform(size, *config.mean_std), size, num_classes)
+    dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
     targets = np.minimum(dataset.counts[: len(dataset)], num_classes - 1)
     entries: dict[str, str] = {}
     accuracy: dict[str, float] = {}
@@ -306,18 +304,18 @@ def reference_set(
         rows = load_split(data_dir, "val")[:photos]
     except BinsightError:
         return None
-    size = config.input_hw
+    preprocess = config.preprocess
     pixels = []
     for row in rows:
         try:
-            pixels.append(np.asarray(resize_to(decode_image(data_dir / row["image"], size), size)))
+            pixels.append(preprocess.pixels(preprocess.decode(data_dir / row["image"])))
         except (OSError, SyntaxError, ValueError):
             continue
     if not pixels:
         return None
     stacked = np.stack(pixels)
     with torch.no_grad():
-        inputs = torch.from_numpy(normalise(stacked, *config.mean_std))
+        inputs = torch.from_numpy(preprocess.normalise(stacked))
         probabilities = ProbabilityModel(model).eval()(inputs)[0].numpy()
     return ReferenceSet(stacked, probabilities.astype(np.float64))
 
@@ -424,7 +422,7 @@ def export(settings: ExportConfig) -> ExportReport:
     reference = reference_set(model, data_dir, config, verify_images)
     if reference is not None:
         metadata["reference"] = reference.to_json()
-        check = normalise(reference.pixels, *config.mean_std)
+        check = config.preprocess.normalise(reference.pixels)
     else:  # no validation photos at hand: verify on random inputs
         check = np.random.default_rng(0).normal(size=(verify_images, 3, *config.input_hw)).astype(np.float32)
     size_bytes, max_diff = _write_verified(model, out, metadata, check, tolerance)

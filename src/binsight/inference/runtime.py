@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from binsight.card import ModelCard
 from binsight.errors import BinsightError
+from binsight.imaging import Preprocess
 from binsight.inference.engines import Backend, Precision, RuntimeChoice, choose_runtime
 from binsight.inference.selfcheck import ReferenceSet, SelfCheck, run_self_check
 
@@ -296,8 +297,7 @@ def _open(path: Path, threads: int | None, version: str | None, choice: RuntimeC
         counter.check = run_self_check(
             counter.predict,
             ReferenceSet.from_json(info.reference),
-            info.mean,
-            info.std,
+            Preprocess.from_card(info.card),
             counter.runtime.backend,
             counter.runtime.precision,
         )

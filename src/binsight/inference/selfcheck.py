@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from binsight.imaging import normalise
+from binsight.imaging import Preprocess
 
 
 @dataclass(frozen=True)
@@ -88,15 +88,10 @@ class SelfCheck:
 
 
 def run_self_check(
-    predict: object,
-    reference: ReferenceSet,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    engine: str,
-    precision: str,
+    predict: object, reference: ReferenceSet, preprocess: Preprocess, engine: str, precision: str
 ) -> SelfCheck:
     """`predict`: the engine's (N, 3, H, W) float32 -> (N, classes) probabilities."""
-    inputs = normalise(reference.pixels, mean, std)
+    inputs = preprocess.normalise(reference.pixels)
     got = np.asarray(predict(inputs), dtype=np.float64)  # type: ignore[operator]
     expected = reference.probabilities
     agreement = float((got.argmax(1) == expected.argmax(1)).mean())

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from binsight.errors import BinsightError
-from binsight.imaging import draft_rgb, normalise, open_image, resize_to
+from binsight.imaging import Preprocess
 from binsight.monitoring.signals import SCALAR_SIGNALS, jpeg_quality, photo_signals
 
 if TYPE_CHECKING:
@@ -31,20 +32,21 @@ class Observation:
     height: int
 
 
-def observe_photo(
-    data: bytes,
-    info_hw: tuple[int, int],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    max_pixels: int | None = None,
-) -> Observation:
-    """Decode and prepare one photo exactly as the server does, measuring its signals on the way."""
-    image = open_image(data, max_pixels=max_pixels)
-    width, height = image.size
-    quality = jpeg_quality(image)
-    rgb = np.asarray(resize_to(draft_rgb(image, info_hw), info_hw))
+def observe_photo(data: bytes, preprocess: Preprocess, max_pixels: int | None = None) -> Observation:
+    """Decode and prepare one photo exactly as the model takes it (`Preprocess`), measuring its signals
+    on the way: the monitoring is an observer of the decode, not a second one."""
+    opened: dict[str, Any] = {}
+
+    def observe(image: Image.Image) -> None:
+        opened.update(size=image.size, quality=jpeg_quality(image))
+
+    rgb = preprocess.pixels(preprocess.decode(data, max_pixels, observe))
+    width, height = opened["size"]
     return Observation(
-        normalise(rgb, mean, std), photo_signals(rgb, width, height, len(data), quality), width, height
+        preprocess.normalise(rgb),
+        photo_signals(rgb, width, height, len(data), opened["quality"]),
+        width,
+        height,
     )
 
 
@@ -112,7 +114,7 @@ def observe_photos(counter: LoadedModel, datas: list[bytes], batch_size: int = 3
         observed = []
         for data in datas[start : start + batch_size]:
             try:
-                observed.append(observe_photo(data, info.input_hw, info.mean, info.std))
+                observed.append(observe_photo(data, Preprocess.from_card(info.card)))
             except (OSError, SyntaxError, ValueError):
                 continue
         if not observed:

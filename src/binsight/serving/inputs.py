@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from binsight.imaging import ImageTooLargeError, UnsupportedImageError, open_image
+from binsight.imaging import ImageTooLargeError, Preprocess, UnsupportedImageError, open_image
 from binsight.inference.runtime import LoadedModel
 from binsight.monitoring.baseline import observe_photo
 from binsight.utils.redact import redact
@@ -148,7 +148,7 @@ class RequestInputs:
             raise RequestError(400, "empty_image", "the image is empty (0 bytes)")
         info = model.info
         try:
-            observed = observe_photo(data, info.input_hw, info.mean, info.std, self.config.max_image_pixels)
+            observed = observe_photo(data, Preprocess.from_card(info.card), self.config.max_image_pixels)
         except (ImageTooLargeError, Image.DecompressionBombError) as exc:
             raise RequestError(413, "image_too_large", _clean(str(exc))) from None
         except (UnsupportedImageError, UnidentifiedImageError):

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from binsight.data.split import fingerprint
-from binsight.imaging import normalise
 from binsight.models.heads import CountingModel
 from binsight.training.config import TrainConfig
 from binsight.training.data import build_cache, cache_path
@@ -131,14 +130,14 @@ def feature_cache(
     data_dir = Path(config.data)
     pixels = build_cache(
         [str(data_dir / r["image"]) for r in rows],
-        config.input_hw,
+        config.preprocess,
         cache_path(data_dir, split, rows, config.input_hw),
     )
     folder = data_dir / ".cache" / f"features-{_key(config, frozen, split, rows)}"
     folder.mkdir(parents=True, exist_ok=True)
     progress_file = folder / "progress.json"
     done: dict[str, int] = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-    sample = backbone.prefix(torch.from_numpy(normalise(pixels[:1], *config.mean_std)), frozen)
+    sample = backbone.prefix(torch.from_numpy(config.preprocess.normalise(pixels[:1])), frozen)
     shape = (len(rows), *sample.shape[1:])
     arrays: dict[str, np.ndarray] = {}
     for view in views:
@@ -152,7 +151,7 @@ def feature_cache(
                 for first in range(start, len(rows), batch_size):
                     chunk = np.ascontiguousarray(VIEWS[view](np.asarray(pixels[first : first + batch_size])))
                     with precision.autocast():
-                        out = backbone.prefix(torch.from_numpy(normalise(chunk, *config.mean_std)), frozen)
+                        out = backbone.prefix(torch.from_numpy(config.preprocess.normalise(chunk)), frozen)
                     array[first : first + len(chunk)] = out.float().numpy().astype(np.float16)
                     array.flush()
                     done[view] = first + len(chunk)

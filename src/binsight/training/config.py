@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from binsight.errors import BinsightError, invalid_settings
-from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD
+from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from binsight.models.backbones import check_arch, normalisation
 from binsight.models.heads import HEADS
 from binsight.training.metrics import Metric
@@ -150,6 +150,11 @@ class TrainConfig(BaseModel):
     @property
     def input_hw(self) -> tuple[int, int]:
         return self.image_size, self.image_width or self.image_size
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How this model sees a photo, the same in training, evaluation, export and serving."""
+        return Preprocess(self.input_hw, *self.mean_std)
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from binsight.errors import BinsightError
-from binsight.imaging import Size, as_hw, decode_image, normalise, resize_to
+from binsight.imaging import Preprocess, Size, as_hw
 from binsight.training.config import TrainConfig
 from binsight.training.distributed import DistContext
 from binsight.utils.progress import track
@@ -34,14 +34,14 @@ Loader = DataLoader[tuple[torch.Tensor, int, int]]
 Stats = tuple[float, ...]
 
 
-def train_transform(size: Size, strength: float, flip: str, mean: Stats, std: Stats) -> v2.Compose:
+def train_transform(preprocess: Preprocess, strength: float, flip: str) -> v2.Compose:
     """Augmentation that keeps every item in view, or the label would be wrong: the photo is first
     resized to the model's input (as in evaluation, so the cached and uncached paths see the same
     pixels), then zoomed *out* a little (never in, beyond a 2% shift), flipped, and jittered in
     brightness, contrast and saturation for lighting and camera changes. A flip never changes a count.
     No hue jitter: the lighting is fixed, and its HSV round trip would double the loader's CPU time
     per image (measured 3.5 vs 1.6 ms at 224 px), which on a small CPU is taken from the model."""
-    steps: list[v2.Transform | FixedResize | Normalised] = [FixedResize(size), v2.ToImage()]
+    steps: list[v2.Transform | FixedResize | Normalised] = [FixedResize(preprocess), v2.ToImage()]
     if strength > 0:
         steps.append(
             v2.RandomAffine(
@@ -62,35 +62,36 @@ def train_transform(size: Size, strength: float, flip: str, mean: Stats, std: St
                 saturation=0.25 * strength,
             )
         )
-    steps.append(Normalised(mean, std))
+    steps.append(Normalised(preprocess))
     return v2.Compose(steps)
 
 
 class FixedResize:
-    """A picklable transform (loader workers may be spawned) wrapping binsight.imaging.resize_to."""
+    """The first step of every transform: `Preprocess.pixels` (picklable: loader workers may be
+    spawned)."""
 
-    def __init__(self, size: Size) -> None:
-        self.size = size
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return resize_to(image, self.size)
+        return Image.fromarray(self.preprocess.pixels(image))
 
 
 class Normalised:
-    """The last step of every transform: binsight.imaging.normalise, the function the server and batch
-    runs apply, so a model sees the same numbers in training, evaluation and production."""
+    """The last step of every transform: `Preprocess.normalise`, what the server and batch runs
+    apply, so a model sees the same numbers in training, evaluation and production."""
 
-    def __init__(self, mean: Stats, std: Stats) -> None:
-        self.mean, self.std = mean, std
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
 
     def __call__(self, image: torch.Tensor | Image.Image) -> torch.Tensor:
         pixels = np.asarray(image) if isinstance(image, Image.Image) else image.permute(1, 2, 0).numpy()
-        return torch.from_numpy(normalise(pixels, self.mean, self.std))
+        return torch.from_numpy(self.preprocess.normalise(pixels))
 
 
-def eval_transform(size: Size, mean: Stats, std: Stats) -> v2.Compose:
-    """Exactly the serving path (imaging.to_model_input): Pillow's resize, then `normalise`."""
-    return v2.Compose([FixedResize(size), Normalised(mean, std)])
+def eval_transform(preprocess: Preprocess) -> v2.Compose:
+    """Exactly the serving path: `Preprocess` without augmentation."""
+    return v2.Compose([FixedResize(preprocess), Normalised(preprocess)])
 
 
 class BinDataset(Dataset[tuple[torch.Tensor, int, int]]):
@@ -105,7 +106,7 @@ class BinDataset(Dataset[tuple[torch.Tensor, int, int]]):
         data_dir: Path,
         rows: list[dict[str, str]],
         transform: v2.Compose,
-        size: Size,
+        preprocess: Preprocess,
         num_classes: int,
         cache_file: Path | None = None,
     ) -> None:
@@ -122,10 +123,10 @@ class BinDataset(Dataset[tuple[torch.Tensor, int, int]]):
             )
         self.targets = np.minimum(self.counts, num_classes - 1)
         self.transform = transform
-        self.size = size
+        self.preprocess = preprocess
         self.cache: np.ndarray | None = None
         if cache_file is not None:
-            self.cache = build_cache(self.paths, size, cache_file)
+            self.cache = build_cache(self.paths, preprocess, cache_file)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,7 +135,7 @@ class BinDataset(Dataset[tuple[torch.Tensor, int, int]]):
         if self.cache is not None:
             return Image.fromarray(self.cache[index])
         try:
-            return decode_image(self.paths[index], self.size)
+            return self.preprocess.decode(self.paths[index])
         except (OSError, SyntaxError) as exc:
             raise BinsightError(
                 f"cannot decode {self.paths[index]}: {exc}",
@@ -151,9 +152,9 @@ def cache_path(data_dir: Path, split: str, rows: list[dict[str, str]], size: Siz
     return data_dir / ".cache" / f"{split}-{height}x{width}px-{digest}.npy"
 
 
-def build_cache(paths: list[str], size: Size, target: Path) -> np.ndarray:
-    """Decode and resize every image once into a memory-mapped uint8 array (reused if present)."""
-    height, width = as_hw(size)
+def build_cache(paths: list[str], preprocess: Preprocess, target: Path) -> np.ndarray:
+    """`Preprocess.pixels` of every image once, into a memory-mapped uint8 array (reused if present)."""
+    height, width = preprocess.input_hw
     shape = (len(paths), height, width, 3)
     if target.exists():
         cache: np.ndarray = np.load(target, mmap_mode="r")
@@ -164,8 +165,7 @@ def build_cache(paths: list[str], size: Size, target: Path) -> np.ndarray:
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
 
     def fill(index: int) -> None:
-        image = resize_to(decode_image(paths[index], size), size)
-        array[index] = np.asarray(image)
+        array[index] = preprocess.pixels(preprocess.decode(paths[index]))
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for _ in track(pool.map(fill, range(len(paths))), len(paths), f"caching {target.stem}", "img"):
@@ -221,20 +221,20 @@ def build_datasets(
     """The two splits as datasets; with `cache`, rank 0 builds the decoded cache and the others open it."""
     data_dir = Path(config.data)
     cache = config.cache and context.is_main
-    size, (mean, std) = config.input_hw, config.mean_std
+    size, preprocess = config.input_hw, config.preprocess
     train_set = BinDataset(
         data_dir,
         train_rows,
-        train_transform(size, config.augment, config.flip, mean, std),
-        size,
+        train_transform(preprocess, config.augment, config.flip),
+        preprocess,
         num_classes,
         cache_path(data_dir, "train", train_rows, size) if cache else None,
     )
     val_set = BinDataset(
         data_dir,
         val_rows,
-        eval_transform(size, mean, std),
-        size,
+        eval_transform(preprocess),
+        preprocess,
         num_classes,
         cache_path(data_dir, "val", val_rows, size) if cache else None,
     )

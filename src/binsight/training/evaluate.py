@@ -54,9 +54,7 @@ def photo_probabilities(
     """A trained model's probabilities for each photo of `rows`, through the evaluation path; with
     `mirrored`, averaged with those of the mirror image (a flip never changes a count)."""
     model, config, num_classes = load_model(load_checkpoint(checkpoint_path))
-    dataset = BinDataset(
-        data_dir, rows, eval_transform(config.input_hw, *config.mean_std), config.input_hw, num_classes
-    )
+    dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
     loader = make_loader(dataset, batch_size, False, 0, 0, False, False)
     device = torch.device("cpu")
     precision = Precision(config.model_copy(update={"amp": "auto"}), device)
@@ -111,9 +109,7 @@ def evaluate(settings: EvaluateConfig) -> EvaluationReport:
     torch_device = resolve_device(settings.device, context)
     model.to(torch_device)
     rows = load_split(data_dir, split)
-    dataset = BinDataset(
-        data_dir, rows, eval_transform(config.input_hw, *config.mean_std), config.input_hw, num_classes
-    )
+    dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
     loader = make_loader(dataset, batch_size, False, workers, 0, False, torch_device.type == "cuda")
     precision = Precision(config.model_copy(update={"amp": "auto"}), torch_device)
     _, probabilities, loss = predict(model, model.head, loader, torch_device, precision, context)
