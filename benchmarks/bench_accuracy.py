@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from binsight.audit.evaluation import catch_curve, simulate_errors
+from binsight.audit.evaluation import BUDGETS, catch_curve, simulate_errors
 from binsight.cpu import cpu_class, cpu_features
 from binsight.data.index import build_index
 from binsight.data.split import SplitConfig, load_split, write_splits
@@ -52,7 +52,6 @@ from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 SPLIT = SplitConfig(val_fraction=0.2, test_fraction=0.2, seed=0)
 SUBSET = (1, 5)  # the seeds' protocol: counts 1-5
-BUDGETS = (0.05, 0.10, 0.20)
 
 
 @dataclass

@@ -28,8 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from binsight.audit.audit import BUDGETS
-from binsight.audit.evaluation import ALPHA_GRID, catch_curve, conformal_plot, simulate_errors
+from binsight.audit.evaluation import ALPHA_GRID, BUDGETS, catch_curve, conformal_plot, simulate_errors
 from binsight.batch.run import score_photos
 from binsight.data.split import load_split
 from binsight.export.onnx import ExportConfig, export

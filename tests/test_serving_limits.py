@@ -124,6 +124,9 @@ def test_admission_sheds_by_expected_wait_not_queue_length() -> None:
     alone = Admission(max_wait_s=0.001, ceiling=2)
     alone.observe(1, 1.0)
     assert alone.try_enter(8), "a request larger than the limit is admitted when nothing else is in"
+    instant = Admission(max_wait_s=0.1, ceiling=64)
+    instant.observe(8, 0.0)  # a batch faster than the clock's resolution
+    assert instant.limit == 64 and instant.has_room(1)
 
 
 def test_openapi_contract_holds_and_no_page_needs_the_internet(trained: dict[str, Path]) -> None:

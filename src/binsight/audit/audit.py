@@ -35,7 +35,6 @@ from binsight.utils.reading import read_source
 from binsight.utils.text import printable, spreadsheet_safe
 
 log = logging.getLogger(__name__)
-BUDGETS = (0.05, 0.10, 0.20)
 OUTPUT_FIELDS = (
     "rank",
     "image",

@@ -142,7 +142,8 @@ class Admission:
 
     @property
     def limit(self) -> int:
-        if self.seconds_per_image is None or self.max_wait_s <= 0:
+        # A clock too coarse for a fast batch measures 0 s: no basis for a limit, as before any batch.
+        if not self.seconds_per_image or self.max_wait_s <= 0:
             return self.ceiling
         return max(self.floor, min(self.ceiling, int(self.max_wait_s / self.seconds_per_image)))
 

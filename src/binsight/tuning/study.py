@@ -116,11 +116,17 @@ def trial_config(trial: optuna.trial.BaseTrial, config: TuneConfig) -> TrainConf
         "arch": trial.suggest_categorical("arch", config.archs),
         "augment": trial.suggest_float("augment", *config.augment),
     }
+    return config_from_params(sampled, trial.number, config)
+
+
+def config_from_params(params: dict[str, Any], number: int, config: TuneConfig) -> TrainConfig:
+    """The training config of a trial's parameters. Not re-sampled through the search space: a
+    shared study may hold a best trial from a worker searching a different space."""
     overrides = {
         **config.fixed,
-        **sampled,
+        **params,
         "data": config.data,
-        "out": config.out / "trials" / f"trial-{trial.number:04d}",
+        "out": config.out / "trials" / f"trial-{number:04d}",
         "select_metric": config.metric,
         "early_stopping": None,
     }
@@ -246,7 +252,7 @@ def write_results(study: optuna.Study, config: TuneConfig) -> TuneSummary:
     )
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         best = study.best_trial
-        best_config = trial_config(optuna.trial.FixedTrial(best.params, best.number), config)
+        best_config = config_from_params(best.params, best.number, config)
         best_config = best_config.model_copy(update={"out": config.out / "best-model"})
         atomic_write_text(config.out / "best_config.json", best_config.model_dump_json(indent=2))
         summary.best_value, summary.best_params, summary.best_trial = best.value, best.params, best.number
