@@ -196,7 +196,7 @@ def train_row(row: Row, data: dict[str, Path], work: Path) -> float:
     started = time.perf_counter()
     summary = train(config)
     logging.info("%s: trained or resumed in %.1f min", row.name, (time.perf_counter() - started) / 60)
-    return sum(h["seconds"] for h in summary.history) / 60
+    return sum(h.seconds for h in summary.history) / 60
 
 
 def evaluate_row(row: Row, data: dict[str, Path], work: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def print_table(results: dict[str, Any]) -> None:
             rules = m["by_rule"]
             delta = f"{100 * (m['accuracy'] - seeds['test'][scope]['accuracy']):+.1f} pt" if seeds else ""
             per = "/".join(f"{m['per_count_accuracy'].get(str(k), float('nan')):.2f}" for k in range(1, 6))
-            catch = "/".join(f"{100 * v:.0f}" for v in row["audit_catch_test"].values())
+            catch = "/".join(f"{100 * row['audit_catch_test'][f'{int(100 * b)}%']:.0f}" for b in BUDGETS)
             print(
                 f"| {name} | {m['accuracy']:.3f} | {delta} | {m['off_by_one_accuracy']:.3f} "
                 f"| {m['mae']:.3f} ({rules['median']['mae']:.3f}) "

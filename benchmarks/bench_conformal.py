@@ -176,7 +176,7 @@ def main() -> int:
         "ranking_better_on_val": better_on_val,
     }
     atomic_write_json(args.out / "conformal.json", summary)
-    conformal_plot({"false_alarm_rate_by_alpha": far_all}, args.out / "calibration.png")
+    conformal_plot(far_all, args.out / "calibration.png")
     print(json.dumps(summary, indent=1))
     print("\n| alpha | " + " | ".join(far_all) + " |")
     print("| --- |" + " --- |" * len(far_all))

@@ -103,8 +103,8 @@ def main() -> None:
                     out=tmp_path / f"dl{workers}", endpoint_url=endpoint, workers=workers, limit=600
                 )
             )
-            assert report["downloaded"] == 600, report
-            rates[workers] = report["images_per_second"]
+            assert report.downloaded == 600, report
+            rates[workers] = report.images_per_second or 0.0
         server.terminate()
         server.wait(timeout=10)
         print(

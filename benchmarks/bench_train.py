@@ -69,7 +69,7 @@ def run(config: TrainConfig, loader: object, steps: int) -> float:
         0,
         DistContext(),
     )
-    return stats["train_images_per_second"]
+    return stats.train_images_per_second
 
 
 def main() -> None:

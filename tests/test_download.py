@@ -27,26 +27,26 @@ def _config(bucket: dict, out: Path, **kwargs) -> DownloadConfig:
 def test_explicit_ids_reproduce_the_bucket_byte_for_byte(abid_bucket: dict, tmp_path: Path) -> None:
     ids = ["synth-000001", "synth-000010", "synth-000299"]
     report = download(_config(abid_bucket, tmp_path, ids=ids))
-    assert (report["selected"], report["downloaded"], report["failed"]) == (3, 3, 0)
+    assert (report.selected, report.downloaded, report.failed) == (3, 3, 0)
     source = abid_bucket["source"]
     for image_id in ids:
         for folder, ext in (("images", "jpg"), ("metadata", "json")):
             local = tmp_path / folder / f"{image_id}.{ext}"
             assert local.read_bytes() == (source / folder / f"{image_id}.{ext}").read_bytes()
     again = download(_config(abid_bucket, tmp_path, ids=ids))
-    assert (again["downloaded"], again["already_present"]) == (0, 3)
+    assert (again.downloaded, again.already_present) == (0, 3)
 
 
 def test_per_class_selection_is_seeded_and_balanced(abid_bucket: dict, tmp_path: Path) -> None:
     report = download(_config(abid_bucket, tmp_path / "a", classes=(1, 3), per_class=4, seed=11))
-    assert report["downloaded"] == 12 and report["failed"] == 0
+    assert report.downloaded == 12 and report.failed == 0
     counts = Counter(
         json.loads(p.read_text())["EXPECTED_QUANTITY"] for p in (tmp_path / "a/metadata").glob("*.json")
     )
     assert counts == {1: 4, 2: 4, 3: 4}
     same = download(_config(abid_bucket, tmp_path / "b", classes=(1, 3), per_class=4, seed=11))
     other = download(_config(abid_bucket, tmp_path / "c", classes=(1, 3), per_class=4, seed=12))
-    assert same["downloaded"] == other["downloaded"] == 12
+    assert same.downloaded == other.downloaded == 12
     selection = (tmp_path / "a/selection.txt").read_text()
     assert (tmp_path / "b/selection.txt").read_text() == selection
     assert (tmp_path / "c/selection.txt").read_text() != selection
@@ -55,16 +55,16 @@ def test_per_class_selection_is_seeded_and_balanced(abid_bucket: dict, tmp_path:
 def test_class_range_with_limit_and_corrupt_objects_reported(abid_bucket: dict, tmp_path: Path) -> None:
     # Class 0 includes the truncated JPEG (9001); 9002 has broken JSON and fails the scan.
     report = download(_config(abid_bucket, tmp_path, classes=(0, 0)))
-    problems = {p["id"]: p["problem"] for p in report["problems"]}
+    problems = {p["id"]: p["problem"] for p in report.problems}
     assert problems["9001"].startswith("corrupt image")
     assert problems["9002"].startswith("bad metadata")
-    assert report["failed"] == 1  # 9001; 9002 never got selected
+    assert report.failed == 1  # 9001; 9002 never got selected
     assert not (tmp_path / "images/9001.jpg").exists()
     assert not (tmp_path / "metadata/9001.json").exists()
     saved = json.loads((tmp_path / "download_report.json").read_text())
-    assert saved["failed"] == 1 and saved["downloaded"] == report["downloaded"] > 0
+    assert saved["failed"] == 1 and saved["downloaded"] == report.downloaded > 0
     limited = download(_config(abid_bucket, tmp_path / "lim", classes=(1, 5), limit=7))
-    assert limited["downloaded"] == 7
+    assert limited.downloaded == 7
 
 
 def test_file_list_in_the_student_subset_format(abid_bucket: dict, tmp_path: Path) -> None:
@@ -79,8 +79,8 @@ def test_file_list_in_the_student_subset_format(abid_bucket: dict, tmp_path: Pat
     )
     assert read_file_list(listing) == ["synth-000004", "synth-000005", "9003"]
     report = download(_config(abid_bucket, tmp_path / "out", file_list=listing))
-    assert report["downloaded"] == 2
-    assert next(p for p in report["problems"] if p["id"] == "9003")["problem"] == "not in bucket"
+    assert report.downloaded == 2
+    assert next(p for p in report.problems if p["id"] == "9003")["problem"] == "not in bucket"
 
 
 def test_bad_bucket_and_unreachable_endpoint_are_clear_errors(abid_bucket: dict, tmp_path: Path) -> None:

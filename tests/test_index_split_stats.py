@@ -82,9 +82,9 @@ def test_stats_writes_plots_and_numbers(dataset: Path) -> None:
     build_index(dataset)
     write_splits(dataset, SplitConfig())
     stats = dataset_stats(dataset)
-    assert stats["images"] == 120
-    assert sum(stats["classes"].values()) == 120
-    assert sum(sum(v.values()) for v in stats["per_split"].values()) == 120
+    assert stats.images == 120
+    assert sum(stats.classes.values()) == 120
+    assert sum(sum(v.values()) for v in stats.per_split.values()) == 120
     for name in ("class_histogram.png", "image_sizes.png"):
         data = (dataset / "stats" / name).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000

@@ -492,4 +492,4 @@ def test_pipeline_resplit_keeps_the_datasets_own_fractions(tmp_path: Path) -> No
     first = write_splits(data, chosen)
     assert existing_split_config(data, seed=0) == chosen
     again = write_splits(data, existing_split_config(data, seed=0))
-    assert again["splits"]["test"]["fingerprint"] == first["splits"]["test"]["fingerprint"]
+    assert again.splits["test"].fingerprint == first.splits["test"].fingerprint

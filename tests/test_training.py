@@ -62,8 +62,8 @@ def test_a_small_model_learns_to_count_and_is_reported(bins: Path, tmp_path: Pat
     assert (summary.best.value or 0) >= baseline + 0.1, (summary.best, baseline)
     history = summary.history
     assert TrainSummary.read(tmp_path / "run" / "history.json") == summary  # what is written is what is read
-    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
-    assert history[-1]["val_mae"] < 1.0
+    assert history[-1].train_loss < 0.7 * history[0].train_loss
+    assert history[-1].val_mae < 1.0
     for name in ("best.pt", "last.pt", "history.json", "curves.png", "config.json"):
         assert (tmp_path / "run" / name).exists(), name
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

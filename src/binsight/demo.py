@@ -62,7 +62,7 @@ def run_demo(config: DemoConfig) -> None:
     index = build_index(data_dir)
     print(f"[2/8] indexed {len(index.rows)} images ({len(index.skipped)} skipped)")
     summary = write_splits(data_dir, SplitConfig(seed=seed))
-    print("[3/8] split: " + ", ".join(f"{k} {v['images']}" for k, v in summary["splits"].items()))
+    print("[3/8] split: " + ", ".join(f"{k} {v.images}" for k, v in summary.splits.items()))
     stats = dataset_stats(data_dir, out / "stats")
     print("[4/8] dataset statistics:\n" + format_stats(stats))
 
@@ -109,11 +109,9 @@ def run_demo(config: DemoConfig) -> None:
     audit = evaluate_audit(
         load_counter(out / "model.onnx"), data_dir, "test", out / "audit", error_rate=0.1, seed=seed
     )
-    caught = ", ".join(
-        f"{100 * v['errors_caught']:.0f}% at {k}" for k, v in audit["caught_at_budget"].items()
-    )
+    caught = ", ".join(f"{100 * v.errors_caught:.0f}% at {k}" for k, v in audit.caught_at_budget.items())
     print(
-        f"[8/8] audit: {audit['simulated_errors']} wrong records hidden among {audit['bins']} bins; "
+        f"[8/8] audit: {audit.simulated_errors} wrong records hidden among {audit.bins} bins; "
         f"re-checking the most suspicious bins catches {caught} of bins re-checked"
     )
     print(

@@ -11,27 +11,28 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import logging
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from binsight.audit.evaluation import AuditEvaluation
 from binsight.batch.config import AuditConfig
 from binsight.batch.run import BatchRun, read_results
+from binsight.card import ModelCard
 from binsight.errors import BinsightError
 from binsight.imaging import decode_image
 from binsight.inference.verdict import MISMATCH, OK, REVIEW
 from binsight.reporting.html import HtmlReport, image_data_uri
-from binsight.utils.io import atomic_write_bytes, atomic_write_json
+from binsight.utils.io import atomic_write_bytes
 from binsight.utils.reading import read_source
+from binsight.utils.records import JsonRecord
 from binsight.utils.text import printable, spreadsheet_safe
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ OUTPUT_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class AuditSummary:
+class AuditSummary(JsonRecord):
     """`audit.json`: what the ranked list holds and how it was made."""
 
     bins: int
@@ -59,9 +59,9 @@ class AuditSummary:
     model_version: str
     verdict_basis: str
     review_budget: float | None
-    rejected_rows: list[dict[str, str]] = field(default_factory=list)
-    run: dict[str, Any] = field(default_factory=dict)
-    model_card: dict[str, Any] = field(default_factory=dict)
+    rejected_rows: list[dict[str, str]]
+    run: BatchRun
+    model_card: ModelCard
 
 
 def rank(results: pa.Table, review_budget: float | None = None) -> pa.Table:
@@ -129,7 +129,7 @@ def write_audit(
     """The ranked list (`audit.csv`), its summary (`audit.json`) and a report of the bins to re-check
     with their photos (`report.html`), from the shards of a finished batch run."""
     results = read_results(out)
-    card = json.loads((results.schema.metadata or {}).get(b"binsight.card", b"{}"))
+    card = ModelCard.model_validate_json((results.schema.metadata or {})[b"binsight.card"])
     ranked = _with_recounts(rank(results, review_budget), recounts or {})
     buffer = io.BytesIO()
     pacsv.write_csv(_csv_table(ranked), buffer, pacsv.WriteOptions(quoting_style="needed"))
@@ -142,10 +142,10 @@ def write_audit(
         verdict_basis=verdict_basis,
         review_budget=review_budget,
         rejected_rows=run.rejected_rows,
-        run=asdict(run),
+        run=run,
         model_card=card,
     )
-    atomic_write_json(out / "audit.json", asdict(summary))
+    summary.write(out / "audit.json")
 
     report = HtmlReport(f"binsight audit: {ranked.num_rows} bins, model {run.model_version}")
     report.table(["verdict", "bins"], sorted(verdicts.items()))
@@ -183,7 +183,7 @@ class AuditOutcome:
 
     summary: AuditSummary | None = None
     run: BatchRun | None = None
-    evaluation: dict[str, Any] | None = None
+    evaluation: AuditEvaluation | None = None
 
 
 def audit(config: AuditConfig) -> AuditOutcome:

@@ -6,10 +6,11 @@ wrong (off by one or two) and measure the share of corrupted records caught at r
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 from binsight.batch.run import score_photos
 from binsight.inference.runtime import LoadedModel
@@ -22,7 +23,7 @@ from binsight.inference.verdict import (
     p_of_count,
 )
 from binsight.reporting.html import HtmlReport
-from binsight.utils.io import atomic_write_json
+from binsight.utils.records import JsonRecord
 
 # Shares of the bins people re-check, at which the catch rate is reported.
 BUDGETS = (0.05, 0.10, 0.20)
@@ -57,11 +58,51 @@ def catch_curve(scores: np.ndarray, is_error: np.ndarray) -> tuple[np.ndarray, n
 ALPHA_GRID = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
-def conformal_summary(
-    policy: ConformalPolicy, probabilities: np.ndarray, recorded: np.ndarray, correct: np.ndarray
-) -> dict[str, Any]:
+class BudgetCatch(BaseModel):
+    bins_reviewed: int
+    errors_caught: float  # share of the simulated errors among the most suspicious bins reviewed
+    random_review_would_catch: float
+
+
+class FalseAlarms(BaseModel):
+    mismatch: float  # share of correct records called mismatch
+    review_or_mismatch: float | None
+
+
+class ConformalCheck(BaseModel):
     """Observed false-alarm rate on correct records at each level, against the level (the guarantee),
     and the size of the prediction sets."""
+
+    alpha: float
+    review_alpha: float | None
+    calibration_photos_per_count: dict[str, int]
+    false_alarm_rate_by_alpha: dict[str, float | None]
+    mean_set_size: float
+    set_size_counts: dict[str, int]
+
+
+class AuditEvaluation(JsonRecord):
+    """`audit_evaluation.json`: how many simulated record errors the ranking and the verdicts catch."""
+
+    split: str
+    bins: int
+    simulated_errors: int
+    error_rate: float
+    seed: int
+    model_version: str
+    caught_at_budget: dict[str, BudgetCatch]
+    verdicts: dict[str, int]
+    flagged_share: float
+    flagged_recall: float | None
+    flagged_precision: float | None
+    verdict_basis: str
+    false_alarm_rate: FalseAlarms
+    conformal: ConformalCheck | None = None
+
+
+def conformal_summary(
+    policy: ConformalPolicy, probabilities: np.ndarray, recorded: np.ndarray, correct: np.ndarray
+) -> ConformalCheck:
     calibration = policy.calibration
     p_values = np.array(
         [calibration.p_value(p, int(r)) for p, r in zip(probabilities, recorded, strict=True)]
@@ -71,23 +112,23 @@ def conformal_summary(
         for alpha in ALPHA_GRID
     }
     set_sizes = [len(calibration.prediction_set(p, policy.alpha)) for p in probabilities]
-    return {
-        "alpha": policy.alpha,
-        "review_alpha": policy.review_alpha,
-        "calibration_photos_per_count": calibration.sizes(),
-        "false_alarm_rate_by_alpha": observed,
-        "mean_set_size": float(np.mean(set_sizes)),
-        "set_size_counts": {str(k): int(v) for k, v in sorted(Counter(set_sizes).items())},
-    }
+    return ConformalCheck(
+        alpha=policy.alpha,
+        review_alpha=policy.review_alpha,
+        calibration_photos_per_count=calibration.sizes(),
+        false_alarm_rate_by_alpha=observed,
+        mean_set_size=float(np.mean(set_sizes)),
+        set_size_counts={str(k): int(v) for k, v in sorted(Counter(set_sizes).items())},
+    )
 
 
-def conformal_plot(summary: dict[str, Any], path: Path) -> None:
+def conformal_plot(false_alarm_rate_by_alpha: Mapping[str, float | None], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from binsight.utils.plots import save_figure
 
-    levels = [float(a) for a in summary["false_alarm_rate_by_alpha"]]
-    observed = [v for v in summary["false_alarm_rate_by_alpha"].values()]
+    levels = [float(a) for a in false_alarm_rate_by_alpha]
+    observed = [float("nan") if v is None else v for v in false_alarm_rate_by_alpha.values()]
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot([0, max(levels)], [0, max(levels)], "--", color="grey", label="guarantee (at most alpha)")
     ax.plot(levels, observed, "o-", label="observed on correct records")
@@ -106,7 +147,7 @@ def evaluate_audit(
     error_rate: float = 0.1,
     seed: int = 0,
     policy: VerdictPolicy | None = None,
-) -> dict[str, Any]:
+) -> AuditEvaluation:
     from binsight.data.split import load_split
     from binsight.utils.plots import save_figure
 
@@ -120,39 +161,39 @@ def evaluate_audit(
     scores = np.array([1 - p_of_count(p, int(r)) for p, r in zip(probabilities, recorded, strict=True)])
     fraction, caught = catch_curve(scores, is_error)
     reviewed = {budget: max(1, round(budget * len(scores))) for budget in BUDGETS}
-    at_budget = {}
-    for budget, k in reviewed.items():
-        at_budget[f"{int(budget * 100)}%"] = {
-            "bins_reviewed": k,
-            "errors_caught": float(caught[k - 1]),
-            "random_review_would_catch": budget,
-        }
+    at_budget = {
+        f"{int(budget * 100)}%": BudgetCatch(
+            bins_reviewed=k, errors_caught=float(caught[k - 1]), random_review_would_catch=budget
+        )
+        for budget, k in reviewed.items()
+    }
     policy = policy or VerdictThresholds()
     verdicts = [judge(p, int(r), policy).verdict for p, r in zip(probabilities, recorded, strict=True)]
     flagged = np.array([v != "ok" for v in verdicts])
     correct = ~is_error
-    result: dict[str, Any] = {
-        "split": split,
-        "bins": len(scores),
-        "simulated_errors": int(is_error.sum()),
-        "error_rate": error_rate,
-        "seed": seed,
-        "model_version": counter.info.version,
-        "caught_at_budget": at_budget,
-        "verdicts": dict(Counter(verdicts)),
-        "flagged_share": float(flagged.mean()),
-        "flagged_recall": float(flagged[is_error].mean()) if is_error.any() else None,
-        "flagged_precision": float(is_error[flagged].mean()) if flagged.any() else None,
-        "verdict_basis": policy.basis,
-        "false_alarm_rate": {
-            "mismatch": float(np.mean([v == MISMATCH for v, c in zip(verdicts, correct, strict=True) if c])),
-            "review_or_mismatch": float(flagged[correct].mean()) if correct.any() else None,
-        },
-    }
-    if isinstance(policy, ConformalPolicy):
-        result["conformal"] = conformal_summary(policy, probabilities, recorded, correct)
+    result = AuditEvaluation(
+        split=split,
+        bins=len(scores),
+        simulated_errors=int(is_error.sum()),
+        error_rate=error_rate,
+        seed=seed,
+        model_version=counter.info.version,
+        caught_at_budget=at_budget,
+        verdicts=dict(Counter(verdicts)),
+        flagged_share=float(flagged.mean()),
+        flagged_recall=float(flagged[is_error].mean()) if is_error.any() else None,
+        flagged_precision=float(is_error[flagged].mean()) if flagged.any() else None,
+        verdict_basis=policy.basis,
+        false_alarm_rate=FalseAlarms(
+            mismatch=float(np.mean([v == MISMATCH for v, c in zip(verdicts, correct, strict=True) if c])),
+            review_or_mismatch=float(flagged[correct].mean()) if correct.any() else None,
+        ),
+        conformal=conformal_summary(policy, probabilities, recorded, correct)
+        if isinstance(policy, ConformalPolicy)
+        else None,
+    )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "audit_evaluation.json", result)
+    result.write(out / "audit_evaluation.json")
 
     import matplotlib.pyplot as plt
 
@@ -180,21 +221,21 @@ def evaluate_audit(
         [
             (
                 k,
-                v["bins_reviewed"],
-                f"{100 * v['errors_caught']:.1f}%",
-                f"{100 * v['random_review_would_catch']:.0f}%",
+                v.bins_reviewed,
+                f"{100 * v.errors_caught:.1f}%",
+                f"{100 * v.random_review_would_catch:.0f}%",
             )
             for k, v in at_budget.items()
         ],
     )
     report.figure(out / "catch_curve.png", "Share of inventory errors caught vs bins re-checked")
     report.paragraph(
-        f"Verdicts by {policy.basis}: {100 * result['flagged_share']:.1f}% of bins flagged, catching "
-        f"{100 * (result['flagged_recall'] or 0):.1f}% of errors; "
-        f"{100 * result['false_alarm_rate']['mismatch']:.1f}% of correct records called mismatch."
+        f"Verdicts by {policy.basis}: {100 * result.flagged_share:.1f}% of bins flagged, catching "
+        f"{100 * (result.flagged_recall or 0):.1f}% of errors; "
+        f"{100 * result.false_alarm_rate.mismatch:.1f}% of correct records called mismatch."
     )
-    if "conformal" in result:
-        conformal_plot(result["conformal"], out / "calibration.png")
+    if result.conformal is not None:
+        conformal_plot(result.conformal.false_alarm_rate_by_alpha, out / "calibration.png")
         report.figure(
             out / "calibration.png",
             "Correct records flagged vs the level alpha (the guarantee: on or under the diagonal)",

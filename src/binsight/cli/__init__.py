@@ -13,7 +13,7 @@ from binsight import __version__
 from binsight.cli import batch, data, mlops, recheck, serving, training
 from binsight.cliargs import add_command, dispatch
 from binsight.errors import BinsightError, invalid_settings
-from binsight.utils.redact import install_redaction, redact
+from binsight.utils.redact import configure_logging, redact
 
 log = logging.getLogger("binsight")
 
@@ -52,13 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or the help): its code, returned
         return int(exc.code or 0)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    install_redaction()
+    configure_logging(args.verbose)
     try:
         return dispatch(args)
     except BinsightError as exc:

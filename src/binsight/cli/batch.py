@@ -27,13 +27,11 @@ def _report_predict(config: BatchConfig, run: BatchRun) -> int:
 def _report_audit(config: AuditConfig, outcome: AuditOutcome) -> int:
     if outcome.evaluation is not None:
         result = outcome.evaluation
-        print(
-            f"audit evaluation on {result['bins']} bins with {result['simulated_errors']} simulated errors:"
-        )
-        for budget, caught in result["caught_at_budget"].items():
+        print(f"audit evaluation on {result.bins} bins with {result.simulated_errors} simulated errors:")
+        for budget, caught in result.caught_at_budget.items():
             print(
-                f"  re-check {budget:>4} of bins -> catch {100 * caught['errors_caught']:5.1f}% of errors "
-                f"(random: {100 * caught['random_review_would_catch']:.0f}%)"
+                f"  re-check {budget:>4} of bins -> catch {100 * caught.errors_caught:5.1f}% of errors "
+                f"(random: {100 * caught.random_review_would_catch:.0f}%)"
             )
         print(f"curve and report in {config.out}")
         return 0

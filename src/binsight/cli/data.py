@@ -8,10 +8,10 @@ import sys
 from typing import Any
 
 from binsight.cliargs import add_command
-from binsight.data.download import DownloadConfig, download
+from binsight.data.download import DownloadConfig, DownloadReport, download
 from binsight.data.index import IndexConfig, IndexResult, index_dataset
-from binsight.data.split import SplitSettings, split_dataset
-from binsight.data.stats import StatsConfig, describe_dataset, format_stats
+from binsight.data.split import SplitRecord, SplitSettings, split_dataset
+from binsight.data.stats import DatasetStats, StatsConfig, describe_dataset, format_stats
 from binsight.data.synth import Synthesized, SynthSettings, synthesize
 
 log = logging.getLogger("binsight")
@@ -25,18 +25,18 @@ def _report_synth(config: SynthSettings, done: Synthesized) -> int:
     return 0
 
 
-def _report_download(config: DownloadConfig, report: dict[str, Any]) -> int:
+def _report_download(config: DownloadConfig, report: DownloadReport) -> int:
     print(
-        f"download: {report['selected']} selected, {report['downloaded']} downloaded, "
-        f"{report['already_present']} already present, {report['failed']} failed "
-        f"({report['images_per_second'] or 0} images/s); report in "
+        f"download: {report.selected} selected, {report.downloaded} downloaded, "
+        f"{report.already_present} already present, {report.failed} failed "
+        f"({report.images_per_second or 0} images/s); report in "
         f"{config.out / 'download_report.json'}"
     )
-    for problem in report["problems"][:10]:
+    for problem in report.problems[:10]:
         print(f"  {problem['id']}: {problem['problem']}", file=sys.stderr)
-    if len(report["problems"]) > 10:
-        print(f"  ... and {len(report['problems']) - 10} more", file=sys.stderr)
-    return 0 if report["failed"] == 0 else 1
+    if len(report.problems) > 10:
+        print(f"  ... and {len(report.problems) - 10} more", file=sys.stderr)
+    return 0 if report.failed == 0 else 1
 
 
 def _report_index(config: IndexConfig, result: IndexResult) -> int:
@@ -53,16 +53,15 @@ def _report_index(config: IndexConfig, result: IndexResult) -> int:
     return 0
 
 
-def _report_split(config: SplitSettings, summary: dict[str, Any]) -> int:
-    for name, info in summary["splits"].items():
+def _report_split(config: SplitSettings, summary: SplitRecord) -> int:
+    for name, info in summary.splits.items():
         print(
-            f"{name:>5}: {info['images']:>6} images  fingerprint {info['fingerprint']}  "
-            f"per class {info['per_class']}"
+            f"{name:>5}: {info.images:>6} images  fingerprint {info.fingerprint}  per class {info.per_class}"
         )
     return 0
 
 
-def _report_stats(config: StatsConfig, stats: dict[str, Any]) -> int:
+def _report_stats(config: StatsConfig, stats: DatasetStats) -> int:
     print(format_stats(stats))
     print(f"plots and stats.json in {config.out or config.data / 'stats'}")
     return 0

@@ -37,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.data.abid import MetadataError, image_id_order, parse_metadata
 from binsight.errors import BinsightError
-from binsight.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from binsight.utils.io import atomic_write_bytes, atomic_write_text
 from binsight.utils.progress import bar
+from binsight.utils.records import JsonRecord
 from binsight.utils.redact import SecretUrl
 from binsight.utils.s3 import s3_client
 
@@ -298,7 +299,7 @@ class Downloader:
         (self.cache / METADATA_DIR / f"{image_id}.json").unlink(missing_ok=True)
         return "downloaded"
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> DownloadReport:
         started = time.perf_counter()
         for folder in (IMAGES_DIR, METADATA_DIR):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
@@ -327,20 +328,18 @@ class Downloader:
         fetch_seconds = time.perf_counter() - fetch_started
         if self.cache.exists() and not any((self.cache / METADATA_DIR).glob("*.json")):
             shutil.rmtree(self.cache / METADATA_DIR, ignore_errors=True)
-        report = {
-            "bucket": self.config.bucket,
-            "endpoint_url": self.config.endpoint_url,
-            "selected": len(selected),
-            "downloaded": outcomes["downloaded"],
-            "already_present": outcomes["present"],
-            "failed": outcomes["failed"],
-            "problems": self.problems,
-            "seconds": round(time.perf_counter() - started, 3),
-            "images_per_second": round(outcomes["downloaded"] / fetch_seconds, 1)
-            if fetch_seconds > 0
-            else None,
-        }
-        atomic_write_json(self.root / "download_report.json", report)
+        report = DownloadReport(
+            bucket=self.config.bucket,
+            endpoint_url=self.config.endpoint_url,
+            selected=len(selected),
+            downloaded=outcomes["downloaded"],
+            already_present=outcomes["present"],
+            failed=outcomes["failed"],
+            problems=self.problems,
+            seconds=round(time.perf_counter() - started, 3),
+            images_per_second=round(outcomes["downloaded"] / fetch_seconds, 1) if fetch_seconds > 0 else None,
+        )
+        report.write(self.root / "download_report.json")
         return report
 
 
@@ -360,5 +359,19 @@ def check_jpeg(data: bytes) -> tuple[int, int]:
         raise BadImageError(str(exc) or type(exc).__name__) from None
 
 
-def download(config: DownloadConfig) -> dict[str, Any]:
+class DownloadReport(JsonRecord):
+    """`download_report.json`: what was selected, fetched, already there or failed (with why)."""
+
+    bucket: str
+    endpoint_url: SecretUrl | None
+    selected: int
+    downloaded: int
+    already_present: int
+    failed: int
+    problems: list[dict[str, str]]  # {"id", "problem"} per photo that could not be fetched
+    seconds: float
+    images_per_second: float | None
+
+
+def download(config: DownloadConfig) -> DownloadReport:
     return Downloader(config).run()

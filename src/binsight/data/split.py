@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.data.index import INDEX_FIELDS, load_index
 from binsight.errors import BinsightError
-from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
+from binsight.utils.io import atomic_write_csv, read_csv
+from binsight.utils.records import JsonRecord
 
 SPLITS = ("train", "val", "test")
 SPLIT_DIR = "splits"
@@ -70,26 +71,40 @@ def fingerprint(rows: list[dict[str, Any]]) -> str:
     return digest.hexdigest()[:16]
 
 
+class SplitPart(BaseModel):
+    images: int
+    fingerprint: str  # of the ids and counts: what a later comparison proves unchanged
+    per_class: dict[str, int]
+
+
+class SplitRecord(JsonRecord):
+    """`splits/split.json`: the settings (so a re-split after new data keeps every old photo where it
+    was) and each split's size, fingerprint and classes."""
+
+    config: SplitConfig
+    splits: dict[str, SplitPart]
+
+
 def write_splits(
     data_dir: str | os.PathLike[str], config: SplitConfig, out_dir: str | os.PathLike[str] | None = None
-) -> dict[str, Any]:
+) -> SplitRecord:
     rows = load_index(data_dir)
     if len(rows) < 3:
         raise BinsightError(f"the index has {len(rows)} images; a split needs at least 3")
     splits = assign_splits(rows, config)
     out = Path(out_dir) if out_dir else Path(data_dir) / SPLIT_DIR
-    summary: dict[str, Any] = {"config": config.model_dump(), "splits": {}}
+    summary = SplitRecord(config=config, splits={})
     for name, members in splits.items():
         atomic_write_csv(out / f"{name}.csv", members, INDEX_FIELDS)
         counts: dict[str, int] = defaultdict(int)
         for row in members:
             counts[str(row["count"])] += 1
-        summary["splits"][name] = {
-            "images": len(members),
-            "fingerprint": fingerprint(members),
-            "per_class": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
-        }
-    atomic_write_json(out / "split.json", summary)
+        summary.splits[name] = SplitPart(
+            images=len(members),
+            fingerprint=fingerprint(members),
+            per_class=dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+        )
+    summary.write(out / "split.json")
     return summary
 
 
@@ -99,7 +114,7 @@ class SplitSettings(SplitConfig):
     data: Path = Field(description="dataset directory with index.csv")
 
 
-def split_dataset(settings: SplitSettings) -> dict[str, Any]:
+def split_dataset(settings: SplitSettings) -> SplitRecord:
     return write_splits(settings.data, SplitConfig.model_validate(settings.model_dump(exclude={"data"})))
 
 

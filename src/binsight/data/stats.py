@@ -5,30 +5,61 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data.index import load_index
 from binsight.data.split import SPLIT_DIR, SPLITS
-from binsight.utils.io import atomic_write_json, read_csv
+from binsight.utils.io import read_csv
 from binsight.utils.plots import bar_chart, histograms
+from binsight.utils.records import JsonRecord
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values, dtype=float)
-    return {
-        "min": float(array.min()),
-        "mean": round(float(array.mean()), 2),
-        "median": float(np.median(array)),
-        "max": float(array.max()),
-    }
+class Spread(BaseModel):
+    min: float
+    mean: float
+    median: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        array = np.asarray(values, dtype=float)
+        return cls(
+            min=float(array.min()),
+            mean=round(float(array.mean()), 2),
+            median=float(np.median(array)),
+            max=float(array.max()),
+        )
+
+
+class CountSummary(BaseModel):
+    mean: float
+    max: int
+
+
+class MajorityClass(BaseModel):
+    count: int
+    share: float
+
+
+class DatasetStats(JsonRecord):
+    """`stats/stats.json` of `binsight data stats`."""
+
+    images: int
+    classes: dict[str, int]  # count -> images, over the whole index
+    per_split: dict[str, dict[str, int]]
+    count: CountSummary
+    majority_class: MajorityClass
+    quantity_mismatches: int
+    width: Spread
+    height: Spread
+    kilobytes: Spread
 
 
 def dataset_stats(
     data_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
-) -> dict[str, Any]:
+) -> DatasetStats:
     data_dir = Path(data_dir)
     out = Path(out_dir) if out_dir else data_dir / "stats"
     rows = load_index(data_dir)
@@ -40,19 +71,19 @@ def dataset_stats(
 
     counts = np.array([int(r["count"]) for r in rows])
     majority_class, majority_n = per_split["all"].most_common(1)[0]
-    stats = {
-        "images": len(rows),
-        "classes": {str(k): v for k, v in sorted(per_split["all"].items())},
-        "per_split": {
+    stats = DatasetStats(
+        images=len(rows),
+        classes={str(k): v for k, v in sorted(per_split["all"].items())},
+        per_split={
             name: {str(k): v for k, v in sorted(c.items())} for name, c in per_split.items() if name != "all"
         },
-        "count": {"mean": round(float(counts.mean()), 3), "max": int(counts.max())},
-        "majority_class": {"count": majority_class, "share": round(majority_n / len(rows), 4)},
-        "quantity_mismatches": sum(int(r["quantity_mismatch"]) for r in rows),
-        "width": _summary([float(r["width"]) for r in rows]),
-        "height": _summary([float(r["height"]) for r in rows]),
-        "kilobytes": _summary([float(r["bytes"]) / 1024 for r in rows]),
-    }
+        count=CountSummary(mean=round(float(counts.mean()), 3), max=int(counts.max())),
+        majority_class=MajorityClass(count=majority_class, share=round(majority_n / len(rows), 4)),
+        quantity_mismatches=sum(int(r["quantity_mismatch"]) for r in rows),
+        width=Spread.of([float(r["width"]) for r in rows]),
+        height=Spread.of([float(r["height"]) for r in rows]),
+        kilobytes=Spread.of([float(r["bytes"]) / 1024 for r in rows]),
+    )
     bar_chart(
         {name: dict(c) for name, c in per_split.items() if name != "all" or len(per_split) == 1},
         f"Objects per bin ({len(rows)} images)",
@@ -68,7 +99,7 @@ def dataset_stats(
         "Image sizes",
         out / "image_sizes.png",
     )
-    atomic_write_json(out / "stats.json", stats)
+    stats.write(out / "stats.json")
     return stats
 
 
@@ -81,27 +112,20 @@ class StatsConfig(BaseModel):
     out: Path | None = Field(None, description="where to write plots (default DATA/stats)")
 
 
-def describe_dataset(config: StatsConfig) -> dict[str, Any]:
+def describe_dataset(config: StatsConfig) -> DatasetStats:
     return dataset_stats(config.data, config.out)
 
 
-def format_stats(stats: dict[str, Any]) -> str:
-    lines = [
-        f"images: {stats['images']}   mean count: {stats['count']['mean']}   "
-        f"max count: {stats['count']['max']}"
-    ]
-    splits = list(stats["per_split"])
+def format_stats(stats: DatasetStats) -> str:
+    lines = [f"images: {stats.images}   mean count: {stats.count.mean}   max count: {stats.count.max}"]
+    splits = list(stats.per_split)
     header = f"{'count':>6} {'all':>8}" + "".join(f" {s:>8}" for s in splits)
     lines += [header, "-" * len(header)]
-    for cls, n in stats["classes"].items():
-        lines.append(f"{cls:>6} {n:>8}" + "".join(f" {stats['per_split'][s].get(cls, 0):>8}" for s in splits))
-    share = stats["majority_class"]
-    lines.append(f"majority class: {share['count']} ({100 * share['share']:.1f}% of images)")
-    for key in ("width", "height", "kilobytes"):
-        s = stats[key]
-        lines.append(
-            f"{key:>9}: min {s['min']:.0f}  median {s['median']:.0f}  "
-            f"mean {s['mean']:.1f}  max {s['max']:.0f}"
-        )
-    lines.append(f"EXPECTED_QUANTITY != sum of item quantities: {stats['quantity_mismatches']}")
+    for cls, n in stats.classes.items():
+        lines.append(f"{cls:>6} {n:>8}" + "".join(f" {stats.per_split[s].get(cls, 0):>8}" for s in splits))
+    share = stats.majority_class
+    lines.append(f"majority class: {share.count} ({100 * share.share:.1f}% of images)")
+    for key, s in (("width", stats.width), ("height", stats.height), ("kilobytes", stats.kilobytes)):
+        lines.append(f"{key:>9}: min {s.min:.0f}  median {s.median:.0f}  mean {s.mean:.1f}  max {s.max:.0f}")
+    lines.append(f"EXPECTED_QUANTITY != sum of item quantities: {stats.quantity_mismatches}")
     return "\n".join(lines)

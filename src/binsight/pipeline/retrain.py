@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.data.index import build_index
-from binsight.data.split import SPLIT_DIR, SplitConfig, fingerprint, write_splits
+from binsight.data.split import SPLIT_DIR, SplitConfig, SplitRecord, fingerprint, write_splits
 from binsight.errors import BinsightError
 from binsight.pipeline.state import (
     Decision,
@@ -88,8 +88,8 @@ def existing_split_config(data: Path, seed: int) -> SplitConfig:
     recorded = data / SPLIT_DIR / "split.json"
     if recorded.is_file():
         try:
-            return SplitConfig.model_validate(json.loads(recorded.read_text())["config"])
-        except (ValueError, KeyError) as exc:
+            return SplitRecord.read(recorded).config
+        except BinsightError as exc:
             raise BinsightError(f"{recorded} is not a readable split record: {exc}") from None
     return SplitConfig(seed=seed)
 
@@ -125,7 +125,7 @@ def ingest(config: PipelineConfig) -> Ingested:
                     metadata_prefix=f"{prefix}{METADATA_DIR}/",
                 )
             )
-            added = report["downloaded"]
+            added = report.downloaded
         else:
             source = Path(config.new_data)
             if not (source / IMAGES_DIR).is_dir():
@@ -154,7 +154,7 @@ def ingest(config: PipelineConfig) -> Ingested:
         indexed=len(index.rows),
         skipped=len(index.skipped),
         data_fingerprint=fingerprint(index.rows),
-        test_fingerprint=summary["splits"]["test"]["fingerprint"],
+        test_fingerprint=summary.splits["test"].fingerprint,
     )
 
 

@@ -7,6 +7,7 @@ checked against the running server by schemathesis in the tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -87,6 +88,11 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+def error_json(code: str, message: str) -> bytes:
+    """Every error the server answers, from the router, the middleware or the raw socket, has this body."""
+    return ErrorBody(error=ErrorDetail(code=code, message=message)).model_dump_json().encode()
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
@@ -153,10 +159,10 @@ def invocation_responses(many_or_one: bool) -> dict[int | str, dict[str, Any]]:
     return {200: ok, **_PREDICTION_ERRORS}
 
 
-def declare_security(app: Any, auth_required: bool, metrics_public: bool) -> None:
+def declare_security(app: Any, auth_required: bool, scope_of: Callable[[str], object | None]) -> None:
     """The bearer scheme in the OpenAPI document, and on each route that needs a token, with its scope
-    (OpenAPI lists scopes only for OAuth, so the scope goes in the description)."""
-    from binsight.serving.auth import route_scope
+    (`scope_of(path)`, None for public routes; OpenAPI lists scopes only for OAuth, so the scope goes in
+    the description)."""
 
     def schema() -> dict[str, Any]:
         if app.openapi_schema:
@@ -172,7 +178,7 @@ def declare_security(app: Any, auth_required: bool, metrics_public: bool) -> Non
                 "description": "a token from the server's tokens file (binsight token new)",
             }
             for path, operations in document.get("paths", {}).items():
-                scope = route_scope(path, metrics_public)
+                scope = scope_of(path)
                 if scope is None:
                     continue
                 for operation in operations.values():

@@ -34,11 +34,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from binsight.serving.api_schema import (
     ERROR_RESPONSES,
+    Prediction,
     declare_security,
+    error_json,
     invocation_body,
     invocation_responses,
 )
-from binsight.serving.auth import AccessControl, access_policy
+from binsight.serving.auth import AccessControl, access_policy, route_scope
 from binsight.serving.config import ServeConfig
 from binsight.serving.inputs import FetchLedger, RequestError, overloaded
 from binsight.serving.metrics import ServerMetrics
@@ -131,7 +133,7 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     return document
 
 
-async def _predict_request(service: CountingService, request: Request) -> tuple[list[dict[str, Any]], bool]:
+async def _predict_request(service: CountingService, request: Request) -> tuple[list[Prediction], bool]:
     """All predictions in the request, and whether it asked for several (JSON instances)."""
     config = service.config
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -189,9 +191,7 @@ async def _predict_request(service: CountingService, request: Request) -> tuple[
 
 
 PREDICTION_ROUTES = {"/invocations", "/v1/count"}
-_OVERLOADED_BODY = json.dumps(
-    {"error": {"code": "overloaded", "message": "the server is at capacity; retry shortly"}}
-).encode()
+_OVERLOADED_BODY = error_json("overloaded", "the server is at capacity; retry shortly")
 _OVERLOADED_HEADERS = [
     (b"content-type", b"application/json"),
     (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
@@ -277,18 +277,18 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.binsight = state
 
     @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+    async def request_error(request: Request, exc: RequestError) -> Response:
         metrics.error(request.url.path, exc.code)
-        return JSONResponse(
-            {"error": {"code": exc.code, "message": exc.message}}, exc.status, headers=exc.headers
+        return Response(
+            error_json(exc.code, exc.message), exc.status, headers=exc.headers, media_type="application/json"
         )
 
     @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path)
         metrics.error(request.url.path, "internal")
-        return JSONResponse(
-            {"error": {"code": "internal", "message": "internal error; see the server log"}}, 500
+        return Response(
+            error_json("internal", "internal error; see the server log"), 500, media_type="application/json"
         )
 
     app.add_middleware(ObserveRequests, metrics=metrics, state=state)
@@ -303,7 +303,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def predict(request: Request) -> tuple[list[dict[str, Any]], bool]:
         try:
             async with asyncio.timeout(config.request_timeout_s):
-                return await _predict_request(state["service"], request)
+                predictions, many = await _predict_request(state["service"], request)
+                # Absent, not null: the record's fields appear only when a record was given.
+                return [p.model_dump(exclude_none=True) for p in predictions], many
         except TimeoutError:
             raise RequestError(
                 504, "deadline_exceeded", f"the request took over {config.request_timeout_s:g} s"
@@ -400,5 +402,5 @@ def create_app(config: ServeConfig) -> FastAPI:
         from binsight.serving.recheck import add_recheck_routes
 
         add_recheck_routes(app, config, policy)
-    declare_security(app, policy.auth_required, config.metrics_public)
+    declare_security(app, policy.auth_required, lambda path: route_scope(path, config.metrics_public))
     return app

@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Send
 from starlette.types import Scope as ASGIScope
 
 from binsight.errors import BinsightError
+from binsight.serving.api_schema import error_json
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def route_scope(path: str, metrics_public: bool) -> Scope | None:
 
 
 def _json_error(status: int, code: str, message: str, extra: list[tuple[bytes, bytes]]) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = error_json(code, message)
     return Response(body, status, [(b"content-type", b"application/json"), *extra])
 
 

@@ -12,7 +12,6 @@ Two things uvicorn leaves open are closed here:
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -27,7 +26,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from binsight.errors import BinsightError
+from binsight.serving.api_schema import error_json
 from binsight.serving.config import ServeConfig
+from binsight.utils.redact import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ WORKER_ENV = "BINSIGHT_WORKER"
 
 
 def _plain_response(status: str, code: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = error_json(code, message)
     head = (
         f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
         f"content-length: {len(body)}\r\n\r\n"
@@ -122,6 +123,9 @@ def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "info") -> uv
         timeout_graceful_shutdown=5,
         access_log=config.access_log,
         log_level=log_level,
+        # uvicorn's default dictConfig closes every logging handler in the process (the CLI's redacting
+        # one included) and adds its own, unredacted; its loggers propagate to binsight's instead.
+        log_config=None,
     )
 
 
@@ -137,6 +141,7 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 def _worker(config_json: str, index: int, port: int) -> None:
     os.environ[WORKER_ENV] = str(index)
+    configure_logging()
     config = ServeConfig.model_validate_json(config_json)
     from binsight.serving.app import create_app
 

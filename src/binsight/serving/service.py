@@ -23,6 +23,7 @@ from binsight.inference.runtime import LoadedModel, load_counter
 from binsight.inference.verdict import VerdictPolicy, judge
 from binsight.monitoring.baseline import Baseline, Seen
 from binsight.monitoring.watch import DriftWatch
+from binsight.serving.api_schema import Prediction
 from binsight.serving.batching import Admission, DynamicBatcher, QueueFullError
 from binsight.serving.capture import DataCapture
 from binsight.serving.inputs import RequestInputs, overloaded
@@ -172,7 +173,7 @@ class CountingService:
 
     # ------------------------------------------------------------------ prediction
 
-    async def count(self, data: bytes, source: str, expected_count: int | None) -> dict[str, Any]:
+    async def count(self, data: bytes, source: str, expected_count: int | None) -> Prediction:
         """Count the objects in one admitted image (the caller holds its place in `admission`)."""
         started = time.perf_counter()
         prepared = await asyncio.get_running_loop().run_in_executor(
@@ -190,33 +191,28 @@ class CountingService:
             signals = {**prepared.signals, "confidence": float(probabilities.max())}
             self.watch.add(Seen(signals, int(np.argmax(probabilities)), embedding, now))
         classes = np.asarray(info.classes, dtype=np.float64)
-        result: dict[str, Any] = {
-            "count": int(info.classes[int(np.argmax(probabilities))]),
-            "confidence": round(float(probabilities.max()), 6),
+        verdict = None if expected_count is None else judge(probabilities, expected_count, self.policy)
+        result = Prediction(
+            count=int(info.classes[int(np.argmax(probabilities))]),
+            confidence=round(float(probabilities.max()), 6),
             # The other two answers a distribution gives (docs/benchmarks.md: argmax for accuracy,
             # median for absolute error, mean for squared error); the top class counts as its value.
-            "median_count": int(info.classes[int(np.searchsorted(np.cumsum(probabilities), 0.5))]),
-            "mean_count": round(float(probabilities @ classes), 4),
-            "probabilities": {
+            median_count=int(info.classes[int(np.searchsorted(np.cumsum(probabilities), 0.5))]),
+            mean_count=round(float(probabilities @ classes), 4),
+            probabilities={
                 str(c): round(float(p), 6) for c, p in zip(info.classes, probabilities, strict=True)
             },
-            "model_version": info.version,
-        }
-        if expected_count is not None:
-            verdict = judge(probabilities, expected_count, self.policy)
-            top = info.classes[-1]
-            result.update(
-                expected_count=expected_count,
-                # The top class also holds every larger count, so past it the model can only say
-                # "at least `top`": p_expected is then P(count >= top), and the answer says so.
-                expected_within_range=expected_count < top,
-                agrees=verdict.agrees,
-                p_expected=round(verdict.p_expected, 6),
-                verdict=verdict.verdict,
-            )
-            if verdict.p_value is not None:
-                result["p_value"] = round(verdict.p_value, 6)
-        result["latency_ms"] = round(1000 * (time.perf_counter() - started), 3)
+            model_version=info.version,
+            latency_ms=round(1000 * (time.perf_counter() - started), 3),
+            expected_count=expected_count,
+            # The top class also holds every larger count, so past it the model can only say
+            # "at least `top`": p_expected is then P(count >= top), and the answer says so.
+            expected_within_range=None if expected_count is None else expected_count < info.classes[-1],
+            agrees=None if verdict is None else verdict.agrees,
+            p_expected=None if verdict is None else round(verdict.p_expected, 6),
+            verdict=None if verdict is None else verdict.verdict,
+            p_value=None if verdict is None or verdict.p_value is None else round(verdict.p_value, 6),
+        )
         if self.capture:
             self.capture.record(
                 {
@@ -226,12 +222,15 @@ class CountingService:
                     "bytes": prepared.size_bytes,
                     "width": prepared.width,
                     "height": prepared.height,
-                    **{k: result[k] for k in ("count", "confidence", "model_version", "latency_ms")},
+                    "count": result.count,
+                    "confidence": result.confidence,
+                    "model_version": result.model_version,
+                    "latency_ms": result.latency_ms,
                     "probabilities": [round(float(p), 5) for p in probabilities],
                     "signals": {k: round(v, 4) for k, v in prepared.signals.items()},
                     "embedding": [round(float(v), 4) for v in embedding],
                     **(
-                        {"expected_count": expected_count, "verdict": result["verdict"]}
+                        {"expected_count": expected_count, "verdict": result.verdict}
                         if expected_count is not None
                         else {}
                     ),

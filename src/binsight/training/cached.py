@@ -29,6 +29,7 @@ from binsight.models.heads import CountingModel
 from binsight.training.config import TrainConfig
 from binsight.training.data import build_cache, cache_path
 from binsight.training.hardware import Precision
+from binsight.training.results import EpochStats
 from binsight.utils.io import atomic_write_json
 from binsight.utils.progress import bar
 
@@ -238,7 +239,7 @@ class CachedTrainer:
         monitors: Any,
         epoch: int,
         seed: int,
-    ) -> dict[str, float]:
+    ) -> EpochStats:
         from binsight.training.distributed import DistContext
         from binsight.training.loop import epoch_stats, optimizer_step
 

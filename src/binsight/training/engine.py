@@ -7,7 +7,6 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ from binsight.training.objective import build_objective
 from binsight.training.optim import build_optimizer, build_scheduler
 from binsight.training.profiling import make_profiler, write_profile_summary
 from binsight.training.progress import Progress, resume, save_checkpoints
-from binsight.training.results import BestEpoch, TrainSummary, model_card
+from binsight.training.results import BestEpoch, EpochRecord, TrainSummary, model_card
 from binsight.training.teachers import teacher_probabilities
 from binsight.utils.io import atomic_write_json, exclusive_folder
 from binsight.utils.plots import history_curves
@@ -69,7 +68,7 @@ def _fetch_remote_checkpoints(remote: Store, out: Path) -> None:
     log.info("fetched the checkpoints of %s into %s", remote.url, out)
 
 
-def train(config: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
+def train(config: TrainConfig, on_epoch_end: Callable[[EpochRecord], None] | None = None) -> TrainSummary:
     """Train, validate every epoch, keep the best model; returns the run summary.
 
     `on_epoch_end` sees each epoch's record after its checkpoint is saved; an exception it raises (a
@@ -91,7 +90,7 @@ def train(config: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | 
 def _train(
     config: TrainConfig,
     context: DistContext,
-    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    on_epoch_end: Callable[[EpochRecord], None] | None,
 ) -> TrainSummary:
     device = resolve_device(config.device, context)
     out = Path(config.out)
@@ -228,16 +227,16 @@ def _train(
             )
             val_counts = val_set.counts
         metrics = counting_metrics(val_counts, probabilities)
-        record = {
-            "epoch": epoch + 1,
-            **stats,
-            "val_loss": val_loss,
-            "lr": optimizer.param_groups[0]["lr"],
+        record = EpochRecord(
+            epoch=epoch + 1,
+            **stats.model_dump(),
+            val_loss=val_loss,
+            lr=optimizer.param_groups[0]["lr"],
             **{f"val_{k}": metrics[k] for k in ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece")},
-        }
+        )
         history = progress.history
         history.append(record)
-        monitors.check_epoch(epoch, [h["train_loss"] for h in history], [h["val_loss"] for h in history])
+        monitors.check_epoch(epoch, [h.train_loss for h in history], [h.val_loss for h in history])
         value = val_loss if config.select_metric == Metric.LOSS else metrics[config.select_metric]
         improved = progress.record(epoch, value, config.select_metric)
         log.info(
@@ -245,12 +244,12 @@ def _train(
             "data wait %.0f%%%s",
             epoch + 1,
             config.epochs,
-            stats["train_loss"],
+            stats.train_loss,
             val_loss,
             metrics["accuracy"],
             metrics["mae"],
-            stats["train_images_per_second"],
-            100 * stats["data_wait_fraction"],
+            stats.train_images_per_second,
+            100 * stats.data_wait_fraction,
             " (best)" if improved else "",
         )
         rng_states = gather_objects(context, rng_state())
@@ -260,7 +259,7 @@ def _train(
                 "num_classes": num_classes,
                 "checkpoint_format": CHECKPOINT_FORMAT,
                 "epoch": epoch + 1,
-                "history": progress.history,
+                "history": [h.model_dump() for h in progress.history],
                 "best": progress.best.model_dump(mode="json"),
                 "train_fingerprint": fingerprint(train_rows),
                 "val_fingerprint": fingerprint(val_rows),
@@ -279,7 +278,7 @@ def _train(
             }
             save_checkpoints(out, remote, checkpoint, training_state, metrics if improved else None)
             if writer is not None:
-                for key, number in record.items():
+                for key, number in record.model_dump().items():
                     if key != "epoch" and isinstance(number, float) and math.isfinite(number):
                         writer.add_scalar(key.replace("_", "/", 1), number, epoch + 1)
                 writer.flush()
@@ -304,7 +303,7 @@ def _train(
             train_counts, np.array([int(r["count"]) for r in val_rows])
         ),
         history=progress.history,
-        findings=[f.__dict__ for f in monitors.findings],
+        findings=list(monitors.findings),
         world_size=context.world_size,
         device=str(device),
     )
@@ -312,7 +311,7 @@ def _train(
         if writer is not None:
             writer.close()
         summary.write(out / "history.json")
-        history_curves(progress.history, out / "curves.png")
+        history_curves([h.model_dump() for h in progress.history], out / "curves.png")
         log.info(
             "best %s %.4f at epoch %s; summary in %s",
             config.select_metric,

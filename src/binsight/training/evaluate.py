@@ -22,7 +22,8 @@ from binsight.training.distributed import DistContext
 from binsight.training.hardware import Precision, resolve_device
 from binsight.training.loop import predict
 from binsight.training.metrics import counting_metrics, majority_baseline
-from binsight.training.results import EvaluationReport, TrainSummary
+from binsight.training.monitors import Finding
+from binsight.training.results import EpochRecord, EvaluationReport, TrainSummary
 from binsight.utils.plots import confusion_matrix_plot, history_curves
 
 log = logging.getLogger(__name__)
@@ -142,59 +143,57 @@ def evaluate(settings: EvaluateConfig) -> EvaluationReport:
         out_dir / "confusion_matrix.png",
         f"{split}: accuracy {metrics['accuracy']:.3f}, n={metrics['n']}",
     )
-    history = checkpoint.get("history", [])
+    history = [EpochRecord.model_validate(h) for h in checkpoint.get("history", [])]
     if history:
-        history_curves(history, out_dir / "curves.png")
+        history_curves([h.model_dump() for h in history], out_dir / "curves.png")
     findings = _findings(Path(checkpoint_path).parent)
-    write_report(report.model_dump(mode="json"), history, findings, out_dir)
+    write_report(report, history, findings, out_dir)
     return report
 
 
-def _findings(run_dir: Path) -> list[dict[str, Any]]:
+def _findings(run_dir: Path) -> list[Finding]:
     """The monitors' findings, from the run summary that training writes next to its checkpoints."""
     summary = run_dir / "history.json"
     return TrainSummary.read(summary).findings if summary.exists() else []
 
 
 def write_report(
-    result: dict[str, Any], history: list[dict[str, Any]], findings: list[dict[str, Any]], out_dir: Path
+    result: EvaluationReport, history: list[EpochRecord], findings: list[Finding], out_dir: Path
 ) -> None:
-    report = HtmlReport(f"binsight evaluation: {result['arch']} / {result['head']} on {result['split']}")
+    report = HtmlReport(f"binsight evaluation: {result.arch} / {result.head} on {result.split}")
     report.paragraph(
-        f"Checkpoint {result['checkpoint']} (epoch {result['epoch']}), {result['n']} images, "
-        f"split fingerprint {result['split_fingerprint']}."
+        f"Checkpoint {result.checkpoint} (epoch {result.epoch}), {result.n} images, "
+        f"split fingerprint {result.split_fingerprint}."
     )
     report.heading("Metrics")
     rows = [
-        ("accuracy", result["accuracy"]),
-        ("off-by-one accuracy", result["off_by_one_accuracy"]),
-        ("MAE (objects)", result["mae"]),
-        ("RMSE (objects)", result["rmse"]),
-        ("expected calibration error", result["ece"]),
-        ("loss", result["loss"]),
-        ("majority-class accuracy (baseline)", result["majority_baseline_accuracy"]),
+        ("accuracy", result.accuracy),
+        ("off-by-one accuracy", result.off_by_one_accuracy),
+        ("MAE (objects)", result.mae),
+        ("RMSE (objects)", result.rmse),
+        ("expected calibration error", result.ece),
+        ("loss", result.loss),
+        ("majority-class accuracy (baseline)", result.majority_baseline_accuracy),
     ]
     report.table(["metric", "value"], rows)
-    baseline = result["majority_baseline_accuracy"]
-    if baseline is not None and result["accuracy"] <= baseline + 0.02:
+    baseline = result.majority_baseline_accuracy
+    if baseline is not None and result.accuracy <= baseline + 0.02:
         report.paragraph("Accuracy is no better than always answering the most common count.", "warn")
     report.heading("Per count")
     report.table(
         ["count", "support", "precision", "recall"],
-        [(k, v["support"], v["precision"], v["recall"]) for k, v in result["per_class"].items()],
+        [(k, v.support, v.precision, v.recall) for k, v in result.per_class.items()],
     )
     report.figure(out_dir / "confusion_matrix.png", "Confusion matrix (rows: true count)")
     report.figure(out_dir / "curves.png", "Training curves")
     report.heading("Training monitors")
     if findings:
         for finding in findings:
-            report.paragraph(
-                f"{finding['rule']} (epoch {finding['epoch'] + 1}): {finding['message']}", "warn"
-            )
+            report.paragraph(f"{finding.rule} (epoch {finding.epoch + 1}): {finding.message}", "warn")
     else:
         report.paragraph("No monitor fired: no overfitting, stalled loss or bad gradients detected.", "ok")
     if history:
         report.heading("History")
         keys = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_mae", "lr", "train_images_per_second"]
-        report.table(keys, [[h.get(k) for k in keys] for h in history])
+        report.table(keys, [[getattr(h, k) for k in keys] for h in history])
     report.write(out_dir / "report.html")

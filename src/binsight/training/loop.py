@@ -18,6 +18,7 @@ from binsight.training.distributed import DistContext, all_reduce_sum, gather_ob
 from binsight.training.hardware import Precision, wants_channels_last
 from binsight.training.monitors import Monitors
 from binsight.training.objective import Objective
+from binsight.training.results import EpochStats
 from binsight.utils.progress import bar
 
 
@@ -71,17 +72,17 @@ def epoch_stats(
     seconds: float,
     data_seconds: float,
     grad_norms: list[float],
-) -> dict[str, float]:
+) -> EpochStats:
     loss_total, seen_total = all_reduce_sum(context, [loss_sum, float(seen)])
     finite = [g for g in grad_norms if math.isfinite(g)]
-    return {
-        "train_loss": loss_total / max(seen_total, 1.0),
-        "train_images_per_second": seen_total / seconds,
-        "data_wait_fraction": data_seconds / seconds,
-        "grad_norm_mean": float(np.mean(finite)) if finite else float("nan"),
-        "grad_norm_max": float(np.max(finite)) if finite else float("nan"),
-        "seconds": seconds,
-    }
+    return EpochStats(
+        train_loss=loss_total / max(seen_total, 1.0),
+        train_images_per_second=seen_total / seconds,
+        data_wait_fraction=data_seconds / seconds,
+        grad_norm_mean=float(np.mean(finite)) if finite else float("nan"),
+        grad_norm_max=float(np.max(finite)) if finite else float("nan"),
+        seconds=seconds,
+    )
 
 
 def train_one_epoch(
@@ -97,7 +98,7 @@ def train_one_epoch(
     epoch: int,
     context: DistContext,
     profiler: Any = None,
-) -> dict[str, float]:
+) -> EpochStats:
     model.train()
     channels_last = wants_channels_last(config, device)
     loss_sum, seen, data_seconds, steps = 0.0, 0, 0.0, 0

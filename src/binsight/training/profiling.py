@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from binsight.training.config import TrainConfig
+from binsight.training.results import EpochStats
 from binsight.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,11 @@ def make_profiler(config: TrainConfig, device: torch.device, out: Path) -> Any:
     )
 
 
-def write_profile_summary(profiler: Any, out: Path, epoch_stats: dict[str, float]) -> None:
+def write_profile_summary(profiler: Any, out: Path, epoch_stats: EpochStats) -> None:
     table = getattr(profiler, "binsight_table", "(the epoch ended before the profiled steps did)")
     summary = (
-        f"data loading: {100 * epoch_stats['data_wait_fraction']:.1f}% of epoch time spent waiting "
-        f"for batches; {epoch_stats['train_images_per_second']:.1f} images/s\n\n"
+        f"data loading: {100 * epoch_stats.data_wait_fraction:.1f}% of epoch time spent waiting "
+        f"for batches; {epoch_stats.train_images_per_second:.1f} images/s\n\n"
         f"Top operators by self time over {out / 'profile' / 'trace.json'} "
         f"(open it in Perfetto or chrome://tracing):\n{table}\n"
     )

@@ -18,7 +18,7 @@ from binsight.training.distributed import DistContext
 from binsight.training.hardware import Precision
 from binsight.training.metrics import Metric
 from binsight.training.monitors import Monitors
-from binsight.training.results import BestEpoch
+from binsight.training.results import BestEpoch, EpochRecord
 from binsight.utils.storage import Store
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 class Progress:
     """Where a run stands between epochs: what a checkpoint saves and a resumed run restores."""
 
-    history: list[dict[str, Any]]
+    history: list[EpochRecord]
     best: BestEpoch
     stale_epochs: int = 0
     start_epoch: int = 0
@@ -88,7 +88,7 @@ def resume(
     precision.scaler.load_state_dict(state["scaler"])
     monitors.load_state_dict(state["monitors"])
     progress = Progress(
-        history=state["history"],
+        history=[EpochRecord.model_validate(h) for h in state["history"]],
         best=BestEpoch.model_validate({**state["best"], "metric": config.select_metric}),
         stale_epochs=state["stale_epochs"],
         start_epoch=epochs_finished(state),

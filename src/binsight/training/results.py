@@ -3,13 +3,12 @@ what evaluation, the search and the pipeline read back."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.card import ModelCard
 from binsight.training.config import TrainConfig
 from binsight.training.metrics import Metric
+from binsight.training.monitors import Finding
 from binsight.utils.records import JsonRecord
 
 
@@ -23,6 +22,35 @@ class BestEpoch(BaseModel):
     metric: Metric = Metric.ACCURACY
 
 
+class EpochStats(BaseModel):
+    """One epoch of training, summed over every rank."""
+
+    train_loss: float
+    train_images_per_second: float
+    data_wait_fraction: float
+    grad_norm_mean: float
+    grad_norm_max: float
+    seconds: float
+
+
+class EpochRecord(EpochStats):
+    """One line of `history.json` (and of a checkpoint's history): training and validation after an
+    epoch. What the search prunes on and the curves plot."""
+
+    epoch: int
+    val_loss: float
+    lr: float
+    val_accuracy: float
+    val_off_by_one_accuracy: float
+    val_mae: float
+    val_rmse: float
+    val_ece: float
+
+    def value(self, metric: Metric) -> float:
+        """The validation value of a selection metric (what `--select-metric` and the search read)."""
+        return float(getattr(self, f"val_{metric.value}"))
+
+
 class TrainSummary(JsonRecord):
     """`history.json`: the run, its best epoch and every epoch's record."""
 
@@ -34,10 +62,21 @@ class TrainSummary(JsonRecord):
     epochs_run: int
     best: BestEpoch
     majority_baseline_val_accuracy: float
-    history: list[dict[str, Any]]
-    findings: list[dict[str, Any]]
+    history: list[EpochRecord]
+    findings: list[Finding]
     world_size: int
     device: str
+
+
+class OverflowMetrics(BaseModel):
+    """How the bins beyond the last class fared: judged against their real count elsewhere, here only
+    whether the model put them in the overflow class."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    overflow_class: str = Field(alias="class")
+    images_beyond: int
+    recognised_as_overflow: float | None
 
 
 class ClassMetrics(BaseModel):
@@ -65,7 +104,7 @@ class EvaluationReport(JsonRecord):
     mae: float
     rmse: float
     ece: float
-    overflow: dict[str, Any]
+    overflow: OverflowMetrics
     per_class: dict[str, ClassMetrics]
     confusion_matrix: list[list[int]]
 

@@ -27,6 +27,7 @@ from binsight.errors import BinsightError
 from binsight.reporting.html import HtmlReport
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.metrics import Metric
+from binsight.training.results import EpochRecord
 from binsight.utils.io import atomic_write_csv, atomic_write_text
 from binsight.utils.records import JsonRecord
 from binsight.utils.redact import SecretUrl, redact
@@ -141,12 +142,12 @@ def objective(config: TuneConfig) -> Any:
         trial.set_user_attr("out", str(train_config.out))
         # Which machine and process ran it: several workers share one study.
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        key = f"val_{config.metric}"
 
-        def report(record: dict[str, Any]) -> None:
-            trial.report(record[key], record["epoch"])
+        def report(record: EpochRecord) -> None:
+            value = record.value(config.metric)
+            trial.report(value, record.epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {record['epoch']}: {key} {record[key]:.4f}")
+                raise optuna.TrialPruned(f"epoch {record.epoch}: val_{config.metric} {value:.4f}")
 
         summary = train(train_config, on_epoch_end=report)
         if summary.best.value is None:

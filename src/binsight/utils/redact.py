@@ -47,6 +47,18 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """binsight's log lines on stderr, secrets redacted: the CLI's and every server worker's (uvicorn's
+    own loggers propagate here; they get no handlers of their own)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    install_redaction()
+
+
 def install_redaction(logger: logging.Logger | None = None) -> None:
     """Add the filter to every handler of `logger` (the root logger by default), once."""
     target = logger or logging.getLogger()
