@@ -4,14 +4,15 @@ real ABID photos.
 The training split of ../shared/abid (the bench_accuracy split: seed 0, 60/20/20) is the pool. A small
 labelled seed set starts the model; every round, N more photos are "recounted" (their recorded count
 is revealed), chosen either at random or by binsight's informative policy (`recheck.queue.
-informative_order`: uncertain, leaning to the middle counts, spread out in the embedding), and the
+informative_order`: uncertain, leaning to the middle counts, spread out over the answers), and the
 model is retrained. The model is a linear head on frozen DINOv2 ViT-S/14 features (class token and mean
 patch token, computed once through binsight's feature cache), which trains in about a second, so the
-whole curve is cheap; the fixed test split scores every round. Several seeds give the spread.
+whole curve is cheap; the validation split (which any choice of policy is made on) and the fixed
+test split score every round. Several seeds give the spread.
 
 Reported: accuracy, RMSE (posterior mean) and recall at 2/3/4 per round and policy; the labels the
 active policy needs to reach the random policy's final accuracy; the accuracy gap at equal labels,
-against the seed spread. A PNG of the curves.
+against the seed spread; for each split. PNGs of the curves.
 
 Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
      [--seeds 5] [--start 200] [--step 100] [--rounds 12]
@@ -96,30 +97,31 @@ def scores(p: np.ndarray, counts: np.ndarray) -> dict[str, float]:
 def simulate(
     x: np.ndarray,
     y: np.ndarray,
-    x_test: np.ndarray,
-    counts_test: np.ndarray,
+    scored: dict[str, tuple[np.ndarray, np.ndarray]],
     policy: str,
     seed: int,
     args: argparse.Namespace,
-) -> list[dict[str, float]]:
+) -> dict[str, list[dict[str, float]]]:
+    """One seed's curve per scored split (features, recorded counts): the policy as the product runs
+    it (`recheck.queue.informative_order` on the model's probabilities for the unlabelled pool)."""
     from binsight.recheck.queue import informative_order
 
     rng = np.random.default_rng(seed)
     labelled = list(rng.choice(len(x), size=args.start, replace=False))
-    curve = []
+    curves: dict[str, list[dict[str, float]]] = {split: [] for split in scored}
     for round_ in range(args.rounds + 1):
         head = train_head(x[labelled], y[labelled], seed)
-        curve.append({"labels": len(labelled), **scores(probabilities(head, x_test), counts_test)})
+        for split, (features, counts) in scored.items():
+            curves[split].append({"labels": len(labelled), **scores(probabilities(head, features), counts)})
         if round_ == args.rounds:
             break
         pool = np.setdiff1d(np.arange(len(x)), labelled)
         if policy == "random":
             chosen = rng.choice(pool, size=args.step, replace=False)
         else:
-            order = informative_order(probabilities(head, x[pool]), x[pool], k=args.step)
-            chosen = pool[order]
+            chosen = pool[informative_order(probabilities(head, x[pool]), k=args.step)]
         labelled += list(chosen)
-    return curve
+    return curves
 
 
 def main() -> int:
@@ -145,23 +147,28 @@ def main() -> int:
     from binsight.utils.io import read_csv
 
     data = prepare_data(args.abid, args.work)["all"]
-    x_train, x_test = pooled_features(args.work, data, "train"), pooled_features(args.work, data, "test")
+    x_train = pooled_features(args.work, data, "train")
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    x_train = (x_train - mean) / std
     y = np.minimum([int(r["count"]) for r in read_csv(data / "splits" / "train.csv")], NUM_CLASSES - 1)
-    counts_test = np.array([int(r["count"]) for r in read_csv(data / "splits" / "test.csv")])
-    curves = {
-        policy: [
-            simulate(x_train, y.astype(np.int64), x_test, counts_test, policy, s, args)
-            for s in range(args.seeds)
-        ]
+    # Validation decides (the policy, its knobs); the test split reports.
+    scored = {
+        split: (
+            (pooled_features(args.work, data, split) - mean) / std,
+            np.array([int(r["count"]) for r in read_csv(data / "splits" / f"{split}.csv")]),
+        )
+        for split in ("val", "test")
+    }
+    runs = {
+        policy: [simulate(x_train, y.astype(np.int64), scored, policy, s, args) for s in range(args.seeds)]
         for policy in ("random", "active")
     }
-    report(curves, args)
+    for split in scored:
+        report({policy: [run[split] for run in seeds] for policy, seeds in runs.items()}, split, args)
     return 0
 
 
-def report(curves: dict[str, list[list[dict[str, float]]]], args: argparse.Namespace) -> None:
+def report(curves: dict[str, list[list[dict[str, float]]]], split: str, args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,7 +181,7 @@ def report(curves: dict[str, list[list[dict[str, float]]]], args: argparse.Names
             key: np.array([[point[key] for point in run] for run in runs])
             for key in ("accuracy", "rmse", "recall_2", "recall_3", "recall_4")
         }
-    print(f"\n{args.seeds} seeds; start {args.start} labels, +{args.step} per round; test split")
+    print(f"\n{args.seeds} seeds; start {args.start} labels, +{args.step} per round; {split} split")
     print("| labels | random acc | active acc | gap (pt) | random RMSE | active RMSE | active recall 2/3/4 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for i, n in enumerate(labels):
@@ -204,11 +211,13 @@ def report(curves: dict[str, list[list[dict[str, float]]]], args: argparse.Names
             axis.set_ylabel(key.replace("_", " at "))
             axis.grid(alpha=0.3)
     axes[0].legend()
-    figure.suptitle("Recounts chosen at random vs by the informative policy (test split, min-max over seeds)")
+    figure.suptitle(
+        f"Recounts chosen at random vs by the informative policy ({split} split, min-max over seeds)"
+    )
     figure.tight_layout()
-    out = args.work / "recheck_simulation.png"
+    out = args.work / f"recheck_simulation_{split}.png"
     figure.savefig(out, dpi=110)
-    (args.work / "recheck_simulation.json").write_text(
+    (args.work / f"recheck_simulation_{split}.json").write_text(
         json.dumps({p: [[dict(pt) for pt in run] for run in runs] for p, runs in curves.items()}, indent=1)
     )
     print(f"curves: {out}")

@@ -111,12 +111,11 @@ def from_traffic(capture_dir: Path) -> list[QueueEntry]:
     return sorted(entries.values(), key=lambda e: -e.priority)
 
 
-def informative_order(
-    probabilities: np.ndarray, embeddings: np.ndarray | None = None, k: int | None = None
-) -> list[int]:
+def informative_order(probabilities: np.ndarray, k: int | None = None) -> list[int]:
     """Rows to recount to teach the model most, best first: uncertain, leaning to the middle counts,
-    and spread out. `embeddings` (one vector per photo, e.g. the server's) measure spread; without
-    them the probability vectors do."""
+    and spread out over the answers' distributions. Spread is measured between probability vectors,
+    not image embeddings: normalised embeddings of 384+ dimensions are all about equally far apart, so
+    they spread nothing (measured: docs/benchmarks.md, the re-check simulation)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     n = len(probabilities)
     k = n if k is None else min(k, n)
@@ -124,8 +123,7 @@ def informative_order(
     uncertainty = 1.0 - (top2[:, 1] - top2[:, 0])  # 1 - margin
     middle = probabilities[:, [c for c in MIDDLE if c < probabilities.shape[1]]].sum(axis=1)
     score = uncertainty * (0.5 + middle)
-    space = np.asarray(embeddings if embeddings is not None else probabilities, dtype=np.float64)
-    space = space / (np.linalg.norm(space, axis=1, keepdims=True) + 1e-12)
+    space = probabilities / (np.linalg.norm(probabilities, axis=1, keepdims=True) + 1e-12)
     chosen: list[int] = []
     # Greedy: the best score, discounted by closeness to what is already chosen.
     distance = np.full(n, 2.0)

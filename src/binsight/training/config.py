@@ -84,7 +84,9 @@ class TrainConfig(BaseModel):
         "auto",
         description="mixed precision; auto: on for GPUs and for CPUs with native bf16 (AVX512-BF16, AMX)",
     )
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on wherever amp is on")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="NHWC memory layout; auto: on for CPUs, and for GPUs with mixed precision"
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     workers: int = Field(2, ge=0, description="data loader processes per training process")
     cache: bool = Field(False, description="decode and resize every image once into a uint8 cache")

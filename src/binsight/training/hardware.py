@@ -55,7 +55,8 @@ class Precision:
 
 
 def wants_channels_last(config: TrainConfig, device: torch.device) -> bool:
-    # oneDNN's and cuDNN's fast bf16/fp16 convolutions want NHWC; in fp32 on CPU it is a wash.
-    return config.channels_last == "on" or (
-        config.channels_last == "auto" and Precision(config, device).enabled
-    )
+    # oneDNN's convolutions are fastest in NHWC in fp32 too (Lite0 training at 224x304, 2 cores: 1.5x
+    # on AVX2, 1.6x on AVX-512; benchmarks/bench_recipe_speed.py); cuDNN's only with fp16/bf16.
+    if config.channels_last != "auto":
+        return config.channels_last == "on"
+    return device.type == "cpu" or Precision(config, device).enabled
