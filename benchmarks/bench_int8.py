@@ -100,8 +100,8 @@ def main() -> int:
         return 0
 
     from binsight.cpu import cpu_class, cpu_features
-    from binsight.export import onnx as onnx_export
-    from binsight.export.onnx import ExportConfig, Int8Recipe, _sample_inputs, export
+    from binsight.export.int8 import Int8Recipe, quantize_int8
+    from binsight.export.onnx import ExportConfig, _sample_inputs, export
     from binsight.training.checkpoint import load_checkpoint
     from binsight.training.evaluate import load_model
 
@@ -116,7 +116,7 @@ def main() -> int:
     calibration, _ = _sample_inputs(args.data, "val", config, num_classes, 64)
     for name, settings in VARIANTS.items():
         files[name] = args.work / f"{name}.onnx"
-        files[name].write_bytes(onnx_export._quantize_int8(fp32, calibration, Int8Recipe(**settings)))
+        files[name].write_bytes(quantize_int8(fp32, calibration, Int8Recipe(**settings)))
 
     targets = np.minimum(counts, num_classes - 1)
     print(f"CPU: {cpu_class()} ({', '.join(sorted(cpu_features()))}); {len(images)} validation photos")

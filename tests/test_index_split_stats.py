@@ -10,7 +10,7 @@ import pytest
 
 from binsight.cli import main
 from binsight.data.index import build_index, load_index
-from binsight.data.split import SplitConfig, assign_splits, write_splits
+from binsight.data.split import SplitConfig, assign_splits, load_split, spread_rows, write_splits
 from binsight.data.stats import dataset_stats
 from binsight.errors import BinsightError
 from binsight.utils.io import read_csv
@@ -122,3 +122,14 @@ def test_split_needs_enough_images(tmp_path: Path, dataset: Path) -> None:
     (dataset / "index.csv").write_text("\n".join(lines[:3]) + "\n")
     with pytest.raises(BinsightError, match="at least 3"):
         write_splits(dataset, SplitConfig())
+
+
+def test_a_spread_subset_of_a_split_keeps_every_count(dataset: Path) -> None:
+    build_index(dataset)
+    write_splits(dataset, SplitConfig(val_fraction=0.5, test_fraction=0.2))
+    rows = load_split(dataset, "val")
+    assert [int(r["count"]) for r in rows] == sorted(int(r["count"]) for r in rows)  # why spreading matters
+    subset = spread_rows(rows, 8)
+    assert len(subset) == 8 and len({r["id"] for r in subset}) == 8
+    assert {r["count"] for r in subset} == {r["count"] for r in rows}  # not only the first counts
+    assert spread_rows(rows, len(rows) + 5) == rows

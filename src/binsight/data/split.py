@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.data.index import INDEX_FIELDS, load_index
@@ -116,6 +117,15 @@ class SplitSettings(SplitConfig):
 
 def split_dataset(settings: SplitSettings) -> SplitRecord:
     return write_splits(settings.data, SplitConfig.model_validate(settings.model_dump(exclude={"data"})))
+
+
+def spread_rows(rows: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """At most `limit` rows, evenly spaced through a split. Split files are sorted by count, so the
+    first rows are the empty and one-item bins only: a subset taken from the top would calibrate and
+    check a model on the easiest photos."""
+    if len(rows) <= limit:
+        return rows
+    return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, limit).round()]
 
 
 def load_split(data_dir: Path, split: str) -> list[dict[str, str]]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
-import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,8 +21,9 @@ from torch import nn
 
 from binsight.card import ModelCard
 from binsight.cpu import native_bf16
-from binsight.data.split import load_split
+from binsight.data.split import load_split, spread_rows
 from binsight.errors import BinsightError
+from binsight.export.int8 import quantize_int8
 from binsight.imaging import Size, as_hw
 from binsight.inference.conformal import Calibration
 from binsight.inference.engines import RuntimeChoice
@@ -135,7 +134,7 @@ def _with_metadata(onnx_bytes: bytes, metadata: dict[str, str]) -> bytes:
 def _sample_inputs(
     data_dir: Path, split: str, config: TrainConfig, num_classes: int, limit: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    rows = load_split(data_dir, split)[:limit]
+    rows = spread_rows(load_split(data_dir, split), limit)
     dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
     images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
     return images, dataset.counts[: len(images)]
@@ -180,7 +179,7 @@ def _describe_for_serving(
     engine's own outputs on the validation split. Returns what was written, and each engine's
     validation accuracy (for the int8 verdict)."""
     try:
-        rows = load_split(data_dir, "val")[:limit]
+        rows = spread_rows(load_split(data_dir, "val"), limit)
     except BinsightError:
         rows = []
     if not rows:
@@ -221,68 +220,6 @@ def _add_metadata(path: Path, entries: dict[str, str]) -> None:
     atomic_write_bytes(path, proto.SerializeToString())
 
 
-@dataclass(frozen=True)
-class Int8Recipe:
-    """How the int8 file is quantised (static QDQ, calibrated on validation photos). Measured across
-    CPUs in `benchmarks/bench_int8.py`: 8-bit weights with u8 activations saturate the 16-bit
-    intermediate sums of int8 kernels on CPUs without VNNI (AVX2, AVX-512 before Cascade Lake), which
-    costs whole counts; 7-bit weights (`reduce_range`) leave the headroom."""
-
-    reduce_range: bool = True
-    signed_activations: bool = False
-    per_channel: bool = True
-    exclude_depthwise: bool = False
-
-
-def _depthwise_convs(path: Path) -> list[str]:
-    proto = onnx.load(str(path))
-    names = []
-    for node in proto.graph.node:
-        if node.op_type == "Conv":
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if group > 1:
-                names.append(node.name)
-    return names
-
-
-def _quantize_int8(fp32_path: Path, calibration: np.ndarray, recipe: Int8Recipe = Int8Recipe()) -> bytes:
-    """Static QDQ quantisation calibrated on real validation images (dynamic quantisation leaves the
-    convolutions, which are nearly all of a CNN's time, in float)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type hints
-        def __init__(self) -> None:
-            self.batches = iter([{"images": calibration[i : i + 8]} for i in range(0, len(calibration), 8)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    # The quantiser logs one line per rescaled depthwise channel (thousands for EfficientNet) through the
-    # root logger at INFO; keep them out of the user's log.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            prepared, output = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared),
-                str(output),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8 if recipe.signed_activations else QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                per_channel=recipe.per_channel,
-                reduce_range=recipe.reduce_range,
-                nodes_to_exclude=_depthwise_convs(prepared) if recipe.exclude_depthwise else None,
-            )
-            return output.read_bytes()
-    finally:
-        root.setLevel(level)
-
-
 def _card(checkpoint: dict[str, object], config: TrainConfig, num_classes: int) -> ModelCard:
     # Checkpoints from before the card existed get theirs rebuilt from what they do hold.
     if "card" in checkpoint:
@@ -301,7 +238,7 @@ def reference_set(
     """The self-check's photos (validation photos as the model takes them, uint8) and the fp32 PyTorch
     model's answers for them; None without a validation split."""
     try:
-        rows = load_split(data_dir, "val")[:photos]
+        rows = spread_rows(load_split(data_dir, "val"), photos)
     except BinsightError:
         return None
     preprocess = config.preprocess
@@ -357,7 +294,7 @@ def _write_int8(
     describe: Callable[[Path, bool], tuple[Calibrated | None, Baselined | None, dict[str, float]]],
 ) -> Quantised:
     int8_path = out.with_name(out.stem + ".int8.onnx")
-    int8_bytes = _with_metadata(_quantize_int8(out, calibration), {**metadata, "quantized": "int8"})
+    int8_bytes = _with_metadata(quantize_int8(out, calibration), {**metadata, "quantized": "int8"})
     atomic_write_bytes(int8_path, int8_bytes)
     _, _, int8_accuracy = describe(int8_path, True)
     costs = {

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from binsight.serving.api_schema import (
@@ -45,7 +45,7 @@ from binsight.serving.config import ServeConfig
 from binsight.serving.inputs import FetchLedger, RequestError, overloaded
 from binsight.serving.metrics import ServerMetrics
 from binsight.serving.service import CountingService
-from binsight.serving.web import static_file, traffic_summary
+from binsight.serving.web import add_pages, traffic_summary
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,8 @@ class ObserveRequests:
 
 
 def create_app(config: ServeConfig) -> FastAPI:
+    """The server as a list of parts: the service's lifetime, error bodies, access control (outermost),
+    prediction routes, information routes, pages, and the recount API when asked for."""
     metrics = ServerMetrics()
     state: dict[str, CountingService] = {}
     policy = access_policy(
@@ -275,7 +277,27 @@ def create_app(config: ServeConfig) -> FastAPI:
         redoc_url=None,
     )
     app.state.binsight = state
+    _add_error_handlers(app, metrics)
+    app.add_middleware(ObserveRequests, metrics=metrics, state=state)
 
+    def refused(path: str, status: int, code: str) -> None:
+        metrics.error(path, code)
+        metrics.request(path, status, 0.0)
+
+    # Added last, so it runs first: nothing is routed, read or counted for a caller it refuses.
+    app.add_middleware(AccessControl, policy=policy, on_refused=refused)
+    _add_prediction_routes(app, config, state)
+    _add_information_routes(app, config, state, metrics)
+    add_pages(app)
+    if config.recheck:
+        from binsight.serving.recheck import add_recheck_routes
+
+        add_recheck_routes(app, config, policy)
+    declare_security(app, policy.auth_required, lambda path: route_scope(path, config.metrics_public))
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> Response:
         metrics.error(request.url.path, exc.code)
@@ -291,15 +313,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             error_json("internal", "internal error; see the server log"), 500, media_type="application/json"
         )
 
-    app.add_middleware(ObserveRequests, metrics=metrics, state=state)
 
-    def refused(path: str, status: int, code: str) -> None:
-        metrics.error(path, code)
-        metrics.request(path, status, 0.0)
-
-    # Added last, so it runs first: nothing is routed, read or counted for a caller it refuses.
-    app.add_middleware(AccessControl, policy=policy, on_refused=refused)
-
+def _add_prediction_routes(app: FastAPI, config: ServeConfig, state: dict[str, CountingService]) -> None:
     async def predict(request: Request) -> tuple[list[dict[str, Any]], bool]:
         try:
             async with asyncio.timeout(config.request_timeout_s):
@@ -311,6 +326,24 @@ def create_app(config: ServeConfig) -> FastAPI:
                 504, "deadline_exceeded", f"the request took over {config.request_timeout_s:g} s"
             ) from None
 
+    @app.post(
+        "/invocations",
+        openapi_extra=invocation_body(),
+        responses=invocation_responses(many_or_one=True),
+    )
+    async def invocations(request: Request) -> JSONResponse:
+        predictions, many = await predict(request)
+        return JSONResponse({"predictions": predictions} if many else predictions[0])
+
+    @app.post("/v1/count", openapi_extra=invocation_body(), responses=invocation_responses(many_or_one=False))
+    async def count(request: Request) -> JSONResponse:
+        predictions, _ = await predict(request)
+        return JSONResponse({"predictions": predictions})
+
+
+def _add_information_routes(
+    app: FastAPI, config: ServeConfig, state: dict[str, CountingService], metrics: ServerMetrics
+) -> None:
     def reload_failure(detail: bool) -> dict[str, str] | None:
         failure = state["service"].last_reload_failure
         if failure is None:
@@ -343,39 +376,6 @@ def create_app(config: ServeConfig) -> FastAPI:
             "last_reload_failure": reload_failure(detail=True),
         }
 
-    @app.post(
-        "/invocations",
-        openapi_extra=invocation_body(),
-        responses=invocation_responses(many_or_one=True),
-    )
-    async def invocations(request: Request) -> JSONResponse:
-        predictions, many = await predict(request)
-        return JSONResponse({"predictions": predictions} if many else predictions[0])
-
-    @app.post("/v1/count", openapi_extra=invocation_body(), responses=invocation_responses(many_or_one=False))
-    async def count(request: Request) -> JSONResponse:
-        predictions, _ = await predict(request)
-        return JSONResponse({"predictions": predictions})
-
-    pages = {name: static_file(name) for name in ("index.html", "traffic.html")}
-    assets = {"style.css": "text/css", "api.js": "text/javascript"}
-    asset_bodies = {name: static_file(name) for name in assets}
-
-    # The pages are for people, not part of the API contract.
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> str:
-        return pages["index.html"]
-
-    @app.get("/traffic", response_class=HTMLResponse, include_in_schema=False)
-    async def traffic_page() -> str:
-        return pages["traffic.html"]
-
-    @app.get("/static/{name}", include_in_schema=False)
-    async def asset(name: str) -> Response:
-        if name not in assets:
-            raise RequestError(404, "not_found", "no such file")
-        return Response(asset_bodies[name], media_type=assets[name])
-
     @app.get("/v1/traffic")
     async def traffic() -> dict[str, Any]:
         summary = await asyncio.get_running_loop().run_in_executor(None, traffic_summary, config.capture_dir)
@@ -397,10 +397,3 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
-
-    if config.recheck:
-        from binsight.serving.recheck import add_recheck_routes
-
-        add_recheck_routes(app, config, policy)
-    declare_security(app, policy.auth_required, lambda path: route_scope(path, config.metrics_public))
-    return app

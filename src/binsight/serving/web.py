@@ -12,6 +12,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, Response
+
+from binsight.serving.inputs import RequestError
+
 STATIC = resources.files("binsight.serving") / "static"
 
 
@@ -59,3 +64,24 @@ def traffic_summary(capture_dir: Path | None, limit: int = 5000, recent: int = 2
         ],
         "recent": records[-recent:][::-1],
     }
+
+
+def add_pages(app: FastAPI) -> None:
+    """The HTML pages and their assets: for people, not part of the API contract."""
+    pages = {name: static_file(name) for name in ("index.html", "traffic.html")}
+    assets = {"style.css": "text/css", "api.js": "text/javascript"}
+    asset_bodies = {name: static_file(name) for name in assets}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return pages["index.html"]
+
+    @app.get("/traffic", response_class=HTMLResponse, include_in_schema=False)
+    async def traffic_page() -> str:
+        return pages["traffic.html"]
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        if name not in assets:
+            raise RequestError(404, "not_found", "no such file")
+        return Response(asset_bodies[name], media_type=assets[name])

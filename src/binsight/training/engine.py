@@ -41,7 +41,7 @@ from binsight.training.monitors import Monitors
 from binsight.training.objective import Objective, build_objective
 from binsight.training.optim import build_optimizer, build_scheduler
 from binsight.training.profiling import make_profiler, write_profile_summary
-from binsight.training.progress import Progress, resume, save_checkpoints
+from binsight.training.progress import Progress, fetch_remote_checkpoints, resume, save_checkpoints
 from binsight.training.results import BestEpoch, EpochRecord, EpochStats, TrainSummary, model_card
 from binsight.training.teachers import teacher_probabilities
 from binsight.utils.io import atomic_write_json, exclusive_folder
@@ -58,17 +58,6 @@ def stream_seed(*parts: int) -> int:
     """A seed for one (seed, rank, epoch) stream. Arithmetic like seed*1000 + epoch*10 + rank collides
     (rank 10 of epoch 0 is rank 0 of epoch 1); NumPy's SeedSequence hashes the parts instead."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _fetch_remote_checkpoints(remote: Store, out: Path) -> None:
-    """A new machine for a preempted run: bring its checkpoints home, so it resumes where it stopped."""
-    present = set(remote.list(""))
-    if "last.pt" not in present:
-        return
-    for name in ("best.pt", "last.pt"):
-        if name in present:
-            remote.get_file(name, out / name)
-    log.info("fetched the checkpoints of %s into %s", remote.url, out)
 
 
 def train(config: TrainConfig, on_epoch_end: Callable[[EpochRecord], None] | None = None) -> TrainSummary:
@@ -223,7 +212,7 @@ def _restore(run: _Run) -> None:
     last_path = out / "last.pt"
     run.remote = open_store(config.checkpoint_dir) if config.checkpoint_dir else None
     if run.remote is not None and not config.fresh and not last_path.exists():
-        _fetch_remote_checkpoints(run.remote, out)
+        fetch_remote_checkpoints(run.remote, out)
     # Per-rank stream for dropout and augmentation; a resumed run replaces it with the saved state.
     torch.manual_seed(stream_seed(config.seed, context.rank))
     if last_path.exists() and not config.fresh:

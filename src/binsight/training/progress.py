@@ -116,3 +116,14 @@ def save_checkpoints(
         if best_metrics is not None:
             remote.put_file("best.pt", best_path)
         remote.put_file("last.pt", last_path)
+
+
+def fetch_remote_checkpoints(remote: Store, out: Path) -> None:
+    """A new machine for a preempted run: bring its checkpoints home, so it resumes where it stopped."""
+    present = set(remote.list(""))
+    if "last.pt" not in present:
+        return
+    for name in ("best.pt", "last.pt"):
+        if name in present:
+            remote.get_file(name, out / name)
+    log.info("fetched the checkpoints of %s into %s", remote.url, out)
