@@ -250,12 +250,13 @@ def test_fetched_bytes_are_admitted_like_a_body(trained: dict[str, Path], abid_b
     Image.effect_noise((500, 500), 90).convert("RGB").save(big, "PNG")  # incompressible
     size = len(big.getvalue())
     client = s3_client(abid_bucket["endpoint"])
-    client.put_object(Bucket=BUCKET, Key="bin-images/big.png", Body=big.getvalue())
-    uri = f"s3://{BUCKET}/bin-images/big.png"
+    # Beside the ABID layout, not in it: the bucket is shared by the session's tests.
+    client.put_object(Bucket=BUCKET, Key="security/big.png", Body=big.getvalue())
+    uri = f"s3://{BUCKET}/security/big.png"
     settings = {
         "s3_endpoint_url": abid_bucket["endpoint"],
         "s3_unsigned": True,
-        "s3_allow": [f"s3://{BUCKET}/bin-images/"],
+        "s3_allow": [f"s3://{BUCKET}/security/"],
     }
     with server(trained, max_body_bytes=int(2.5 * size), **settings) as s:
         assert (

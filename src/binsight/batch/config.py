@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from binsight.inference.engines import Backend, Precision
+from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.verdict import VerdictSettings
 from binsight.utils.redact import SecretUrl
 
@@ -39,7 +39,9 @@ class BatchConfig(BaseModel):
     shard_size: int = Field(4096, ge=1, description="photos per Parquet shard (the unit of resumption)")
     fetch_threads: int = Field(16, ge=1, le=256, description="concurrent reads per decode task")
     backend: Backend = Field("auto", description="auto, onnxruntime or openvino")
-    precision: Precision = Field("auto", description="auto, fp32 or bf16; an int8 model file runs in int8")
+    precision: EnginePrecision = Field(
+        "auto", description="auto, fp32 or bf16; an int8 model file runs in int8"
+    )
     s3_endpoint_url: SecretUrl | None = Field(None, description="S3-compatible endpoint (default AWS)")
     s3_unsigned: bool = Field(False, description="read S3 anonymously (public buckets such as ABID's)")
     restart: bool = Field(False, description="discard results of an earlier run in --out and start over")

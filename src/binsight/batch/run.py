@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from binsight.batch.config import BatchConfig
 from binsight.batch.sources import NO_RECORD, Manifest, list_source
-from binsight.batch.stages import Batch, Scorer, ScorerSettings, fetch_and_decode
+from binsight.batch.stages import Batch, Scorer, ScorerSettings, SharedModel, fetch_and_decode
 from binsight.errors import BinsightError
 from binsight.imaging import Preprocess
 from binsight.inference.runtime import LoadedModel, model_info
@@ -307,10 +307,7 @@ def _on_ray(
     )
     scored = decoded.map_batches(
         Scorer,
-        # The model file travels through the object store: actors on other nodes have no copy of it.
-        # Nested in a list: Ray would otherwise resolve it at actor creation and warn that restarted
-        # actors depend on it; the driver holds the reference for the whole run.
-        fn_constructor_args=([model_ref], dataclasses.replace(settings, threads=threads)),
+        fn_constructor_args=(SharedModel(model_ref), dataclasses.replace(settings, threads=threads)),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.replicas),

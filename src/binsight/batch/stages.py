@@ -20,7 +20,7 @@ from PIL import Image
 
 from binsight.batch.sources import NO_RECORD
 from binsight.imaging import Preprocess
-from binsight.inference.engines import Backend, Precision
+from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.runtime import LoadedModel, load_counter
 from binsight.inference.verdict import VerdictSettings, judge
 from binsight.utils.reading import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, read_source
@@ -89,7 +89,7 @@ class ScorerSettings:
     """How a replica loads its model and judges records; picklable, so Ray can ship it to actors."""
 
     backend: Backend = "auto"
-    precision: Precision = "auto"
+    precision: EnginePrecision = "auto"
     threads: int | None = None
     version: str | None = None
     judge: bool = False  # audit: verdict columns against the recorded quantity
@@ -110,19 +110,24 @@ def _load(model: str | bytes, settings: ScorerSettings) -> LoadedModel:
     return load_counter(model, settings.threads, settings.version, settings.backend, settings.precision)
 
 
+@dataclass(frozen=True)
+class SharedModel:
+    """The model file's bytes in Ray's object store, for actors on nodes without a copy. Held in a
+    wrapper: a bare reference as an actor argument is resolved by Ray at creation, and restarted
+    actors would then depend on it (Ray warns); the driver holds the reference for the whole run."""
+
+    ref: Any  # ray.ObjectRef[bytes]; Ray ships no type for it
+
+
 class Scorer:
     """The model replica: normalised pixels -> probabilities (and verdicts when judging)."""
 
-    def __init__(self, model: Any, settings: ScorerSettings) -> None:
-        """`model`: a loaded model, a file path, the file's bytes, or [a Ray object reference to them]."""
-        if isinstance(model, str | bytes):
-            model = _load(model, settings)
-        elif isinstance(model, list):
+    def __init__(self, model: LoadedModel | str | bytes | SharedModel, settings: ScorerSettings) -> None:
+        if isinstance(model, SharedModel):
             import ray
 
-            data = ray.get(model[0])
-            model = _load(bytes(data), settings)
-        self.counter: LoadedModel = model
+            model = bytes(ray.get(model.ref))
+        self.counter = _load(model, settings) if isinstance(model, str | bytes) else model
         info = self.counter.info
         self.settings = settings
         self.policy = settings.verdicts.policy(info.calibration)

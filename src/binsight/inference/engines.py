@@ -11,7 +11,7 @@ from binsight.cpu import cpu_features
 from binsight.errors import BinsightError
 
 Backend = Literal["auto", "onnxruntime", "openvino"]
-Precision = Literal["auto", "fp32", "bf16"]
+EnginePrecision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class RuntimeChoice:
     reason: str
 
 
-def choose_runtime(backend: Backend, precision: Precision) -> RuntimeChoice:
+def choose_runtime(backend: Backend, precision: EnginePrecision) -> RuntimeChoice:
     """OpenVINO where it is installed and the CPU is x86 (its oneDNN kernels use AMX, AVX512-BF16 and
     VNNI, which ONNX Runtime's CPU provider leaves idle for bf16); ONNX Runtime otherwise, the portable
     fallback. bf16 is chosen only where the CPU computes it natively (AMX or AVX512-BF16)."""

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from binsight.card import ModelCard
 from binsight.errors import BinsightError
 from binsight.imaging import Preprocess
-from binsight.inference.engines import Backend, Precision, RuntimeChoice, choose_runtime
+from binsight.inference.engines import Backend, EnginePrecision, RuntimeChoice, choose_runtime
 from binsight.inference.selfcheck import ReferenceSet, SelfCheck, run_self_check
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def load_counter(
     threads: int | None = None,
     version: str | None = None,
     backend: Backend = "auto",
-    precision: Precision = "auto",
+    precision: EnginePrecision = "auto",
 ) -> LoadedModel:
     """A model from an exported ONNX file, in the engine `choose_runtime` picks (or the one asked for),
     proven on this CPU by its self-check. A file that fails it at reduced precision falls back: bf16 to

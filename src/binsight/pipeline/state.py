@@ -9,7 +9,6 @@ from pathlib import Path
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from binsight.errors import BinsightError
-from binsight.training.metrics import Metric
 from binsight.training.results import BestEpoch
 from binsight.utils.records import JsonRecord
 
@@ -56,9 +55,6 @@ class SplitMetrics(_Step):
     ece: float
     n: int
     split_fingerprint: str
-
-    def value(self, metric: Metric) -> float:
-        return float(getattr(self, metric.value))
 
 
 class Evaluated(_Step):

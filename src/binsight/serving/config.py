@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from binsight.inference.engines import Backend, Precision
+from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.verdict import VerdictSettings
 from binsight.utils.redact import SecretUrl
 from binsight.utils.s3 import BadS3Uri, parse_s3_uri
@@ -28,7 +28,9 @@ class ServeConfig(VerdictSettings):
         None, ge=1, description="inference threads per process (default cores/workers)"
     )
     backend: Backend = Field("auto", description="auto, onnxruntime or openvino (auto: see choose_runtime)")
-    precision: Precision = Field("auto", description="auto, fp32 or bf16; an int8 model file runs in int8")
+    precision: EnginePrecision = Field(
+        "auto", description="auto, fp32 or bf16; an int8 model file runs in int8"
+    )
     max_batch_size: int = Field(16, ge=1, le=512)
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
     queue_size: int = Field(256, ge=1, description="images admitted at most (queued or in the model)")

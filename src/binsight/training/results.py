@@ -108,9 +108,6 @@ class EvaluationReport(JsonRecord):
     per_class: dict[str, ClassMetrics]
     confusion_matrix: list[list[int]]
 
-    def value(self, metric: Metric) -> float:
-        return float(getattr(self, metric.value))
-
 
 def model_card(
     config: TrainConfig, num_classes: int, train_fingerprint: str = "", val_fingerprint: str = ""
