@@ -116,6 +116,8 @@ def test_engines_agree_and_the_choice_is_explained(
     monkeypatch.setattr(engines, "cpu_features", lambda: {"avx512f", "avx512_vnni"})
     plain = engines.choose_runtime("auto", "auto")
     assert (plain.backend, plain.precision) == ("openvino", "fp32") and "no native bf16" in plain.reason
+    asked = engines.choose_runtime("openvino", "bf16")  # emulated bf16 would be slower than fp32
+    assert asked.precision == "fp32" and "no native bf16" in asked.reason
     monkeypatch.setattr(engines, "cpu_features", lambda: {"avx512f", "amx_bf16", "amx_int8"})
     assert engines.choose_runtime("auto", "auto").precision == "bf16"
     with pytest.raises(BinsightError, match="no bf16 path"):

@@ -51,4 +51,9 @@ def choose_runtime(backend: Backend, precision: EnginePrecision) -> RuntimeChoic
         raise BinsightError(
             "ONNX Runtime's CPU provider has no bf16 path", hint="use --backend openvino or --precision fp32"
         )
+    elif precision == "bf16" and not native_bf16:
+        # OpenVINO would emulate bf16 slower than fp32, or, where its own CPUID check and oneDNN's ISA
+        # cap disagree, fail to build its kernels at the first inference.
+        precision = "fp32"
+        why += "; fp32: bf16 was asked for, but this CPU has no native bf16"
     return RuntimeChoice(backend, precision, why)
