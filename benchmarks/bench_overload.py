@@ -119,14 +119,14 @@ def overload_phase(
         "shed_503": result.statuses.get("503", 0),
         "other_errors": result.errors - result.statuses.get("503", 0),
         "statuses": dict(result.statuses),
-        "accepted_ms": summary["latency_ms"],
-        "shed_ms": summary["latency_ms_by_status"].get("503"),
+        "accepted_ms": summary.latency_ms.model_dump(),
+        "shed_ms": shed.model_dump() if (shed := summary.latency_ms_by_status.get("503")) else None,
         "rss_mb_before": round(rss_before, 1),
         "rss_mb_after": round(rss_after, 1),
         "capture_records": records,
         "server_alive_after": alive,
         "killed_worker": killed[0] if killed else None,
-        "client": summary["client"],
+        "client": summary.client.model_dump(),
     }
     print(json.dumps(row), flush=True)
     return row
@@ -172,7 +172,7 @@ def main() -> int:
     flags: dict[str, Any] = dict(item.split("=", 1) for item in args.serve_flag)
 
     calm = unloaded(args.model, bodies, flags).summary()
-    print(f"unloaded: {json.dumps(calm['latency_ms'])}", flush=True)
+    print(f"unloaded: {calm.latency_ms.model_dump_json()}", flush=True)
 
     port = free_port()
     # Capacity is throughput with nothing shed: wrk's closed loop keeps --connections requests in
@@ -214,7 +214,7 @@ def main() -> int:
     atomic_write_json(
         args.out,
         {
-            "unloaded_ms": calm["latency_ms"],
+            "unloaded_ms": calm.latency_ms.model_dump(),
             "capacity_per_s": per_second,
             "rows": rows,
             "flags": flags,
@@ -237,8 +237,8 @@ def main() -> int:
             f"{100 * client['cpu_share_of_one_core']:.0f}% core, saturated {client['saturated']} |"
         )
     print(
-        f"\nunloaded p50 / p99: {calm['latency_ms']['p50']:.1f} / {calm['latency_ms']['p99']:.1f} ms "
-        f"(target: accepted p99 under {2 * calm['latency_ms']['p99']:.1f} ms); capacity {per_second:.1f}/s"
+        f"\nunloaded p50 / p99: {calm.latency_ms.p50:.1f} / {calm.latency_ms.p99:.1f} ms "
+        f"(target: accepted p99 under {2 * calm.latency_ms.p99:.1f} ms); capacity {per_second:.1f}/s"
     )
     return 0
 

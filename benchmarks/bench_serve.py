@@ -400,7 +400,7 @@ def main() -> int:
             "target_rps": half_rate,
             **half.__dict__,
             "per_minute": half.per_minute,
-            "poisson": {k: poisson[k] for k in ("ok", "statuses", "latency_ms", "client")},
+            "poisson": poisson.model_dump(include={"ok", "statuses", "latency_ms", "client"}),
         }
 
     print_tables(results, args)

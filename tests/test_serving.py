@@ -404,16 +404,16 @@ def test_loadtest_open_and_closed_loop(trained: dict[str, Path], capsys: pytest.
     bodies = images(trained, 4)
     with server(trained) as s:
         opened = asyncio.run(run_load(f"{s.url}/invocations", bodies, duration_s=1.5, rate=20)).summary()
-        assert 28 <= opened["requests"] <= 31 and opened["errors"] == 0
-        assert opened["latency_ms"]["p50"] <= opened["latency_ms"]["p99"]
-        assert opened["client"]["saturated"] is False, opened["client"]
-        assert opened["client"]["cpu_share_of_one_core"] < 0.5
+        assert 28 <= opened.requests <= 31 and opened.errors == 0
+        assert opened.latency_ms.p50 <= opened.latency_ms.p99
+        assert opened.client.saturated is False, opened.client
+        assert opened.client.cpu_share_of_one_core < 0.5
         samples = metric_samples(httpx.get(f"{s.url}/metrics").text)
-        assert samples["binsight_images_total"] == opened["ok"]  # every request reached the server once
+        assert samples["binsight_images_total"] == opened.ok  # every request reached the server once
         callers = asyncio.run(
             run_load(f"{s.url}/invocations", bodies, duration_s=2.0, rate=20, poisson=True, seed=3)
         ).summary()
-        assert 20 <= callers["requests"] <= 60 and callers["errors"] == 0  # Poisson(40): 40 +- 3 sd
+        assert 20 <= callers.requests <= 60 and callers.errors == 0  # Poisson(40): 40 +- 3 sd
         code = main(
             [
                 "loadtest",
@@ -438,12 +438,12 @@ def test_loadtest_reports_shed_requests_apart_and_flags_a_saturated_client(train
     with server(trained, max_batch_size=1, queue_size=1, max_queue_ms=1) as s:
         # Far past what one server thread can take: most requests are shed.
         flood = asyncio.run(run_load(f"{s.url}/invocations", bodies, duration_s=1.5, rate=20_000)).summary()
-    assert flood["statuses"].get("503", 0) > 0 and flood["ok"] > 0
-    by_status = flood["latency_ms_by_status"]
-    assert by_status["503"]["n"] == flood["statuses"]["503"]
-    assert flood["latency_ms"]["n"] == flood["ok"]
+    assert flood.statuses.get("503", 0) > 0 and flood.ok > 0
+    by_status = flood.latency_ms_by_status
+    assert by_status["503"].n == flood.statuses["503"]
+    assert flood.latency_ms.n == flood.ok
     # 20,000 requests/s from Python on a small machine cannot keep its schedule: it must say so.
-    assert flood["client"]["saturated"] is True, flood["client"]
+    assert flood.client.saturated is True, flood.client
 
 
 def _wait_until(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:

@@ -12,7 +12,7 @@ from binsight.export.onnx import ExportConfig, ExportReport, export
 from binsight.monitoring.report import MonitorConfig, MonitorRun, run_monitor
 from binsight.serving.auth import IssuedToken, TokenConfig, issue_token
 from binsight.serving.config import ServeConfig
-from binsight.serving.loadtest import LoadtestConfig, format_summary, loadtest
+from binsight.serving.loadtest import LoadSummary, LoadtestConfig, format_summary, loadtest
 
 log = logging.getLogger("binsight")
 
@@ -52,9 +52,9 @@ def _report_token(config: TokenConfig, issued: IssuedToken) -> int:
     return 0
 
 
-def _report_loadtest(config: LoadtestConfig, summary: dict[str, Any]) -> int:
+def _report_loadtest(config: LoadtestConfig, summary: LoadSummary) -> int:
     print(format_summary(summary))
-    return 0 if summary["ok"] else 1
+    return 0 if summary.ok else 1
 
 
 def _report_monitor(config: MonitorConfig, run: MonitorRun) -> int:

@@ -17,7 +17,6 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -29,6 +28,42 @@ from binsight.errors import BinsightError
 SATURATED_CPU_SHARE = 0.8
 SATURATED_LATE_SHARE = 0.01
 LATE_AFTER_S = 0.005
+
+
+class Percentiles(BaseModel):
+    n: int
+    p50: float
+    p95: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Percentiles:
+        data = np.asarray(values) if values else np.zeros(1)
+        p50, p95, p99 = (round(float(np.percentile(data, q)), 2) for q in (50, 95, 99))
+        return cls(n=len(values), p50=p50, p95=p95, p99=p99, max=round(float(data.max()), 2))
+
+
+class ClientLoad(BaseModel):
+    """Whether the load generator kept its schedule: if not, the latencies describe it, not the server."""
+
+    cpu_share_of_one_core: float
+    scheduled: int
+    sent_late: int
+    not_sent: int
+    saturated: bool
+
+
+class LoadSummary(BaseModel):
+    requests: int
+    ok: int
+    errors: int
+    statuses: dict[str, int]
+    duration_s: float
+    invocations_per_minute: float
+    latency_ms: Percentiles  # of the 200s
+    latency_ms_by_status: dict[str, Percentiles]
+    client: ClientLoad
 
 
 @dataclass
@@ -58,32 +93,24 @@ class LoadResult:
         late = (self.sent_late + self.not_sent) / self.scheduled if self.scheduled else 0.0
         return self.client_cpu_share > SATURATED_CPU_SHARE or late > SATURATED_LATE_SHARE
 
-    def summary(self) -> dict[str, Any]:
-        def percentiles(values: list[float]) -> dict[str, float]:
-            data = np.asarray(values) if values else np.zeros(1)
-            return {
-                "n": len(values),
-                **{f"p{q}": round(float(np.percentile(data, q)), 2) for q in (50, 95, 99)},
-                "max": round(float(data.max()), 2),
-            }
-
-        return {
-            "requests": sum(self.statuses.values()),
-            "ok": self.ok,
-            "errors": self.errors,
-            "statuses": dict(self.statuses),
-            "duration_s": round(self.duration_s, 3),
-            "invocations_per_minute": round(60 * self.ok / self.duration_s, 1) if self.duration_s else 0.0,
-            "latency_ms": percentiles(self.latencies_ms.get("200", [])),
-            "latency_ms_by_status": {s: percentiles(v) for s, v in sorted(self.latencies_ms.items())},
-            "client": {
-                "cpu_share_of_one_core": round(self.client_cpu_share, 3),
-                "scheduled": self.scheduled,
-                "sent_late": self.sent_late,
-                "not_sent": self.not_sent,
-                "saturated": self.saturated,
-            },
-        }
+    def summary(self) -> LoadSummary:
+        return LoadSummary(
+            requests=sum(self.statuses.values()),
+            ok=self.ok,
+            errors=self.errors,
+            statuses=dict(self.statuses),
+            duration_s=round(self.duration_s, 3),
+            invocations_per_minute=round(60 * self.ok / self.duration_s, 1) if self.duration_s else 0.0,
+            latency_ms=Percentiles.of(self.latencies_ms.get("200", [])),
+            latency_ms_by_status={s: Percentiles.of(v) for s, v in sorted(self.latencies_ms.items())},
+            client=ClientLoad(
+                cpu_share_of_one_core=round(self.client_cpu_share, 3),
+                scheduled=self.scheduled,
+                sent_late=self.sent_late,
+                not_sent=self.not_sent,
+                saturated=self.saturated,
+            ),
+        )
 
 
 class _Connection:
@@ -239,31 +266,27 @@ async def run_load(
     return result
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    latency = summary["latency_ms"]
-    client = summary["client"]
+def format_summary(summary: LoadSummary) -> str:
+    latency, client = summary.latency_ms, summary.client
     lines = [
-        f"requests {summary['requests']}  ok {summary['ok']}  errors {summary['errors']}  "
-        f"in {summary['duration_s']:.1f}s",
-        f"invocations/min {summary['invocations_per_minute']:.0f}",
-        f"latency ms (200)  p50 {latency['p50']:.1f}  p95 {latency['p95']:.1f}  p99 {latency['p99']:.1f}  "
-        f"max {latency['max']:.1f}",
+        f"requests {summary.requests}  ok {summary.ok}  errors {summary.errors}  "
+        f"in {summary.duration_s:.1f}s",
+        f"invocations/min {summary.invocations_per_minute:.0f}",
+        f"latency ms (200)  p50 {latency.p50:.1f}  p95 {latency.p95:.1f}  p99 {latency.p99:.1f}  "
+        f"max {latency.max:.1f}",
     ]
-    for status, stats in summary["latency_ms_by_status"].items():
+    for status, stats in summary.latency_ms_by_status.items():
         if status != "200":
-            lines.append(
-                f"latency ms ({status})  n {stats['n']}  p50 {stats['p50']:.1f}  p99 {stats['p99']:.1f}"
-            )
-    if summary["errors"]:
+            lines.append(f"latency ms ({status})  n {stats.n}  p50 {stats.p50:.1f}  p99 {stats.p99:.1f}")
+    if summary.errors:
         lines.append(
-            "errors by status: "
-            + ", ".join(f"{k}: {v}" for k, v in summary["statuses"].items() if k != "200")
+            "errors by status: " + ", ".join(f"{k}: {v}" for k, v in summary.statuses.items() if k != "200")
         )
     lines.append(
-        f"client: {100 * client['cpu_share_of_one_core']:.0f}% of a core, "
-        f"{client['sent_late'] + client['not_sent']} of {client['scheduled']} requests late or unsent"
+        f"client: {100 * client.cpu_share_of_one_core:.0f}% of a core, "
+        f"{client.sent_late + client.not_sent} of {client.scheduled} requests late or unsent"
     )
-    if client["saturated"]:
+    if client.saturated:
         lines.append(
             "WARNING: the load generator was saturated; the latencies above describe it, not the server "
             "(use a lower --rate, a C generator such as wrk, or another machine)"
@@ -283,7 +306,7 @@ class LoadtestConfig(BaseModel):
     max_images: int = Field(200, ge=1, description="photos read from --images at most")
 
 
-def loadtest(config: LoadtestConfig) -> dict[str, Any]:
+def loadtest(config: LoadtestConfig) -> LoadSummary:
     """Drive an endpoint with the photos of `config.images`; the summary of `LoadResult`."""
     folder = config.images
     files = sorted(folder.glob("*.jpg"))[: config.max_images] if folder.is_dir() else [folder]
