@@ -50,9 +50,9 @@ def test_a_capped_cpu_is_seen_as_the_smaller_one() -> None:
     seen = run_python(
         "import json, torch; from binsight.cpu import cpu_class; "
         "from binsight.inference.engines import choose_runtime; "
-        "from binsight.training.hardware import cpu_has_native_bf16; "
+        "from binsight.cpu import native_bf16; "
         "c = choose_runtime('auto', 'auto'); "
-        "print(json.dumps({'class': cpu_class(), 'precision': c.precision, 'bf16': cpu_has_native_bf16(), "
+        "print(json.dumps({'class': cpu_class(), 'precision': c.precision, 'bf16': native_bf16(), "
         "'torch': torch.backends.cpu.get_cpu_capability()}))",
         AVX2,
     )

@@ -86,9 +86,14 @@ def cpu_features() -> frozenset[str]:
     return frozenset(_capped(flags))
 
 
+# bf16 computed in hardware: oneDNN then runs bf16 convolutions at 2x or more the fp32 rate
+# (docs/benchmarks.md); elsewhere bf16 is emulated and slower than fp32.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
 def native_bf16() -> bool:
-    """bf16 computed in hardware (AVX512-BF16 or AMX): elsewhere it is emulated and slower than fp32."""
-    return bool(cpu_features() & {"avx512_bf16", "amx_bf16"})
+    """AVX512-BF16 or AMX, as the process sees them (the caps a developer sets are honoured)."""
+    return bool(cpu_features() & NATIVE_BF16_FLAGS)
 
 
 def cpu_class() -> str:

@@ -37,11 +37,11 @@ def choose_training(requested: DemoTraining) -> tuple[str, str]:
     """Fine-tune where the CPU computes bf16 natively (AVX512-BF16, AMX: minutes); elsewhere keep the
     pretrained backbone frozen, compute its features once and train the head on them, which fits the
     demo's minutes on any x86 laptop (fine-tuning in fp32 on 2 AVX2 cores took 13 minutes)."""
-    from binsight.training.hardware import cpu_has_native_bf16
+    from binsight.cpu import native_bf16
 
     if requested != "auto":
         return requested, "asked for"
-    if cpu_has_native_bf16():
+    if native_bf16():
         return "fine-tune", "this CPU computes bf16 natively (AVX512-BF16 or AMX)"
     return "frozen", "this CPU has no native bf16, where fine-tuning would take over ten minutes"
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from binsight.cpu import cpu_features
+from binsight.cpu import NATIVE_BF16_FLAGS, cpu_features
 from binsight.errors import BinsightError
 
 Backend = Literal["auto", "onnxruntime", "openvino"]
@@ -42,10 +42,10 @@ def choose_runtime(backend: Backend, precision: EnginePrecision) -> RuntimeChoic
         )
     else:
         why = "asked for"
-    native_bf16 = bool(features & {"amx_bf16", "avx512_bf16"})
+    native_bf16 = bool(features & NATIVE_BF16_FLAGS)
     if precision == "auto":
         precision = "bf16" if native_bf16 and backend == "openvino" else "fp32"
-        flags = "+".join(sorted(features & {"amx_bf16", "avx512_bf16"})) or "no native bf16"
+        flags = "+".join(sorted(features & NATIVE_BF16_FLAGS)) or "no native bf16"
         why += f"; {precision} because the CPU has {flags}"
     elif precision == "bf16" and backend == "onnxruntime":
         raise BinsightError(

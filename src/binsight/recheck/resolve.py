@@ -10,15 +10,13 @@ matches either. "Bin not found" settles it as not found (for the warehouse, not 
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from binsight.recheck.store import Item, LabelStore, Recount
-from binsight.utils.io import atomic_write_text
+from binsight.utils.io import atomic_write_csv
 from binsight.utils.text import spreadsheet_safe
 
 LEASE = timedelta(minutes=10)  # a claimed bin goes back to the queue if its person walks away
@@ -122,22 +120,19 @@ def labels(store: LabelStore) -> tuple[list[Label], list[str]]:
 def export_labels(store: LabelStore, out: Path) -> tuple[int, list[str]]:
     """The labels CSV `binsight data index --recounts` reads: id, count, and where each came from."""
     settled, conflicting = labels(store)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LABEL_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for label in settled:
-        writer.writerow(
-            {
-                "id": spreadsheet_safe(label.photo_id),
-                "count": label.count,
-                "recorded": "" if label.recorded is None else label.recorded,
-                "recounts": label.recounts,
-                "settled_by": label.settled_by,
-                "queue": spreadsheet_safe(label.queue),
-                "model_version": spreadsheet_safe(label.model_version),
-            }
-        )
-    atomic_write_text(out, buffer.getvalue())
+    rows = [
+        {
+            "id": spreadsheet_safe(label.photo_id),
+            "count": label.count,
+            "recorded": "" if label.recorded is None else label.recorded,
+            "recounts": label.recounts,
+            "settled_by": label.settled_by,
+            "queue": spreadsheet_safe(label.queue),
+            "model_version": spreadsheet_safe(label.model_version),
+        }
+        for label in settled
+    ]
+    atomic_write_csv(out, rows, LABEL_FIELDS)
     return len(settled), conflicting
 
 

@@ -36,7 +36,7 @@ from binsight.training.distributed import (
 )
 from binsight.training.hardware import Precision, resolve_device, wants_channels_last
 from binsight.training.loop import predict, train_one_epoch
-from binsight.training.metrics import Metric, counting_metrics, majority_baseline
+from binsight.training.metrics import counting_metrics, majority_baseline
 from binsight.training.monitors import Monitors
 from binsight.training.objective import Objective, build_objective
 from binsight.training.optim import build_optimizer, build_scheduler
@@ -323,8 +323,7 @@ def _record(
     run.monitors.check_epoch(
         epoch, [h.train_loss for h in progress.history], [h.val_loss for h in progress.history]
     )
-    value = val_loss if config.select_metric == Metric.LOSS else metrics[config.select_metric]
-    improved = progress.record(epoch, value, config.select_metric)
+    improved = progress.record(epoch, record.value(config.select_metric), config.select_metric)
     log.info(
         "epoch %d/%d: train loss %.4f, val loss %.4f, val acc %.3f, mae %.3f, %.1f img/s, data wait %.0f%%%s",
         epoch + 1,

@@ -28,19 +28,12 @@ def resolve_device(requested: str, context: DistContext) -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: oneDNN then runs bf16 convolutions at 2x or more the fp32 rate (measured in
-    docs/benchmarks.md); elsewhere bf16 on CPU is emulated and slower than fp32. Honours the caps a
-    developer sets to emulate a smaller CPU (`binsight.cpu`)."""
-    return native_bf16()
-
-
 class Precision:
     """Mixed precision: bfloat16 where the hardware runs it natively (no loss scaling needed), float16 on
     GPUs without bf16."""
 
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        native = device.type == "cuda" or (device.type == "cpu" and native_bf16())
         enabled = config.amp == "on" or (config.amp == "auto" and native)
         self.device_type = device.type
         if device.type == "cuda":
