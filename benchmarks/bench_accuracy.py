@@ -96,6 +96,9 @@ ROWS = {
         Row("student", {"distill": 0.5}, teachers=("binsight", "dinov2")),
         Row("scratch", {"arch": "resnet18", "pretrained": False, "image_width": 224}),
         Row("binsight-tta", tta=True),
+        # ABID photos are ~470x346: at 224x304 a small item is a few dozen pixels wide.
+        Row("binsight-288", {"image_size": 288, "image_width": 384}),
+        Row("binsight-320", {"image_size": 320, "image_width": 432}),
     )
 }
 DEFAULT_ROWS = ("seeds", "binsight", "binsight-balanced", "dinov2", "teacher", "student")
@@ -155,10 +158,9 @@ def summarise(counts: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
         per_count = {
             str(k): float((predictions[truth == k] == k).mean()) for k in range(SUBSET[0], SUBSET[1] + 1)
         }
-        out[name] = {
-            key: m[key]
-            for key in ("n", "accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "confusion_matrix")
-        } | {
+        out[name] = m.model_dump(
+            include={"n", "accuracy", "off_by_one_accuracy", "mae", "rmse", "ece", "confusion_matrix"}
+        ) | {
             "per_count_accuracy": per_count,
             "by_rule": {
                 rule: {

@@ -28,8 +28,8 @@ import numpy as np
 from binsight.audit.audit import write_audit
 from binsight.batch.config import AuditConfig, BatchConfig
 from binsight.batch.run import run_batch
-from binsight.batch.stages import ScorerSettings, fetch_and_decode
-from binsight.imaging import normalise
+from binsight.batch.stages import DecodeSettings, ScorerSettings, fetch_and_decode
+from binsight.imaging import Preprocess, normalise
 from binsight.inference.runtime import load_counter
 from binsight.inference.verdict import VerdictSettings
 
@@ -48,7 +48,7 @@ def model_only(model: Path, input_hw: tuple[int, int], batch_size: int, seconds:
     return done / (time.perf_counter() - started)
 
 
-def decode_only(photos: list[str], input_hw: tuple[int, int], batch_size: int) -> float:
+def decode_only(photos: list[str], preprocess: Preprocess, batch_size: int) -> float:
     rows = {
         "row": np.arange(len(photos)),
         "image": np.asarray(photos, dtype=object),
@@ -58,7 +58,7 @@ def decode_only(photos: list[str], input_hw: tuple[int, int], batch_size: int) -
     started = time.perf_counter()
     for start in range(0, len(photos), batch_size):
         part = {k: v[start : start + batch_size] for k, v in rows.items()}
-        fetch_and_decode(part, input_hw=input_hw, threads=1)
+        fetch_and_decode(part, DecodeSettings(preprocess, threads=1))
     return len(photos) / (time.perf_counter() - started)
 
 
@@ -105,7 +105,9 @@ def main() -> None:
 
     results: dict[str, object] = {"photos": len(photos), "cores": cores, "arch": info.arch}
     results["model_only_photos_per_s"] = model_only(args.model, info.input_hw, args.batch_size)
-    results["decode_one_core_photos_per_s"] = decode_only(photos[:400], info.input_hw, args.batch_size)
+    results["decode_one_core_photos_per_s"] = decode_only(
+        photos[:400], Preprocess.from_card(info.card), args.batch_size
+    )
     results["one_process"] = predict(manifest, args.model, work / "one", batch_size=args.batch_size)
     # The records: labels.csv's counts (EXPECTED_QUANTITY), beside the photos.
     with open(args.photos.parent / "labels.csv", newline="") as handle:

@@ -42,8 +42,8 @@ from binsight.cpu import cpu_features
 from binsight.data.split import load_split
 from binsight.export.onnx import ExportConfig, export
 from binsight.imaging import Preprocess
+from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.runtime import load_counter
-from binsight.serving.config import Backend, Precision
 from binsight.serving.loadtest import run_load
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.evaluate import load_model
@@ -184,7 +184,7 @@ def test_inputs(
 
 
 def accuracy_and_ceiling(
-    model_file: Path, backend: Backend, precision: Precision, pixels: np.ndarray, counts: np.ndarray
+    model_file: Path, backend: Backend, precision: EnginePrecision, pixels: np.ndarray, counts: np.ndarray
 ) -> dict[str, Any]:
     counter = load_counter(model_file, threads=os.cpu_count(), backend=backend, precision=precision)
     predictions = np.concatenate(

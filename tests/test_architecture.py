@@ -12,6 +12,9 @@ by side, as do audit, tuning and pipeline), except within the same room.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "binsight"
@@ -164,3 +167,21 @@ def test_the_check_catches_a_planted_back_edge(tmp_path: Path) -> None:
     assert any("binsight.data.index imports binsight.serving.app" in p for p in problems)
     assert any("ground floor reaches up" in p for p in problems)
     assert cycles(graph) == [["binsight.data.index", "binsight.serving.app"]]
+
+
+def test_every_benchmark_imports_against_the_current_package() -> None:
+    """Benchmarks are outside mypy's files and run only by hand: a renamed import breaks them silently
+    (bench_serve once imported a type that had moved), so each one is at least imported here."""
+    benchmarks = PACKAGE.parents[1] / "benchmarks"
+    names = sorted(p.stem for p in benchmarks.glob("*.py"))
+    assert len(names) >= 10
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script, *names],
+        cwd=benchmarks,
+        env={**os.environ, "PYTHONPATH": str(benchmarks)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

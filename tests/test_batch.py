@@ -123,6 +123,14 @@ def test_predict_from_a_local_manifest_and_clear_errors(
     assert _predict([str(listing), "--model", str(trained["onnx_a"]), "--out", str(out)]) == 0
     assert read_results(out).column("image").to_pylist() == [str(p) for p in images]
 
+    # A plan this binsight cannot read (another version's, or edited by hand): refused, not overwritten.
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["photos"] == 6 and plan["scoring"]["judge"] is False
+    (out / "plan.json").write_text(json.dumps({**plan, "scoring": "fp32"}))
+    assert _predict([str(listing), "--model", str(trained["onnx_a"]), "--out", str(out)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert _predict([str(listing), "--model", str(trained["onnx_a"]), "--out", str(out), "--restart"]) == 0
+
     assert _predict([str(tmp_path / "nowhere"), "--model", str(trained["onnx_a"])]) == 2
     assert "neither a manifest" in capsys.readouterr().err
     assert _predict([str(listing)]) == 2

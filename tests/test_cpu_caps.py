@@ -61,10 +61,10 @@ def test_a_capped_cpu_is_seen_as_the_smaller_one() -> None:
 
 
 _LOAD = (
-    "import json, sys; from binsight.inference.runtime import load_counter; "
+    "import dataclasses, json, sys; from binsight.inference.runtime import load_counter; "
     "c = load_counter(sys.argv[1], backend=sys.argv[2]); "
     "print(json.dumps({'path': str(c.path), 'precision': c.runtime.precision, 'reason': c.runtime.reason, "
-    "'check': c.check.describe() if c.check else None}))"
+    "'check': dataclasses.asdict(c.check) if c.check else None}))"
 )
 
 

@@ -18,7 +18,7 @@ def one_hot_probs(predictions: list[int], num_classes: int, confidence: float = 
 def test_metrics_match_hand_computation() -> None:
     targets = np.array([0, 1, 2, 3, 3])
     predictions = [0, 2, 2, 1, 3]  # errors: 0, +1, 0, -2, 0
-    m = counting_metrics(targets, one_hot_probs(predictions, 4))
+    m = counting_metrics(targets, one_hot_probs(predictions, 4)).model_dump(by_alias=True)
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["off_by_one_accuracy"] == pytest.approx(4 / 5)
     assert m["mae"] == pytest.approx(3 / 5)

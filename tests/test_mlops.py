@@ -396,11 +396,20 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
         json.dumps(
             {
                 "time": "2026-01-01T00:00:00.000+00:00",
+                "source": "body",
+                "image_sha256": "0" * 64,
+                "bytes": 1000,
+                "width": 470,
+                "height": 346,
                 "count": 1,
                 "confidence": 0.5,
                 "model_version": hostile,
-                "verdict": "<b>x</b>",
                 "latency_ms": 1.0,
+                "probabilities": [0.5, 0.5],
+                "signals": {},
+                "embedding": [],
+                "expected_count": 2,
+                "verdict": "<b>x</b>",
             }
         )
         + "\n"

@@ -129,7 +129,7 @@ def test_index_says_what_layouts_it_knows(tmp_path: Path, capsys: pytest.Capture
 
 def test_counts_beyond_the_classes_are_never_called_correct() -> None:
     probabilities = np.eye(4)[[3, 3, 1]]  # the model answers "3+", "3+", "1"
-    metrics = counting_metrics(np.array([3, 12, 1]), probabilities)
+    metrics = counting_metrics(np.array([3, 12, 1]), probabilities).model_dump(by_alias=True)
     assert metrics["accuracy"] == pytest.approx(2 / 3)  # 12 answered as "3+" is a miss
     assert metrics["mae"] == pytest.approx(9 / 3)
     assert metrics["overflow"] == {"class": "3+", "images_beyond": 1, "recognised_as_overflow": 1.0}
@@ -148,7 +148,7 @@ def test_neighbour_smoothing_moves_mass_to_adjacent_counts_only() -> None:
 
 def test_training_evaluation_serving_and_batch_see_the_same_pixels(tmp_path: Path) -> None:
     """One `Preprocess` everywhere: on a non-square photo the four paths agree to float rounding."""
-    from binsight.batch.stages import fetch_and_decode
+    from binsight.batch.stages import DecodeSettings, fetch_and_decode
     from binsight.monitoring.baseline import observe_photo
 
     data = jpeg(470, 346, seed=1)  # ABID's median photo shape
@@ -160,7 +160,7 @@ def test_training_evaluation_serving_and_batch_see_the_same_pixels(tmp_path: Pat
     plain = train_transform(preprocess, 0.0, "none")(preprocess.decode(data)).numpy()  # no augmentation
     batch = fetch_and_decode(
         {"row": [0], "image": [str(tmp_path / "bin.jpg")], "recorded": [-1], "record_source": [""]},
-        preprocess=preprocess,
+        DecodeSettings(preprocess),
     )
     batched = preprocess.normalise(batch["pixels"])[0]
     assert served.shape == evaluated.shape == plain.shape == batched.shape == (3, 224, 304)

@@ -157,6 +157,7 @@ def test_capture_is_private_to_the_server_user(trained: dict[str, Path], tmp_pat
 
 
 def test_capture_pruning_covers_files_of_earlier_runs(trained: dict[str, Path], tmp_path: Path) -> None:
+    from binsight.monitoring.capture_record import CaptureRecord
     from binsight.serving.capture import DataCapture
 
     capture = tmp_path / "capture"
@@ -169,9 +170,27 @@ def test_capture_pruning_covers_files_of_earlier_runs(trained: dict[str, Path], 
 
         os.utime(path, (old + pid, old + pid))
     writer = DataCapture(capture, max_files=5)
-    writer.record({"count": 2})
+    record = CaptureRecord(
+        time="2026-01-01T00:00:00.000+00:00",
+        source="body",
+        image_sha256="0" * 64,
+        bytes=1000,
+        width=470,
+        height=346,
+        count=2,
+        confidence=0.5,
+        model_version="v-a",
+        latency_ms=1.0,
+        probabilities=[0.5, 0.5],
+        signals={},
+        embedding=[],
+    )
+    writer.record(record)
     writer.close()
-    assert len(list(capture.glob("capture-*.jsonl"))) <= 5 + 1
+    files = list(capture.glob("capture-*.jsonl"))
+    assert len(files) <= 5 + 1 and writer.written == 1
+    newest = max(files, key=lambda p: p.stat().st_mtime)
+    assert CaptureRecord.parse(newest.read_text().strip()) == record
 
 
 class CountingS3:

@@ -18,20 +18,23 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 
 from binsight.batch.config import BatchConfig
 from binsight.batch.sources import NO_RECORD, Manifest, list_source
-from binsight.batch.stages import Batch, Scorer, ScorerSettings, SharedModel, fetch_and_decode
+from binsight.batch.stages import Batch, DecodeSettings, Scorer, ScorerSettings, SharedModel, fetch_and_decode
 from binsight.errors import BinsightError
 from binsight.imaging import Preprocess
+from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.runtime import LoadedModel, model_info
+from binsight.inference.verdict import VerdictSettings
 from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder, sha256_file
 from binsight.utils.progress import bar
+from binsight.utils.records import JsonRecord
 
 log = logging.getLogger(__name__)
 _FETCHED_PHOTO_BYTES = 1 << 20  # an ABID JPEG is ~50-200 kB; a phone photo a few MB
@@ -67,8 +70,32 @@ def shard_path(out: Path, shard: int) -> Path:
     return out / SHARDS / f"part-{shard:06d}.parquet"
 
 
-def _plan(config: BatchConfig, manifest: Manifest, model: Path, settings: ScorerSettings) -> dict[str, Any]:
-    """Everything that decides a shard's contents; a resumed run must match it exactly."""
+class ScoringPlan(BaseModel):
+    """The settings that change a photo's answer (threads only change the speed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Backend
+    precision: EnginePrecision
+    version: str | None
+    judge: bool
+    verdicts: VerdictSettings
+
+
+class BatchPlan(JsonRecord):
+    """`plan.json`: everything that decides a shard's contents; a resumed run must match it exactly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None
+    photos: int
+    manifest_sha256: str
+    shard_size: int
+    model_sha256: str
+    scoring: ScoringPlan
+
+
+def _plan(config: BatchConfig, manifest: Manifest, model: Path, settings: ScorerSettings) -> BatchPlan:
     rows = hashlib.sha256()
     for image, recorded, record_source in zip(
         manifest.images, manifest.recorded, manifest.record_sources, strict=True
@@ -76,18 +103,23 @@ def _plan(config: BatchConfig, manifest: Manifest, model: Path, settings: Scorer
         rows.update(f"{image}\t{recorded}\t{record_source}\n".encode())
     for rejected in manifest.rejected:  # an edit that breaks a row changes the input too
         rows.update(json.dumps(rejected, sort_keys=True).encode())
-    judged = {k: v for k, v in dataclasses.asdict(settings).items() if k not in {"threads", "verdicts"}}
-    judged["verdicts"] = settings.verdicts.model_dump()
-    return {
-        "source": str(config.source)
-        if config.source is not None
-        else (_previous_plan(config.out) or {}).get("source"),
-        "photos": len(manifest),
-        "manifest_sha256": rows.hexdigest(),
-        "shard_size": config.shard_size,
-        "model_sha256": sha256_file(model),
-        "scoring": judged,
-    }
+    source = str(config.source) if config.source is not None else None
+    if source is None and (previous := _previous_plan(config.out)) is not None:
+        source = previous.source  # a resumed run that named no source again
+    return BatchPlan(
+        source=source,
+        photos=len(manifest),
+        manifest_sha256=rows.hexdigest(),
+        shard_size=config.shard_size,
+        model_sha256=sha256_file(model),
+        scoring=ScoringPlan(
+            backend=settings.backend,
+            precision=settings.precision,
+            version=settings.version,
+            judge=settings.judge,
+            verdicts=settings.verdicts,
+        ),
+    )
 
 
 def _list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
@@ -96,7 +128,7 @@ def _list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
     source = config.source
     if source is None:
         previous = _previous_plan(out)
-        source = previous.get("source") if previous else None
+        source = previous.source if previous else None
     if source is None:
         raise BinsightError("give the photos to score: a manifest, a folder or an s3:// prefix")
     manifest = list_source(
@@ -109,20 +141,31 @@ def _list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
     return manifest
 
 
-def _previous_plan(out: Path) -> dict[str, Any] | None:
+def _previous_plan(out: Path) -> BatchPlan | None:
+    """The plan of the run already in `out`, if any (one from an older binsight reads as none)."""
     path = out / PLAN
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        return BatchPlan.read(path) if path.is_file() else None
+    except BinsightError:
+        return None
 
 
-def _check_plan(out: Path, plan: dict[str, Any], restart: bool) -> None:
+def _check_plan(out: Path, plan: BatchPlan, restart: bool) -> None:
     if restart:
         shutil.rmtree(out / SHARDS, ignore_errors=True)
-    elif (previous := _previous_plan(out)) is not None:
-        differs = sorted(k for k in plan if previous.get(k) != plan[k])
+    elif (out / PLAN).is_file():
+        previous = _previous_plan(out)
+        if previous is None:
+            raise BinsightError(
+                f"{out} holds results of a run whose plan this binsight cannot read",
+                hint="use another --out, or --restart to discard those results",
+            )
+        now, then = plan.model_dump(), previous.model_dump()
+        differs = sorted(k for k in now if then[k] != now[k])
         if {"manifest_sha256", "photos"} & set(differs):
             raise BinsightError(
-                f"the photos or recorded quantities of {plan['source']} changed since the run in {out} "
-                f"started ({previous.get('photos')} photos then, {plan['photos']} now)",
+                f"the photos or recorded quantities of {plan.source} changed since the run in {out} "
+                f"started ({previous.photos} photos then, {plan.photos} now)",
                 hint="--restart to score the new input from scratch, or a new --out",
             )
         if differs:
@@ -130,7 +173,7 @@ def _check_plan(out: Path, plan: dict[str, Any], restart: bool) -> None:
                 f"{out} holds results of another run (it differs in {', '.join(differs)})",
                 hint="use another --out, or --restart to discard those results",
             )
-    atomic_write_json(out / PLAN, plan)
+    plan.write(out / PLAN)
 
 
 def _to_table(parts: list[Batch]) -> pa.Table:
@@ -189,17 +232,17 @@ def _row_batches(table: pa.Table, batch_size: int) -> Iterator[Batch]:
 
 
 def _in_process(
-    pending: pa.Table, scorer: Scorer, decode_kwargs: dict[str, Any], batch_size: int
+    pending: pa.Table, scorer: Scorer, decoding: DecodeSettings, batch_size: int
 ) -> Iterator[Batch]:
     """The same two stages in this process; the next batch is fetched while this one is scored."""
     with ThreadPoolExecutor(1) as prefetch:
         batches = _row_batches(pending, batch_size)
         upcoming = next(batches, None)
-        future = prefetch.submit(fetch_and_decode, upcoming, **decode_kwargs) if upcoming else None
+        future = prefetch.submit(fetch_and_decode, upcoming, decoding) if upcoming else None
         while future is not None:
             decoded = future.result()
             upcoming = next(batches, None)
-            future = prefetch.submit(fetch_and_decode, upcoming, **decode_kwargs) if upcoming else None
+            future = prefetch.submit(fetch_and_decode, upcoming, decoding) if upcoming else None
             yield scorer(decoded)
 
 
@@ -213,12 +256,12 @@ def score_photos(
     """Probabilities for each photo (NaN rows where it could not be read) and the problems, in memory:
     for evaluations over a split, where shards and resumption are not wanted."""
     manifest = Manifest(images, [NO_RECORD] * len(images), [""] * len(images))
-    decode_kwargs = _decode_kwargs(Preprocess.from_card(counter.info.card), endpoint_url, unsigned)
+    decoding = DecodeSettings(Preprocess.from_card(counter.info.card), endpoint_url, unsigned)
     probabilities = np.full((len(images), len(counter.info.classes)), np.nan, dtype=np.float32)
     problems: list[str | None] = [None] * len(images)
     scorer = Scorer(counter, ScorerSettings())
     with bar(len(images), "scoring", unit="photo") as progress:
-        for batch in _in_process(manifest.table(), scorer, decode_kwargs, batch_size):
+        for batch in _in_process(manifest.table(), scorer, decoding, batch_size):
             probabilities[batch["row"]] = batch["probabilities"]
             for row, problem in zip(batch["row"], batch["problem"], strict=True):
                 problems[row] = problem or None
@@ -226,24 +269,15 @@ def score_photos(
     return probabilities, problems
 
 
-def _decode_kwargs(
-    preprocess: Preprocess,
-    endpoint_url: str | None,
-    unsigned: bool,
-    threads: int = 16,
-    config: BatchConfig | None = None,
-) -> dict[str, Any]:
-    """`fetch_and_decode`'s settings, in one process or shipped to Ray's tasks."""
-    limits = {}
-    if config is not None:
-        limits = {"max_bytes": config.max_image_bytes, "max_pixels": config.max_image_pixels}
-    return {
-        "preprocess": preprocess,
-        "endpoint_url": endpoint_url,
-        "unsigned": unsigned,
-        "threads": threads,
-        **limits,
-    }
+def _decode_settings(config: BatchConfig, preprocess: Preprocess) -> DecodeSettings:
+    return DecodeSettings(
+        preprocess,
+        config.s3_endpoint_url,
+        config.s3_unsigned,
+        config.fetch_threads,
+        config.max_image_bytes,
+        config.max_image_pixels,
+    )
 
 
 class _HideProgressNotice(logging.Filter):
@@ -292,10 +326,8 @@ def _on_ray(
     # cycles decoding leaves idle (Ray's CPUs are a scheduling count, not a pinning).
     threads = config.threads or config.replica_cpus
     decoded = ray.data.from_arrow(blocks).map_batches(
-        fetch_and_decode,  # type: ignore[arg-type]  # Ray's stubs omit keyword-only fn_kwargs
-        fn_kwargs=_decode_kwargs(
-            preprocess, config.s3_endpoint_url, config.s3_unsigned, config.fetch_threads, config
-        ),
+        fetch_and_decode,  # type: ignore[arg-type]
+        fn_args=(_decode_settings(config, preprocess),),
         batch_size=config.batch_size,
         batch_format="numpy",
         num_cpus=config.decode_cpus,
@@ -348,14 +380,8 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
         started = time.perf_counter()
         if config.ray is None:
             scorer = Scorer(str(model), settings)
-            decode_kwargs = _decode_kwargs(
-                Preprocess.from_card(info.card),
-                config.s3_endpoint_url,
-                config.s3_unsigned,
-                config.fetch_threads,
-                config,
-            )
-            batches = _in_process(pending, scorer, decode_kwargs, config.batch_size)
+            decoding = _decode_settings(config, Preprocess.from_card(info.card))
+            batches = _in_process(pending, scorer, decoding, config.batch_size)
             executor = "in process"
         else:
             batches = _on_ray(pending, config, model, settings, Preprocess.from_card(info.card))

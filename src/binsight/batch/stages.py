@@ -41,19 +41,23 @@ def _recorded_from(uri: str, endpoint_url: str | None, unsigned: bool) -> int:
         raise ValueError(f"bad metadata {uri}: nested too deeply") from None
 
 
-def fetch_and_decode(
-    batch: Batch,
-    *,
-    preprocess: Preprocess,
-    endpoint_url: str | None = None,
-    unsigned: bool = False,
-    threads: int = 16,
-    max_bytes: int = MAX_IMAGE_BYTES,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-) -> Batch:
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How `fetch_and_decode` reads and prepares photos; picklable, so Ray can ship it to tasks."""
+
+    preprocess: Preprocess
+    endpoint_url: str | None = None
+    unsigned: bool = False
+    threads: int = 16  # concurrent reads: they overlap S3 round trips
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+
+def fetch_and_decode(batch: Batch, settings: DecodeSettings) -> Batch:
     """Rows (row, image, recorded, record_source) -> the same rows with uint8 pixels at the model's
     input size, recorded quantities read from metadata where asked, and a problem per failed row.
     Threads overlap the S3 round trips; Pillow releases the GIL while it decodes."""
+    preprocess, endpoint_url, unsigned = settings.preprocess, settings.endpoint_url, settings.unsigned
     images, sources = batch["image"], batch["record_source"]
     recorded = np.asarray(batch["recorded"], dtype=np.int64).copy()
     height, width = preprocess.input_hw
@@ -68,12 +72,12 @@ def fetch_and_decode(
                 problems[index] = f"no record: {exc}"
                 return
         try:
-            data = read_source(str(images[index]), endpoint_url, unsigned, max_bytes)
-            pixels[index] = preprocess.pixels(preprocess.decode(data, max_pixels))
+            data = read_source(str(images[index]), endpoint_url, unsigned, settings.max_bytes)
+            pixels[index] = preprocess.pixels(preprocess.decode(data, settings.max_pixels))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, MemoryError) as exc:
             problems[index] = f"unreadable: {printable(_OBJECT_REPR.sub('the image', str(exc)))[:300]}"
 
-    with ThreadPoolExecutor(max(1, min(threads, len(images)))) as pool:
+    with ThreadPoolExecutor(max(1, min(settings.threads, len(images)))) as pool:
         list(pool.map(load, range(len(images))))
     return {
         "row": np.asarray(batch["row"], dtype=np.int64),

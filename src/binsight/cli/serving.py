@@ -65,17 +65,17 @@ def _report_monitor(config: MonitorConfig, run: MonitorRun) -> int:
             + ", ".join(f"{n} ({reason})" for reason, n in sorted(run.skipped.items()))
             + f"; comparing the {result.photos} records of model {run.model_version}"
         )
-    summary = result.as_dict()
+    summary = result.summary()
     print(
-        f"monitor: {summary['photos']} captured photos, {len(result.windows)} windows of {result.window}; "
-        f"latest: {summary['status']}"
-        + (f" ({', '.join(summary['drifted_in_latest'])})" if summary["drifted_in_latest"] else "")
+        f"monitor: {summary.photos} captured photos, {len(result.windows)} windows of {result.window}; "
+        f"latest: {summary.status}"
+        + (f" ({', '.join(summary.drifted_in_latest)})" if summary.drifted_in_latest else "")
         + f"; report in {config.out / 'report.html'}"
     )
     if config.fail_on_drift and result.latest is None:
         print(f"monitor: too few usable records to judge drift (exit {EXIT_CANNOT_JUDGE})", file=sys.stderr)
         return EXIT_CANNOT_JUDGE
-    return EXIT_DRIFT if config.fail_on_drift and summary["drifted_in_latest"] else 0
+    return EXIT_DRIFT if config.fail_on_drift and summary.drifted_in_latest else 0
 
 
 def register(verbs: Any) -> None:

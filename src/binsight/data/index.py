@@ -14,7 +14,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,9 +43,13 @@ INDEX_FIELDS = (
 )
 
 
+# One line of index.csv as it is built (numbers stay numbers until the CSV writer writes them).
+IndexRow = dict[str, str | int | float]
+
+
 @dataclass(frozen=True)
 class IndexResult:
-    rows: list[dict[str, Any]]
+    rows: list[IndexRow]
     skipped: list[dict[str, str]]
     path: Path
     layout: Layout
@@ -68,7 +71,7 @@ def _inspect_image(path: Path) -> tuple[int, int]:
         raise ValueError(f"corrupt image: {exc}") from None
 
 
-def _index_row(entry: Entry, base: Path) -> dict[str, Any] | str:
+def _index_row(entry: Entry, base: Path) -> IndexRow | str:
     record = None
     if entry.metadata is not None:
         try:
@@ -156,7 +159,7 @@ def build_index(
     if not entries and not found.problems:
         raise BinsightError(f"{root} holds no images or metadata", hint="download or synthesize data first")
 
-    rows: list[dict[str, Any]] = []
+    rows: list[IndexRow] = []
     skipped: list[dict[str, str]] = [{"id": i, "problem": p} for i, p in found.problems]
     base.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) * 2)) as pool:
@@ -187,7 +190,7 @@ def build_index(
     return IndexResult(rows=rows, skipped=skipped, path=index_path, layout=found.layout)
 
 
-def apply_recounts(rows: list[dict[str, Any]], path: Path) -> int:
+def apply_recounts(rows: list[IndexRow], path: Path) -> int:
     """Set `count` from people's recounts (`id,count` CSV); returns how many photos changed source."""
     recounted: dict[str, int] = {}
     for line in read_csv(path):
@@ -200,8 +203,8 @@ def apply_recounts(rows: list[dict[str, Any]], path: Path) -> int:
         recounted[line["id"]] = int(text)
     changed = 0
     for row in rows:
-        if row["id"] in recounted:
-            row["count"], row["count_source"] = recounted[row["id"]], "recount"
+        if (count := recounted.get(str(row["id"]))) is not None:
+            row["count"], row["count_source"] = count, "recount"
             changed += 1
     return changed
 

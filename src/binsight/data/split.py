@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,13 +43,13 @@ def _rank(seed: int, image_id: str) -> bytes:
     return hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
 
 
-def assign_splits(rows: list[dict[str, Any]], config: SplitConfig) -> dict[str, list[dict[str, Any]]]:
-    by_class: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def assign_splits(rows: list[dict[str, str]], config: SplitConfig) -> dict[str, list[dict[str, str]]]:
+    by_class: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
         # Stratified by the recorded count: a recount that corrects a label never moves its photo to
         # another split, so the test set stays the same photos as recounts arrive.
         by_class[str(row.get("recorded_count") or row["count"])].append(row)
-    result: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    result: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
     for members in by_class.values():
         members = sorted(members, key=lambda r: _rank(config.seed, r["id"]))
         n = len(members)
@@ -64,10 +64,10 @@ def assign_splits(rows: list[dict[str, Any]], config: SplitConfig) -> dict[str, 
     return result
 
 
-def fingerprint(rows: list[dict[str, Any]]) -> str:
+def fingerprint(rows: Sequence[Mapping[str, object]]) -> str:
     """Identifies a split's content (ids and labels), for reports and the model registry."""
     digest = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: r["id"]):
+    for row in sorted(rows, key=lambda r: str(r["id"])):
         digest.update(f"{row['id']}:{row['count']}\n".encode())
     return digest.hexdigest()[:16]
 

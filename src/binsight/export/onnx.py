@@ -31,7 +31,7 @@ from binsight.inference.runtime import META_PREFIX, LoadedModel, OnnxCounter, Op
 from binsight.inference.selfcheck import ReferenceSet
 from binsight.models.heads import CountingModel
 from binsight.monitoring.baseline import build_baseline
-from binsight.training.checkpoint import load_checkpoint
+from binsight.training.checkpoint import Checkpoint, load_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.data import BinDataset, eval_transform
 from binsight.training.evaluate import load_model
@@ -194,7 +194,7 @@ def _describe_for_serving(
         key = f"{choice.backend}/{choice.precision}"
         counter = _open_engine(path, choice)
         probabilities = _probabilities(counter, dataset)
-        accuracy[key] = counting_metrics(dataset.counts[: len(dataset)], probabilities)["accuracy"]
+        accuracy[key] = counting_metrics(dataset.counts[: len(dataset)], probabilities).accuracy
         calibration = Calibration.fit(
             probabilities, targets, tuple(range(num_classes)), f"val split of {data_dir.name}, {key}"
         )
@@ -220,7 +220,7 @@ def _add_metadata(path: Path, entries: dict[str, str]) -> None:
     atomic_write_bytes(path, proto.SerializeToString())
 
 
-def _card(checkpoint: dict[str, object], config: TrainConfig, num_classes: int) -> ModelCard:
+def _card(checkpoint: Checkpoint, config: TrainConfig, num_classes: int) -> ModelCard:
     # Checkpoints from before the card existed get theirs rebuilt from what they do hold.
     if "card" in checkpoint:
         return ModelCard.model_validate(checkpoint["card"])

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 import onnxruntime as ort
+from pydantic import BaseModel, field_serializer
 
 from binsight.card import ModelCard
 from binsight.errors import BinsightError
@@ -91,22 +92,42 @@ class ModelInfo:
     def arch(self) -> str:
         return self.card.arch
 
-    def describe(self) -> dict[str, object]:
-        """What `/v1/model` shows: the card and the file, but not the calibration's raw scores, nor the
-        training's file paths (they are the training machine's, and say nothing to a client)."""
-        return {
-            "version": self.version,
-            "arch": self.card.arch,
-            "head": self.card.head,
-            "classes": list(self.card.classes),
-            "input_hw": list(self.card.input_hw),
-            "quantized": self.quantized,
-            "embedding_dim": self.embedding_dim,
-            "calibrated": self.calibration is not None,
-            "calibrated_for": self.calibrated_for,
-            "monitoring_baseline": self.baseline is not None,
-            "card": self.card.model_dump(mode="json", exclude={"training", "data"}),
-        }
+    def describe(self) -> ModelFacts:
+        return ModelFacts(
+            version=self.version,
+            arch=self.card.arch,
+            head=self.card.head,
+            classes=list(self.card.classes),
+            input_hw=list(self.card.input_hw),
+            quantized=self.quantized,
+            embedding_dim=self.embedding_dim,
+            calibrated=self.calibration is not None,
+            calibrated_for=self.calibrated_for,
+            monitoring_baseline=self.baseline is not None,
+            card=self.card,
+        )
+
+
+class ModelFacts(BaseModel):
+    """What `/v1/model` shows of a file: the card and what export added, but not the calibration's raw
+    scores, nor the training's file paths (they are the training machine's, and say nothing to a
+    client)."""
+
+    version: str
+    arch: str
+    head: str
+    classes: list[int]
+    input_hw: list[int]
+    quantized: bool
+    embedding_dim: int
+    calibrated: bool
+    calibrated_for: str | None
+    monitoring_baseline: bool
+    card: ModelCard
+
+    @field_serializer("card")
+    def _without_training_paths(self, card: ModelCard) -> dict[str, object]:
+        return card.model_dump(mode="json", exclude={"training", "data"})
 
 
 def _legacy_card(metadata: dict[str, str]) -> ModelCard:

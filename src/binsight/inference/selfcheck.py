@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -75,9 +75,6 @@ class SelfCheck:
     max_prob_diff: float
     tolerance: Tolerance
     passed: bool
-
-    def describe(self) -> dict[str, object]:
-        return asdict(self)
 
     def summary(self) -> str:
         return (

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -35,18 +35,15 @@ class Observation:
 def observe_photo(data: bytes, preprocess: Preprocess, max_pixels: int | None = None) -> Observation:
     """Decode and prepare one photo exactly as the model takes it (`Preprocess`), measuring its signals
     on the way: the monitoring is an observer of the decode, not a second one."""
-    opened: dict[str, Any] = {}
+    opened: list[tuple[tuple[int, int], float]] = []  # the decoder's view: size and JPEG quality
 
     def observe(image: Image.Image) -> None:
-        opened.update(size=image.size, quality=jpeg_quality(image))
+        opened.append((image.size, jpeg_quality(image)))
 
     rgb = preprocess.pixels(preprocess.decode(data, max_pixels, observe))
-    width, height = opened["size"]
+    (width, height), quality = opened[0]
     return Observation(
-        preprocess.normalise(rgb),
-        photo_signals(rgb, width, height, len(data), opened["quality"]),
-        width,
-        height,
+        preprocess.normalise(rgb), photo_signals(rgb, width, height, len(data), quality), width, height
     )
 
 

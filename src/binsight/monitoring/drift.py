@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel
 
 from binsight.monitoring.baseline import Baseline
 
@@ -100,27 +102,58 @@ class DriftResult:
         return [s.signal for s in self.signals if s.drifted]
 
     @property
-    def status(self) -> str:
+    def status(self) -> Literal["ok", "drift"]:
         return "drift" if self.drifted else "ok"
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "window": self.window,
-            "start": self.start,
-            "end": self.end,
-            "status": self.status,
-            "drifted": self.drifted,
-            "alpha": self.alpha,
-            "signals": {
-                s.signal: {
-                    "statistic": round(s.statistic, 6),
-                    "threshold": round(s.threshold, 6),
-                    "test": s.test,
-                    "drifted": s.drifted,
-                }
+    def report(self) -> WindowReport:
+        return WindowReport(
+            window=self.window,
+            start=self.start,
+            end=self.end,
+            status=self.status,
+            drifted=self.drifted,
+            alpha=self.alpha,
+            signals={
+                s.signal: SignalReport(
+                    statistic=round(s.statistic, 6),
+                    threshold=round(s.threshold, 6),
+                    test=s.test,
+                    drifted=s.drifted,
+                )
                 for s in self.signals
             },
-        }
+        )
+
+
+class SignalReport(BaseModel):
+    statistic: float
+    threshold: float
+    test: str
+    drifted: bool
+
+
+class WindowReport(BaseModel):
+    """One window's drift verdict as `/v1/traffic`, `monitor.json` and the report show it."""
+
+    window: int  # photos in the window
+    start: str
+    end: str
+    status: Literal["ok", "drift"]
+    drifted: list[str]
+    alpha: float
+    signals: dict[str, SignalReport]
+
+
+class Collecting(BaseModel):
+    """The live watch before its first full window."""
+
+    status: Literal["collecting"] = "collecting"
+    photos: int
+    window: int
+
+
+class DriftOff(BaseModel):
+    status: str  # why the server watches no drift
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.errors import BinsightError
 from binsight.monitoring.baseline import Baseline, Seen
-from binsight.monitoring.drift import DriftDetector, DriftResult
+from binsight.monitoring.drift import DriftDetector, DriftResult, WindowReport
 from binsight.monitoring.signals import SCALAR_SIGNALS
 from binsight.monitoring.watch import window_of
 from binsight.reporting.html import HtmlReport
-from binsight.utils.io import atomic_write_json
+from binsight.utils.records import JsonRecord
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +110,27 @@ class MonitorResult:
     def latest(self) -> DriftResult | None:
         return self.windows[-1] if self.windows else None
 
-    def as_dict(self) -> dict[str, Any]:
+    def summary(self) -> MonitorSummary:
         latest = self.latest
-        return {
-            "photos": self.photos,
-            "window": self.window,
-            "alpha": self.alpha,
-            "status": latest.status if latest else "too few photos",
-            "drifted_in_latest": latest.drifted if latest else [],
-            "windows": [w.as_dict() for w in self.windows],
-        }
+        return MonitorSummary(
+            photos=self.photos,
+            window=self.window,
+            alpha=self.alpha,
+            status=latest.status if latest else "too few photos",
+            drifted_in_latest=latest.drifted if latest else [],
+            windows=[w.report() for w in self.windows],
+        )
+
+
+class MonitorSummary(JsonRecord):
+    """`monitor.json`: every window of a capture folder against the baseline, the latest first in mind."""
+
+    photos: int
+    window: int
+    alpha: float
+    status: str
+    drifted_in_latest: list[str]
+    windows: list[WindowReport]
 
 
 def monitor(baseline: Baseline, seen: list[Seen], window: int, alpha: float) -> MonitorResult:
@@ -137,7 +148,7 @@ def write_report(result: MonitorResult, baseline: Baseline, seen: list[Seen], ou
     from binsight.utils.plots import save_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "monitor.json", result.as_dict())
+    result.summary().write(out / "monitor.json")
     report = HtmlReport(f"binsight monitor: {result.photos} captured photos, windows of {result.window}")
     latest = result.latest
     if latest is None:

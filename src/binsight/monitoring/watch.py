@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any
 
 import numpy as np
 
 from binsight.monitoring.baseline import Baseline, Seen
-from binsight.monitoring.drift import DriftDetector, DriftResult, Window
+from binsight.monitoring.drift import Collecting, DriftDetector, DriftResult, Window, WindowReport
 
 
 class DriftWatch:
@@ -38,10 +37,10 @@ class DriftWatch:
         self.latest = self.detector.check(window_of(recent))
         return self.latest
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> WindowReport | Collecting:
         if self.latest is None:
-            return {"status": "collecting", "photos": len(self._recent), "window": self.window}
-        return self.latest.as_dict()
+            return Collecting(photos=len(self._recent), window=self.window)
+        return self.latest.report()
 
 
 def window_of(seen: list[Seen]) -> Window:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from binsight.errors import BinsightError
+from binsight.monitoring.capture_record import CaptureRecord
 from binsight.recheck.store import QueueEntry
 from binsight.utils.io import read_csv
 
@@ -87,26 +88,25 @@ def from_traffic(capture_dir: Path) -> list[QueueEntry]:
     entries: dict[str, QueueEntry] = {}
     for path in sorted(capture_dir.glob("capture-*.jsonl")):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                source, verdict = record["source"], record.get("verdict")
-                recorded = record["expected_count"]
-                probabilities = np.asarray(record["probabilities"], dtype=np.float64)
-            except (ValueError, KeyError, TypeError, RecursionError):
+            record = CaptureRecord.parse(line)
+            if (
+                record is None
+                or record.expected_count is None
+                or not record.source.startswith("s3://")
+                or record.verdict in (None, "ok")
+            ):
                 continue
-            if not isinstance(source, str) or not source.startswith("s3://") or verdict in (None, "ok"):
-                continue
-            classes = len(probabilities)
-            p_recorded = float(probabilities[min(int(recorded), classes - 1)]) if classes else 0.0
-            entries[source] = QueueEntry(
-                photo_id_of(source),
-                source,
+            classes = len(record.probabilities)
+            p_recorded = record.probabilities[min(record.expected_count, classes - 1)] if classes else 0.0
+            entries[record.source] = QueueEntry(
+                photo_id_of(record.source),
+                record.source,
                 f"traffic:{capture_dir.name}",
                 "suspicious",
                 1.0 - p_recorded,
-                int(recorded),
-                int(record.get("count", -1)),
-                str(record.get("model_version", "")),
+                record.expected_count,
+                record.count,
+                record.model_version,
             )
     return sorted(entries.values(), key=lambda e: -e.priority)
 

@@ -12,6 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from binsight.inference.engines import RuntimeChoice
+from binsight.inference.runtime import ModelFacts
+from binsight.inference.selfcheck import SelfCheck
+from binsight.serving.sources import ReloadFailure
+
 _EXPECTED = {
     "type": "integer",
     "minimum": 0,
@@ -77,6 +82,16 @@ class Prediction(BaseModel):
 
 class Predictions(BaseModel):
     predictions: list[Prediction]
+
+
+class ModelDescription(ModelFacts):
+    """`/v1/model`: the file being served, how it runs on this CPU, and how it judges records."""
+
+    verdicts: str  # the basis of verdicts: conformal, or fixed thresholds
+    max_batch_size: int
+    runtime: RuntimeChoice
+    self_check: SelfCheck | None
+    last_reload_failure: ReloadFailure | None
 
 
 class ErrorDetail(BaseModel):

@@ -32,8 +32,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from binsight.monitoring.drift import DriftOff
 from binsight.serving.api_schema import (
     ERROR_RESPONSES,
+    ModelDescription,
     Prediction,
     declare_security,
     error_json,
@@ -45,7 +47,7 @@ from binsight.serving.config import ServeConfig
 from binsight.serving.inputs import FetchLedger, RequestError, overloaded
 from binsight.serving.metrics import ServerMetrics
 from binsight.serving.service import CountingService
-from binsight.serving.web import add_pages, traffic_summary
+from binsight.serving.web import TrafficSummary, add_pages, traffic_summary
 
 log = logging.getLogger(__name__)
 
@@ -315,12 +317,10 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
 
 def _add_prediction_routes(app: FastAPI, config: ServeConfig, state: dict[str, CountingService]) -> None:
-    async def predict(request: Request) -> tuple[list[dict[str, Any]], bool]:
+    async def predict(request: Request) -> tuple[list[Prediction], bool]:
         try:
             async with asyncio.timeout(config.request_timeout_s):
-                predictions, many = await _predict_request(state["service"], request)
-                # Absent, not null: the record's fields appear only when a record was given.
-                return [p.model_dump(exclude_none=True) for p in predictions], many
+                return await _predict_request(state["service"], request)
         except TimeoutError:
             raise RequestError(
                 504, "deadline_exceeded", f"the request took over {config.request_timeout_s:g} s"
@@ -333,23 +333,23 @@ def _add_prediction_routes(app: FastAPI, config: ServeConfig, state: dict[str, C
     )
     async def invocations(request: Request) -> JSONResponse:
         predictions, many = await predict(request)
-        return JSONResponse({"predictions": predictions} if many else predictions[0])
+        # Absent, not null: the record's fields appear only when a record was given.
+        answers = [p.model_dump(exclude_none=True) for p in predictions]
+        return JSONResponse({"predictions": answers} if many else answers[0])
 
     @app.post("/v1/count", openapi_extra=invocation_body(), responses=invocation_responses(many_or_one=False))
     async def count(request: Request) -> JSONResponse:
         predictions, _ = await predict(request)
-        return JSONResponse({"predictions": predictions})
+        return JSONResponse({"predictions": [p.model_dump(exclude_none=True) for p in predictions]})
 
 
 def _add_information_routes(
     app: FastAPI, config: ServeConfig, state: dict[str, CountingService], metrics: ServerMetrics
 ) -> None:
-    def reload_failure(detail: bool) -> dict[str, str] | None:
-        failure = state["service"].last_reload_failure
-        if failure is None:
-            return None
+    def reload_failure_time() -> dict[str, str] | None:
         # /ping is public: it says when, not what (the error names files on the server).
-        return failure.__dict__ if detail else {"at": failure.at}
+        failure = state["service"].last_reload_failure
+        return None if failure is None else {"at": failure.at}
 
     @app.get("/ping", responses=ERROR_RESPONSES)
     async def ping() -> JSONResponse:
@@ -360,33 +360,33 @@ def _add_information_routes(
             {
                 "status": "ok",
                 "model_version": service.counter.info.version,
-                "last_reload_failure": reload_failure(detail=False),
+                "last_reload_failure": reload_failure_time(),
             }
         )
 
     @app.get("/v1/model")
-    async def model_info() -> dict[str, Any]:
+    async def model_info() -> ModelDescription:
         service = state["service"]
-        return {
-            **service.counter.info.describe(),
-            "verdicts": service.policy.basis,
-            "max_batch_size": config.max_batch_size,
-            "runtime": service.counter.runtime.__dict__,
-            "self_check": service.counter.check.describe() if service.counter.check else None,
-            "last_reload_failure": reload_failure(detail=True),
-        }
+        return ModelDescription(
+            **dict(service.counter.info.describe()),
+            verdicts=service.policy.basis,
+            max_batch_size=config.max_batch_size,
+            runtime=service.counter.runtime,
+            self_check=service.counter.check,
+            last_reload_failure=service.last_reload_failure,
+        )
 
     @app.get("/v1/traffic")
-    async def traffic() -> dict[str, Any]:
+    async def traffic() -> TrafficSummary:
         summary = await asyncio.get_running_loop().run_in_executor(None, traffic_summary, config.capture_dir)
-        summary["sample_rate"] = config.capture_sample_rate
+        summary.sample_rate = config.capture_sample_rate
         watch = state["service"].watch
         if watch is not None:
-            summary["drift"] = watch.summary()
+            summary.drift = watch.summary()
         elif config.monitor_interval_s <= 0:
-            summary["drift"] = {"status": "off (the server runs with --monitor-interval-s 0)"}
+            summary.drift = DriftOff(status="off (the server runs with --monitor-interval-s 0)")
         else:
-            summary["drift"] = {"status": "no baseline in the model file"}
+            summary.drift = DriftOff(status="no baseline in the model file")
         return summary
 
     @app.get(

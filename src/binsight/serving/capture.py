@@ -7,7 +7,6 @@ rotate by size, one series per process, so worker processes never interleave lin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -15,7 +14,9 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
+
+from binsight.monitoring.capture_record import CaptureRecord
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ class DataCapture:
         self.max_files = max_files
         self.dropped = 0
         self.written = 0
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[CaptureRecord | None] = queue.Queue(queue_size)
         self._random = random.Random()
         self._thread = threading.Thread(target=self._drain, name="data-capture", daemon=True)
         self._thread.start()
 
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: CaptureRecord) -> None:
         if self.sample_rate < 1.0 and self._random.random() >= self.sample_rate:
             return
         try:
@@ -91,7 +92,7 @@ class DataCapture:
                 if entry is None:
                     return
                 try:
-                    handle.write(json.dumps(entry, separators=(",", ":")) + "\n")
+                    handle.write(entry.line() + "\n")
                     handle.flush()
                     self.written += 1
                     if handle.tell() >= self.max_file_bytes:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel
 
 from binsight.imaging import sniff_format
 from binsight.recheck.resolve import next_item, resolve
@@ -47,6 +47,34 @@ def _caller(request: Request, policy: AccessPolicy) -> str:
     return name
 
 
+class ShownBin(BaseModel):
+    """A bin to recount as the page gets it. The record and the model's answer are sent only when the
+    operator turned them on (anchoring biases the count): unset fields are left out of the answer, so
+    the page tells "not shown" (absent) from "no record" (null)."""
+
+    id: int
+    photo: str
+    who: str
+    recorded: int | None = None
+    predicted: int | None = None
+
+
+class NextBin(BaseModel):
+    item: ShownBin | None
+    who: str
+
+
+class SavedRecount(BaseModel):
+    item: int
+    outcome: str
+    count: int | None
+
+
+class RecountAnswer(BaseModel):
+    saved: SavedRecount
+    status: str
+
+
 def add_recheck_routes(app: FastAPI, config: ServeConfig, policy: AccessPolicy) -> None:
     store = LabelStore(storage_url(config.recheck_storage, Path("runs/recheck")))
     page = static_file("recheck.html")
@@ -56,16 +84,16 @@ def add_recheck_routes(app: FastAPI, config: ServeConfig, policy: AccessPolicy) 
     async def recheck_page() -> str:
         return page
 
-    @app.get("/v1/recheck/next")
-    async def next_bin(request: Request) -> dict[str, Any]:
+    @app.get("/v1/recheck/next", response_model_exclude_unset=True)
+    async def next_bin(request: Request) -> NextBin:
         who = _caller(request, policy)
         item = await loop().run_in_executor(None, next_item, store, who)
         if item is None:
-            return {"item": None, "who": who}
-        shown: dict[str, Any] = {"id": item.id, "photo": f"/v1/recheck/photo/{item.id}", "who": who}
+            return NextBin(item=None, who=who)
+        shown = ShownBin(id=item.id, photo=f"/v1/recheck/photo/{item.id}", who=who)
         if config.recheck_show_record:
-            shown.update(recorded=item.recorded, predicted=item.predicted)
-        return {"item": shown, "who": who}
+            shown = ShownBin(**shown.model_dump(), recorded=item.recorded, predicted=item.predicted)
+        return NextBin(item=shown, who=who)
 
     @app.get("/v1/recheck/photo/{item_id}")
     async def photo(item_id: int, request: Request) -> Response:
@@ -83,7 +111,7 @@ def add_recheck_routes(app: FastAPI, config: ServeConfig, policy: AccessPolicy) 
         return Response(data, media_type=_MEDIA[kind], headers={"cache-control": "private, max-age=600"})
 
     @app.post("/v1/recheck/{item_id}")
-    async def recount(item_id: int, request: Request) -> dict[str, Any]:
+    async def recount(item_id: int, request: Request) -> RecountAnswer:
         who = _caller(request, policy)
         try:
             body = await request.json()
@@ -108,10 +136,10 @@ def add_recheck_routes(app: FastAPI, config: ServeConfig, policy: AccessPolicy) 
         item = await loop().run_in_executor(None, store.item, item_id)
         assert item is not None
         resolution = resolve(item, await loop().run_in_executor(None, store.recounts, item_id))
-        return {
-            "saved": {"item": item_id, "outcome": saved.outcome, "count": saved.count},
-            "status": resolution.status,
-        }
+        return RecountAnswer(
+            saved=SavedRecount(item=item_id, outcome=saved.outcome, count=saved.count),
+            status=resolution.status,
+        )
 
 
 def _read_photo(image: str, config: ServeConfig) -> bytes:

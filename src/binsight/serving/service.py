@@ -22,6 +22,7 @@ from binsight.errors import BinsightError
 from binsight.inference.runtime import LoadedModel, load_counter
 from binsight.inference.verdict import VerdictPolicy, judge
 from binsight.monitoring.baseline import Baseline, Seen
+from binsight.monitoring.capture_record import CaptureRecord
 from binsight.monitoring.watch import DriftWatch
 from binsight.serving.api_schema import Prediction
 from binsight.serving.batching import Admission, DynamicBatcher, QueueFullError
@@ -215,25 +216,22 @@ class CountingService:
         )
         if self.capture:
             self.capture.record(
-                {
-                    "time": now,
-                    "source": source,
-                    "image_sha256": prepared.digest,
-                    "bytes": prepared.size_bytes,
-                    "width": prepared.width,
-                    "height": prepared.height,
-                    "count": result.count,
-                    "confidence": result.confidence,
-                    "model_version": result.model_version,
-                    "latency_ms": result.latency_ms,
-                    "probabilities": [round(float(p), 5) for p in probabilities],
-                    "signals": {k: round(v, 4) for k, v in prepared.signals.items()},
-                    "embedding": [round(float(v), 4) for v in embedding],
-                    **(
-                        {"expected_count": expected_count, "verdict": result.verdict}
-                        if expected_count is not None
-                        else {}
-                    ),
-                }
+                CaptureRecord(
+                    time=now,
+                    source=source,
+                    image_sha256=prepared.digest,
+                    bytes=prepared.size_bytes,
+                    width=prepared.width,
+                    height=prepared.height,
+                    count=result.count,
+                    confidence=result.confidence,
+                    model_version=result.model_version,
+                    latency_ms=result.latency_ms,
+                    probabilities=[round(float(p), 5) for p in probabilities],
+                    signals={k: round(v, 4) for k, v in prepared.signals.items()},
+                    embedding=[round(float(v), 4) for v in embedding],
+                    expected_count=expected_count,
+                    verdict=result.verdict,
+                )
             )
         return result

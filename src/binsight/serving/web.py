@@ -6,15 +6,16 @@ on a warehouse network with no internet. `/v1/traffic` aggregates the data-captu
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel
 
+from binsight.monitoring.capture_record import CaptureRecord
+from binsight.monitoring.drift import Collecting, DriftOff, WindowReport
 from binsight.serving.inputs import RequestError
 
 STATIC = resources.files("binsight.serving") / "static"
@@ -33,37 +34,55 @@ def _tail_lines(path: Path, limit: int) -> list[str]:
     return lines[-limit:] if size <= 512 * limit else lines[1:][-limit:]  # first may be cut
 
 
-def traffic_summary(capture_dir: Path | None, limit: int = 5000, recent: int = 25) -> dict[str, Any]:
-    """Predicted-count distribution per minute over the newest captured records (all processes)."""
+class TrafficBucket(BaseModel):
+    start: str  # the minute, ISO 8601
+    n: int
+    counts: dict[str, int]  # answers in that minute, by count
+
+
+class TrafficSummary(BaseModel):
+    """`/v1/traffic`: the predicted-count distribution per minute over the newest captured records
+    (all processes), and the live drift watch."""
+
+    enabled: bool
+    total: int = 0
+    classes: list[str] = []
+    by_count: dict[str, int] = {}
+    by_verdict: dict[str, int] = {}
+    buckets: list[TrafficBucket] = []
+    recent: list[CaptureRecord] = []
+    sample_rate: float = 1.0
+    drift: WindowReport | Collecting | DriftOff | None = None
+
+
+def traffic_summary(capture_dir: Path | None, limit: int = 5000, recent: int = 25) -> TrafficSummary:
     if capture_dir is None:
-        return {"enabled": False}
-    records: list[dict[str, Any]] = []
+        return TrafficSummary(enabled=False)
+    records: list[CaptureRecord] = []
     files = sorted(capture_dir.glob("capture-*.jsonl"), key=lambda p: p.stat().st_mtime)
     for path in reversed(files):
         for line in reversed(_tail_lines(path, limit)):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written right now
+            if (record := CaptureRecord.parse(line)) is not None:
+                records.append(record)
         if len(records) >= limit:
             break
-    records.sort(key=lambda r: r.get("time", ""))
+    records.sort(key=lambda r: r.time)
     records = records[-limit:]
     buckets: dict[str, Counter[str]] = defaultdict(Counter)
     for record in records:
-        buckets[record.get("time", "")[:16]][str(record.get("count"))] += 1
-    classes = sorted({str(r.get("count")) for r in records}, key=lambda c: int(c) if c.isdigit() else 1 << 30)
-    return {
-        "enabled": True,
-        "total": len(records),
-        "classes": classes,
-        "by_count": dict(Counter(str(r.get("count")) for r in records)),
-        "by_verdict": dict(Counter(r.get("verdict", "no record given") for r in records)),
-        "buckets": [
-            {"start": start, "n": sum(c.values()), "counts": dict(c)} for start, c in sorted(buckets.items())
+        buckets[record.time[:16]][str(record.count)] += 1
+    return TrafficSummary(
+        enabled=True,
+        total=len(records),
+        classes=sorted({str(r.count) for r in records}, key=int),
+        by_count=dict(Counter(str(r.count) for r in records)),
+        by_verdict=dict(Counter(r.verdict or "no record given" for r in records)),
+        buckets=[
+            TrafficBucket(start=start, n=sum(c.values()), counts=dict(c))
+            for start, c in sorted(buckets.items())
         ],
-        "recent": records[-recent:][::-1],
-    }
+        recent=records[-recent:][::-1],
+    )
 
 
 def add_pages(app: FastAPI) -> None:

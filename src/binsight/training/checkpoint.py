@@ -6,7 +6,7 @@ import io
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 import numpy as np
 import torch
@@ -15,14 +15,51 @@ from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_bytes
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+class RngState(TypedDict, total=False):
+    python: tuple[object, ...]
+    numpy: tuple[str, np.ndarray, int, int, float]  # the legacy MT19937 state
+    torch: torch.Tensor
+    cuda: list[torch.Tensor]
+
+
+# State dicts (model, optimiser, scheduler, scaler, monitors) are torch's own nested containers.
+StateDict = dict[str, object]
+JsonObject = dict[str, object]  # a pydantic record's model_dump, validated again when read
+
+
+class Checkpoint(TypedDict, total=False):
+    """What `best.pt` and `last.pt` hold (torch.save of plain containers). Both: the model, its card
+    and how it was trained; `best.pt` adds the validation metrics of its epoch, `last.pt` what resuming
+    needs. Not total: files of earlier formats lack keys, and their readers say which default applies."""
+
+    config: JsonObject  # TrainConfig
+    num_classes: int
+    checkpoint_format: int
+    epoch: int
+    history: list[JsonObject]  # EpochRecord per epoch
+    best: JsonObject  # BestEpoch
+    train_fingerprint: str
+    val_fingerprint: str
+    card: JsonObject  # ModelCard
+    model: StateDict
+    val_metrics: JsonObject  # CountingMetrics (best.pt)
+    optimizer: StateDict  # last.pt from here on
+    scheduler: StateDict
+    scaler: StateDict
+    monitors: StateDict
+    stale_epochs: int
+    rng: list[RngState]  # one per rank
+
+
+def rng_state() -> RngState:
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    state = RngState(python=random.getstate(), numpy=legacy, torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: RngState) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -35,25 +72,25 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 CHECKPOINT_FORMAT = 2
 
 
-def epochs_finished(checkpoint: dict[str, Any]) -> int:
+def epochs_finished(checkpoint: Checkpoint) -> int:
     epoch = int(checkpoint.get("epoch", -1))
     return epoch if checkpoint.get("checkpoint_format", 1) >= 2 else epoch + 1
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: Checkpoint) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise BinsightError(f"no checkpoint at {path}", hint="train a model first (`binsight train`)")
     try:
         # Checkpoints hold numpy RNG state and plain containers, hence weights_only=False: only load
         # checkpoints you made or trust, as with any pickle.
-        checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint: Checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         return checkpoint
     except Exception as exc:
         raise BinsightError(f"{path} is not a readable binsight checkpoint: {exc}") from None

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,10 +21,7 @@ from binsight.errors import BinsightError
 from binsight.models.factory import build_model
 from binsight.models.heads import CountingModel
 from binsight.training.cached import CachedTrainer
-from binsight.training.checkpoint import (
-    CHECKPOINT_FORMAT,
-    rng_state,
-)
+from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, rng_state
 from binsight.training.config import TrainConfig
 from binsight.training.data import Loader, build_datasets, make_loader
 from binsight.training.distributed import (
@@ -36,7 +33,7 @@ from binsight.training.distributed import (
 )
 from binsight.training.hardware import Precision, resolve_device, wants_channels_last
 from binsight.training.loop import predict, train_one_epoch
-from binsight.training.metrics import counting_metrics, majority_baseline
+from binsight.training.metrics import CountingMetrics, counting_metrics, majority_baseline
 from binsight.training.monitors import Monitors
 from binsight.training.objective import Objective, build_objective
 from binsight.training.optim import build_optimizer, build_scheduler
@@ -308,7 +305,7 @@ def _record(
     probabilities: np.ndarray,
     val_loss: float,
     val_counts: np.ndarray,
-) -> tuple[EpochRecord, dict[str, Any], bool]:
+) -> tuple[EpochRecord, CountingMetrics, bool]:
     """The epoch's record in the history, the monitors' view of it, and whether it is the best yet."""
     config, progress = run.config, run.progress
     metrics = counting_metrics(val_counts, probabilities)
@@ -317,7 +314,9 @@ def _record(
         **stats.model_dump(),
         val_loss=val_loss,
         lr=run.optimizer.param_groups[0]["lr"],
-        **{f"val_{k}": metrics[k] for k in ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece")},
+        **{
+            f"val_{k}": getattr(metrics, k) for k in ("accuracy", "off_by_one_accuracy", "mae", "rmse", "ece")
+        },
     )
     progress.history.append(record)
     run.monitors.check_epoch(
@@ -330,8 +329,8 @@ def _record(
         config.epochs,
         stats.train_loss,
         val_loss,
-        metrics["accuracy"],
-        metrics["mae"],
+        metrics.accuracy,
+        metrics.mae,
         stats.train_images_per_second,
         100 * stats.data_wait_fraction,
         " (best)" if improved else "",
@@ -339,35 +338,33 @@ def _record(
     return record, metrics, improved
 
 
-def _save(run: _Run, epoch: int, record: EpochRecord, best_metrics: dict[str, Any] | None) -> None:
+def _save(run: _Run, epoch: int, record: EpochRecord, best_metrics: CountingMetrics | None) -> None:
     """`last.pt` (and `best.pt` when the epoch improved), their remote copies, TensorBoard's scalars."""
     config, context, progress = run.config, run.context, run.progress
     rng_states = gather_objects(context, rng_state())  # every rank takes part; rank 0 writes
     if not context.is_main:
         return
     train_fingerprint, val_fingerprint = fingerprint(run.train_rows), fingerprint(run.val_rows)
-    checkpoint = {
-        "config": config.model_dump(mode="json"),
-        "num_classes": run.num_classes,
-        "checkpoint_format": CHECKPOINT_FORMAT,
-        "epoch": epoch + 1,
-        "history": [h.model_dump() for h in progress.history],
-        "best": progress.best.model_dump(mode="json"),
-        "train_fingerprint": train_fingerprint,
-        "val_fingerprint": val_fingerprint,
-        "card": model_card(config, run.num_classes, train_fingerprint, val_fingerprint).model_dump(
-            mode="json"
-        ),
-        "model": unwrap(run.model).state_dict(),
-    }
-    training_state = {
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.precision.scaler.state_dict(),
-        "monitors": run.monitors.state_dict(),
-        "stale_epochs": progress.stale_epochs,
-        "rng": rng_states,
-    }
+    checkpoint = Checkpoint(
+        config=config.model_dump(mode="json"),
+        num_classes=run.num_classes,
+        checkpoint_format=CHECKPOINT_FORMAT,
+        epoch=epoch + 1,
+        history=[h.model_dump() for h in progress.history],
+        best=progress.best.model_dump(mode="json"),
+        train_fingerprint=train_fingerprint,
+        val_fingerprint=val_fingerprint,
+        card=model_card(config, run.num_classes, train_fingerprint, val_fingerprint).model_dump(mode="json"),
+        model=unwrap(run.model).state_dict(),
+    )
+    training_state = Checkpoint(
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict(),
+        scaler=run.precision.scaler.state_dict(),
+        monitors=run.monitors.state_dict(),
+        stale_epochs=progress.stale_epochs,
+        rng=rng_states,
+    )
     save_checkpoints(run.out, run.remote, checkpoint, training_state, best_metrics)
     if run.writer is not None:
         for key, number in record.model_dump().items():

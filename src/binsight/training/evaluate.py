@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from binsight.errors import BinsightError
 from binsight.models.factory import build_model
 from binsight.models.heads import CountingModel
 from binsight.reporting.html import HtmlReport
-from binsight.training.checkpoint import epochs_finished, load_checkpoint
+from binsight.training.checkpoint import Checkpoint, epochs_finished, load_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.data import BinDataset, eval_transform, make_loader
 from binsight.training.distributed import DistContext
@@ -29,7 +29,7 @@ from binsight.utils.plots import confusion_matrix_plot, history_curves
 log = logging.getLogger(__name__)
 
 
-def load_model(checkpoint: dict[str, Any]) -> tuple[CountingModel, TrainConfig, int]:
+def load_model(checkpoint: Checkpoint) -> tuple[CountingModel, TrainConfig, int]:
     """Rebuild the trained model from a checkpoint alone (no pretrained weights needed)."""
     config = TrainConfig.model_validate(checkpoint["config"])
     num_classes = int(checkpoint["num_classes"])
@@ -129,7 +129,7 @@ def evaluate(settings: EvaluateConfig) -> EvaluationReport:
         arch=config.arch,
         head=config.head,
         epoch=epochs_finished(checkpoint),
-        **metrics,
+        **metrics.model_dump(),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write(out_dir / "metrics.json")
@@ -138,10 +138,10 @@ def evaluate(settings: EvaluateConfig) -> EvaluationReport:
         f"{num_classes - 1}+" if int(max(int(r["count"]) for r in rows)) >= num_classes else labels[-1]
     )
     confusion_matrix_plot(
-        np.asarray(metrics["confusion_matrix"]),
+        np.asarray(metrics.confusion_matrix),
         labels,
         out_dir / "confusion_matrix.png",
-        f"{split}: accuracy {metrics['accuracy']:.3f}, n={metrics['n']}",
+        f"{split}: accuracy {metrics.accuracy:.3f}, n={metrics.n}",
     )
     history = [EpochRecord.model_validate(h) for h in checkpoint.get("history", [])]
     if history:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import itertools
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Metric(StrEnum):
@@ -63,7 +64,39 @@ def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, b
     return float(ece)
 
 
-def counting_metrics(counts: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+class OverflowMetrics(BaseModel):
+    """How the bins beyond the last class fared: judged against their real count elsewhere, here only
+    whether the model put them in the overflow class."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    overflow_class: str = Field(alias="class")
+    images_beyond: int
+    recognised_as_overflow: float | None
+
+
+class ClassMetrics(BaseModel):
+    support: int
+    precision: float | None
+    recall: float | None
+
+
+class CountingMetrics(BaseModel):
+    """A model's answers against the recorded counts: what an epoch's validation, `evaluate` and the
+    export's checks report."""
+
+    n: int
+    accuracy: float
+    off_by_one_accuracy: float
+    mae: float
+    rmse: float
+    ece: float
+    overflow: OverflowMetrics
+    per_class: dict[str, ClassMetrics]
+    confusion_matrix: list[list[int]]
+
+
+def counting_metrics(counts: np.ndarray, probabilities: np.ndarray) -> CountingMetrics:
     """Metrics of per-class probabilities against the recorded counts (which may exceed the classes)."""
     counts = np.asarray(counts, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -80,30 +113,30 @@ def counting_metrics(counts: np.ndarray, probabilities: np.ndarray) -> dict[str,
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(predicted_per_class > 0, diagonal / predicted_per_class, np.nan)
         recall = np.where(true_per_class > 0, diagonal / true_per_class, np.nan)
-    return {
-        "n": int(targets.size),
-        "accuracy": float((errors == 0).mean()),
-        "off_by_one_accuracy": float((np.abs(errors) <= 1).mean()),
-        "mae": float(np.abs(errors).mean()),
-        "rmse": float(np.sqrt((errors.astype(np.float64) ** 2).mean())),
-        "ece": expected_calibration_error(probabilities, targets),
-        "overflow": {
-            "class": f"{overflow_class}+",
-            "images_beyond": int(beyond.sum()),
-            "recognised_as_overflow": float((predictions[beyond] == overflow_class).mean())
+    return CountingMetrics(
+        n=int(targets.size),
+        accuracy=float((errors == 0).mean()),
+        off_by_one_accuracy=float((np.abs(errors) <= 1).mean()),
+        mae=float(np.abs(errors).mean()),
+        rmse=float(np.sqrt((errors.astype(np.float64) ** 2).mean())),
+        ece=expected_calibration_error(probabilities, targets),
+        overflow=OverflowMetrics(
+            overflow_class=f"{overflow_class}+",
+            images_beyond=int(beyond.sum()),
+            recognised_as_overflow=float((predictions[beyond] == overflow_class).mean())
             if beyond.any()
             else None,
-        },
-        "per_class": {
-            str(k): {
-                "support": int(true_per_class[k]),
-                "precision": None if np.isnan(precision[k]) else float(precision[k]),
-                "recall": None if np.isnan(recall[k]) else float(recall[k]),
-            }
+        ),
+        per_class={
+            str(k): ClassMetrics(
+                support=int(true_per_class[k]),
+                precision=None if np.isnan(precision[k]) else float(precision[k]),
+                recall=None if np.isnan(recall[k]) else float(recall[k]),
+            )
             for k in range(num_classes)
         },
-        "confusion_matrix": matrix.tolist(),
-    }
+        confusion_matrix=matrix.tolist(),
+    )
 
 
 def majority_baseline(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:

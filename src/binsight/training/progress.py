@@ -12,11 +12,17 @@ import torch
 
 from binsight.errors import BinsightError
 from binsight.models.heads import CountingModel
-from binsight.training.checkpoint import epochs_finished, load_checkpoint, restore_rng_state, save_checkpoint
+from binsight.training.checkpoint import (
+    Checkpoint,
+    epochs_finished,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from binsight.training.config import TrainConfig
 from binsight.training.distributed import DistContext
 from binsight.training.hardware import Precision
-from binsight.training.metrics import Metric
+from binsight.training.metrics import CountingMetrics, Metric
 from binsight.training.monitors import Monitors
 from binsight.training.results import BestEpoch, EpochRecord
 from binsight.utils.storage import Store
@@ -101,15 +107,15 @@ def resume(
 def save_checkpoints(
     out: Path,
     remote: Store | None,
-    checkpoint: dict[str, Any],
-    training_state: dict[str, Any],
-    best_metrics: dict[str, Any] | None,
+    checkpoint: Checkpoint,
+    training_state: Checkpoint,
+    best_metrics: CountingMetrics | None,
 ) -> None:
     """`best.pt` when the epoch improved (`best_metrics` given), `last.pt` always (with what resuming
     needs), and their copies where they outlive the machine."""
     best_path, last_path = out / "best.pt", out / "last.pt"
     if best_metrics is not None:
-        save_checkpoint(best_path, {**checkpoint, "val_metrics": best_metrics})
+        save_checkpoint(best_path, {**checkpoint, "val_metrics": best_metrics.model_dump()})
     save_checkpoint(last_path, {**checkpoint, **training_state})
     if remote is not None:
         # best first: a resumed run never finds a last.pt newer than the best.pt beside it.

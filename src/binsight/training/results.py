@@ -3,11 +3,11 @@ what evaluation, the search and the pipeline read back."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from binsight.card import ModelCard
 from binsight.training.config import TrainConfig
-from binsight.training.metrics import Metric
+from binsight.training.metrics import CountingMetrics, Metric
 from binsight.training.monitors import Finding
 from binsight.utils.records import JsonRecord
 
@@ -68,24 +68,7 @@ class TrainSummary(JsonRecord):
     device: str
 
 
-class OverflowMetrics(BaseModel):
-    """How the bins beyond the last class fared: judged against their real count elsewhere, here only
-    whether the model put them in the overflow class."""
-
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
-
-    overflow_class: str = Field(alias="class")
-    images_beyond: int
-    recognised_as_overflow: float | None
-
-
-class ClassMetrics(BaseModel):
-    support: int
-    precision: float | None
-    recall: float | None
-
-
-class EvaluationReport(JsonRecord):
+class EvaluationReport(CountingMetrics, JsonRecord):
     """`metrics.json` of `binsight evaluate`: a checkpoint's metrics on one split, with provenance."""
 
     model_config = ConfigDict(extra="forbid")
@@ -98,15 +81,6 @@ class EvaluationReport(JsonRecord):
     epoch: int
     loss: float
     majority_baseline_accuracy: float | None
-    n: int
-    accuracy: float
-    off_by_one_accuracy: float
-    mae: float
-    rmse: float
-    ece: float
-    overflow: OverflowMetrics
-    per_class: dict[str, ClassMetrics]
-    confusion_matrix: list[list[int]]
 
 
 def model_card(
