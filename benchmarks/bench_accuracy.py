@@ -99,6 +99,11 @@ ROWS = {
         # ABID photos are ~470x346: at 224x304 a small item is a few dozen pixels wide.
         Row("binsight-288", {"image_size": 288, "image_width": 384}),
         Row("binsight-320", {"image_size": 320, "image_width": 432}),
+        Row("binsight-seed1", {"seed": 1}),  # the recipe's spread over training seeds
+        # Two Lite0 runs averaged: servable as two passes of the small model (half its img/s).
+        Row("lite0-x2-resolutions", ensemble=("binsight", "binsight-288")),
+        Row("lite0-x2-seeds", ensemble=("binsight", "binsight-seed1")),
+        Row("three-models", ensemble=("binsight", "binsight-288", "dinov2")),
     )
 }
 DEFAULT_ROWS = ("seeds", "binsight", "binsight-balanced", "dinov2", "teacher", "student")

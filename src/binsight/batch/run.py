@@ -9,10 +9,8 @@ written or written twice.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,24 +20,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
 
 from binsight.batch.config import BatchConfig
+from binsight.batch.plan import SHARDS, check_plan, make_plan, previous_plan
 from binsight.batch.sources import NO_RECORD, Manifest, list_source
 from binsight.batch.stages import Batch, DecodeSettings, Scorer, ScorerSettings, SharedModel, fetch_and_decode
 from binsight.errors import BinsightError
 from binsight.imaging import Preprocess
-from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.runtime import LoadedModel, model_info
-from binsight.inference.verdict import VerdictSettings
-from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder, sha256_file
+from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder
 from binsight.utils.progress import bar
-from binsight.utils.records import JsonRecord
 
 log = logging.getLogger(__name__)
 _FETCHED_PHOTO_BYTES = 1 << 20  # an ABID JPEG is ~50-200 kB; a phone photo a few MB
 _WORKER_BYTES = 256 << 20  # a Ray worker with NumPy, Pillow and boto3 loaded (measured ~200 MB)
-PLAN, MANIFEST, REJECTED, SHARDS = "plan.json", "manifest.parquet", "rejected_rows.json", "shards"
+MANIFEST, REJECTED = "manifest.parquet", "rejected_rows.json"
 
 
 @dataclass(frozen=True)
@@ -70,64 +65,12 @@ def shard_path(out: Path, shard: int) -> Path:
     return out / SHARDS / f"part-{shard:06d}.parquet"
 
 
-class ScoringPlan(BaseModel):
-    """The settings that change a photo's answer (threads only change the speed)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Backend
-    precision: EnginePrecision
-    version: str | None
-    judge: bool
-    verdicts: VerdictSettings
-
-
-class BatchPlan(JsonRecord):
-    """`plan.json`: everything that decides a shard's contents; a resumed run must match it exactly."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str | None
-    photos: int
-    manifest_sha256: str
-    shard_size: int
-    model_sha256: str
-    scoring: ScoringPlan
-
-
-def _plan(config: BatchConfig, manifest: Manifest, model: Path, settings: ScorerSettings) -> BatchPlan:
-    rows = hashlib.sha256()
-    for image, recorded, record_source in zip(
-        manifest.images, manifest.recorded, manifest.record_sources, strict=True
-    ):
-        rows.update(f"{image}\t{recorded}\t{record_source}\n".encode())
-    for rejected in manifest.rejected:  # an edit that breaks a row changes the input too
-        rows.update(json.dumps(rejected, sort_keys=True).encode())
-    source = str(config.source) if config.source is not None else None
-    if source is None and (previous := _previous_plan(config.out)) is not None:
-        source = previous.source  # a resumed run that named no source again
-    return BatchPlan(
-        source=source,
-        photos=len(manifest),
-        manifest_sha256=rows.hexdigest(),
-        shard_size=config.shard_size,
-        model_sha256=sha256_file(model),
-        scoring=ScoringPlan(
-            backend=settings.backend,
-            precision=settings.precision,
-            version=settings.version,
-            judge=settings.judge,
-            verdicts=settings.verdicts,
-        ),
-    )
-
-
 def _list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
     """The input as it is now, listed afresh on every run: a resumed run must cover the same photos and
-    records as the first, and `_check_plan` refuses one whose input changed since."""
+    records as the first, and `check_plan` refuses one whose input changed since."""
     source = config.source
     if source is None:
-        previous = _previous_plan(out)
+        previous = previous_plan(out)
         source = previous.source if previous else None
     if source is None:
         raise BinsightError("give the photos to score: a manifest, a folder or an s3:// prefix")
@@ -139,41 +82,6 @@ def _list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
     atomic_write_json(out / REJECTED, manifest.rejected)
     write_parquet(manifest.table(), out / MANIFEST)
     return manifest
-
-
-def _previous_plan(out: Path) -> BatchPlan | None:
-    """The plan of the run already in `out`, if any (one from an older binsight reads as none)."""
-    path = out / PLAN
-    try:
-        return BatchPlan.read(path) if path.is_file() else None
-    except BinsightError:
-        return None
-
-
-def _check_plan(out: Path, plan: BatchPlan, restart: bool) -> None:
-    if restart:
-        shutil.rmtree(out / SHARDS, ignore_errors=True)
-    elif (out / PLAN).is_file():
-        previous = _previous_plan(out)
-        if previous is None:
-            raise BinsightError(
-                f"{out} holds results of a run whose plan this binsight cannot read",
-                hint="use another --out, or --restart to discard those results",
-            )
-        now, then = plan.model_dump(), previous.model_dump()
-        differs = sorted(k for k in now if then[k] != now[k])
-        if {"manifest_sha256", "photos"} & set(differs):
-            raise BinsightError(
-                f"the photos or recorded quantities of {plan.source} changed since the run in {out} "
-                f"started ({previous.photos} photos then, {plan.photos} now)",
-                hint="--restart to score the new input from scratch, or a new --out",
-            )
-        if differs:
-            raise BinsightError(
-                f"{out} holds results of another run (it differs in {', '.join(differs)})",
-                hint="use another --out, or --restart to discard those results",
-            )
-    plan.write(out / PLAN)
 
 
 def _to_table(parts: list[Batch]) -> pa.Table:
@@ -358,7 +266,7 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
         for stale in (out / SHARDS).glob(".*.part") if (out / SHARDS).is_dir() else ():
             stale.unlink(missing_ok=True)
         manifest = _list(config, out, settings.judge)
-        _check_plan(out, _plan(config, manifest, model, settings), config.restart)
+        check_plan(out, make_plan(config, manifest, model, settings), config.restart)
         shards = -(-len(manifest) // config.shard_size)
         done = {s for s in range(shards) if shard_path(out, s).is_file()}
         table = manifest.table()
