@@ -331,3 +331,20 @@ def test_the_pipeline_records_the_labels_it_trained_on(trained: dict[str, Path],
     labels = ingest(config).labels
     assert labels is not None and labels.photos_recounted == 1
     assert labels.store == {"items": 4, "recounts": 0, "schema": store_module.SCHEMA_VERSION}
+
+
+def test_the_record_is_absent_when_hidden_and_sent_even_when_null_when_shown() -> None:
+    """`/v1/recheck/next` answers with unset fields left out (`response_model_exclude_unset`): the page
+    tells "not shown" (absent) from "no record" (null) by presence."""
+    from binsight.serving.recheck import NextBin, ShownBin
+
+    hidden = NextBin(item=ShownBin(id=1, photo="/v1/recheck/photo/1", who="ana"), who="ana")
+    assert hidden.model_dump(exclude_unset=True)["item"] == {
+        "id": 1,
+        "photo": "/v1/recheck/photo/1",
+        "who": "ana",
+    }
+    shown = ShownBin(id=1, photo="/v1/recheck/photo/1", who="ana")
+    shown.recorded, shown.predicted = None, 3  # as the route does when the operator shows the record
+    item = NextBin(item=shown, who="ana").model_dump(exclude_unset=True)["item"]
+    assert item["recorded"] is None and item["predicted"] == 3

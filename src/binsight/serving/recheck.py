@@ -92,7 +92,7 @@ def add_recheck_routes(app: FastAPI, config: ServeConfig, policy: AccessPolicy) 
             return NextBin(item=None, who=who)
         shown = ShownBin(id=item.id, photo=f"/v1/recheck/photo/{item.id}", who=who)
         if config.recheck_show_record:
-            shown = ShownBin(**shown.model_dump(), recorded=item.recorded, predicted=item.predicted)
+            shown.recorded, shown.predicted = item.recorded, item.predicted  # set: sent, even if null
         return NextBin(item=shown, who=who)
 
     @app.get("/v1/recheck/photo/{item_id}")
