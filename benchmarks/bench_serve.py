@@ -94,12 +94,23 @@ def start(
     raise RuntimeError(f"server did not start: {' '.join(command)}")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """The server's whole process group, gone: its children (TorchServe's Java frontend and Python
+    workers, uvicorn's workers) outlive the leader by a moment, and the next row must not share the
+    cores with them."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wanted(name: str, args: argparse.Namespace) -> bool:
@@ -107,11 +118,16 @@ def wanted(name: str, args: argparse.Namespace) -> bool:
 
 
 def measure(
-    name: str, proc_args: dict[str, Any], port: int, photos: list[Path], args: argparse.Namespace
+    name: str,
+    proc_args: dict[str, Any],
+    port: int,
+    photos: list[Path],
+    args: argparse.Namespace,
+    path: str = "/invocations",
 ) -> WrkResult:
     proc = start(port=port, **proc_args)
     try:
-        url = f"http://127.0.0.1:{port}/invocations"
+        url = f"http://127.0.0.1:{port}{path}"
         run_wrk(url, photos, 3, args.connections)  # warm-up: first batches, JIT, thread pools
         result = run_wrk(url, photos, args.duration, args.connections)
     finally:

@@ -20,10 +20,8 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +29,15 @@ from bench_serve import (
     HERE,
     SRC,
     free_port,
+    measure,
     serve_command,
-    start,
-    stop,
     torchserve_model,
     torchserve_python,
 )
 from binsight.cpu import cpu_class
 from binsight.export.onnx import ExportConfig, export
 from binsight.utils.io import atomic_write_json
-from wrk_load import WrkResult, have_wrk, run_wrk
+from wrk_load import WrkResult, have_wrk
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,8 @@ def toolkit_torchserve(
     return command, env
 
 
-def measure(
+def run_row(
+    label: str,
     command: list[str],
     env: dict[str, str],
     port: int,
@@ -145,30 +143,11 @@ def measure(
     photos: list[Path],
     args: argparse.Namespace,
 ) -> WrkResult:
-    # TorchServe refuses to start while the process in its pid file (in TMPDIR) lives, and its Java
-    # frontend outlives the launcher by a moment: each row gets its own TMPDIR, and the next row waits
-    # until this one's processes are gone, so no row shares the cores with the last one's leftovers.
+    # TorchServe refuses to start while the process in its pid file (in TMPDIR) lives: each row its own.
     tmp = args.work / f"tmp-{port}"
     tmp.mkdir()
-    proc = start(command, port, env={**os.environ, **env, "TMPDIR": str(tmp)}, cwd=args.work)
-    try:
-        url = f"http://127.0.0.1:{port}{path}"
-        run_wrk(url, photos, 3, args.connections)
-        return run_wrk(url, photos, args.duration, args.connections)
-    finally:
-        stop(proc)
-        wait_until_gone(proc.pid)
-
-
-def wait_until_gone(group: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(group, signal.SIGKILL)
+    proc_args = {"command": command, "env": {**os.environ, **env, "TMPDIR": str(tmp)}, "cwd": args.work}
+    return measure(label, proc_args, port, photos, args, path)
 
 
 def main() -> int:
@@ -206,8 +185,7 @@ def main() -> int:
             else:
                 command, env = plain_torchserve(setting, python, base, port)
                 path = "/predictions/resnet18"
-            rows[setting.label] = measure(command, peer_env | env, port, path, photos, args)
-            print(f"{setting.label}: {rows[setting.label].per_minute:.0f} inv/min", flush=True)
+            rows[setting.label] = run_row(setting.label, command, peer_env | env, port, path, photos, args)
 
         report = export(
             ExportConfig(checkpoint=args.checkpoint, out=args.work / "resnet18.onnx", quantize="int8")
@@ -219,8 +197,7 @@ def main() -> int:
         ):
             port = free_port()
             command = serve_command(model, port, max_queue_ms=0, **flags)
-            rows[label] = measure(command, {}, port, "/invocations", photos, args)
-            print(f"{label}: {rows[label].per_minute:.0f} inv/min", flush=True)
+            rows[label] = run_row(label, command, {}, port, "/invocations", photos, args)
 
     defaults = next(r for k, r in rows.items() if k.endswith("defaults"))
     best_peer = max((k for k in rows if k.startswith("TorchServe")), key=lambda k: rows[k].per_minute)

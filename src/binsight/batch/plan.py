@@ -48,7 +48,9 @@ class BatchPlan(JsonRecord):
     scoring: ScoringPlan
 
 
-def make_plan(config: BatchConfig, manifest: Manifest, model: Path, settings: ScorerSettings) -> BatchPlan:
+def make_plan(
+    source: str, config: BatchConfig, manifest: Manifest, model: Path, settings: ScorerSettings
+) -> BatchPlan:
     rows = hashlib.sha256()
     for image, recorded, record_source in zip(
         manifest.images, manifest.recorded, manifest.record_sources, strict=True
@@ -56,9 +58,6 @@ def make_plan(config: BatchConfig, manifest: Manifest, model: Path, settings: Sc
         rows.update(f"{image}\t{recorded}\t{record_source}\n".encode())
     for rejected in manifest.rejected:  # an edit that breaks a row changes the input too
         rows.update(json.dumps(rejected, sort_keys=True).encode())
-    source = str(config.source) if config.source is not None else None
-    if source is None and (previous := previous_plan(config.out)) is not None:
-        source = previous.source  # a resumed run that named no source again
     return BatchPlan(
         source=source,
         photos=len(manifest),

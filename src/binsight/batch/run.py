@@ -65,15 +65,20 @@ def shard_path(out: Path, shard: int) -> Path:
     return out / SHARDS / f"part-{shard:06d}.parquet"
 
 
-def _list(config: BatchConfig, out: Path, judge: bool) -> Manifest:
+def _source(config: BatchConfig, out: Path) -> str:
+    """The photos to score: as given, or those of the run already in `out` (resuming need not name
+    them again)."""
+    if config.source is not None:
+        return config.source
+    previous = previous_plan(out)
+    if previous is None or previous.source is None:
+        raise BinsightError("give the photos to score: a manifest, a folder or an s3:// prefix")
+    return previous.source
+
+
+def _list(source: str, config: BatchConfig, out: Path, judge: bool) -> Manifest:
     """The input as it is now, listed afresh on every run: a resumed run must cover the same photos and
     records as the first, and `check_plan` refuses one whose input changed since."""
-    source = config.source
-    if source is None:
-        previous = previous_plan(out)
-        source = previous.source if previous else None
-    if source is None:
-        raise BinsightError("give the photos to score: a manifest, a folder or an s3:// prefix")
     manifest = list_source(
         source, judge, config.s3_endpoint_url, config.s3_unsigned, tuple(config.allow_roots)
     )
@@ -265,8 +270,9 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
         # A run killed while writing a shard leaves its temporary file; nothing else will remove it.
         for stale in (out / SHARDS).glob(".*.part") if (out / SHARDS).is_dir() else ():
             stale.unlink(missing_ok=True)
-        manifest = _list(config, out, settings.judge)
-        check_plan(out, make_plan(config, manifest, model, settings), config.restart)
+        source = _source(config, out)
+        manifest = _list(source, config, out, settings.judge)
+        check_plan(out, make_plan(source, config, manifest, model, settings), config.restart)
         shards = -(-len(manifest) // config.shard_size)
         done = {s for s in range(shards) if shard_path(out, s).is_file()}
         table = manifest.table()

@@ -40,8 +40,9 @@ def _finite(value: Any) -> float:
     return number
 
 
-def _parse(line: str, classes: tuple[int, ...], signal_names: tuple[str, ...], embedding_dim: int) -> Seen:
-    record = json.loads(line)
+def _parse(
+    record: object, classes: tuple[int, ...], signal_names: tuple[str, ...], embedding_dim: int
+) -> Seen:
     if not isinstance(record, dict) or not isinstance(record.get("signals"), dict):
         raise KeyError("signals")
     signals = {name: _finite(record["signals"][name]) for name in signal_names}
@@ -78,21 +79,21 @@ def read_capture(
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue
-            try:
-                version = json.loads(line).get("model_version") if model_version else None
-            except (ValueError, RecursionError, AttributeError):
+            try:  # each line parsed once: capture folders hold up to 20 files of 64 MB
+                record = json.loads(line)
+            except (ValueError, RecursionError):
                 skipped["unreadable line"] += 1
                 continue
-            if model_version and version not in (None, model_version):
-                skipped["other model version"] += 1
-                continue
+            if model_version:
+                if not isinstance(record, dict):
+                    skipped["unreadable line"] += 1
+                    continue
+                if record.get("model_version") not in (None, model_version):
+                    skipped["other model version"] += 1
+                    continue
             try:
-                dim = (
-                    embedding_dim if embedding_dim is not None else len(json.loads(line).get("embedding", []))
-                )
-                seen.append(_parse(line, classes, signal_names, dim))
-            except RecursionError:
-                skipped["unreadable line"] += 1
+                dim = embedding_dim if embedding_dim is not None else len(record.get("embedding", []))
+                seen.append(_parse(record, classes, signal_names, dim))
             except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
                 skipped["incomplete or invalid record"] += 1
     seen.sort(key=lambda s: s.time)

@@ -21,7 +21,7 @@ from binsight.errors import BinsightError
 from binsight.models.factory import build_model
 from binsight.models.heads import CountingModel
 from binsight.training.cached import CachedTrainer
-from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, rng_state
+from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, JsonObject, rng_state
 from binsight.training.config import TrainConfig
 from binsight.training.data import Loader, build_datasets, make_loader
 from binsight.training.distributed import (
@@ -29,7 +29,6 @@ from binsight.training.distributed import (
     gather_objects,
     init_distributed,
     shutdown_distributed,
-    unwrap,
 )
 from binsight.training.hardware import Precision, resolve_device, wants_channels_last
 from binsight.training.loop import predict, train_one_epoch
@@ -87,7 +86,7 @@ class _Run:
     train_rows: list[dict[str, str]]
     val_rows: list[dict[str, str]]
     num_classes: int
-    model: CountingModel  # `unwrap(trained)`
+    model: CountingModel  # the model itself, under any DDP wrapper
     trained: nn.Module  # what the optimiser steps: the model, or its DDP wrapper
     channels_last: bool
     precision: Precision
@@ -98,6 +97,8 @@ class _Run:
     cached: CachedTrainer | None
     loaders: tuple[Loader, Loader] | None  # train, val; None when training on cached features
     progress: Progress
+    fingerprints: tuple[str, str]  # of the train and val splits, for the checkpoints and the card
+    card: JsonObject  # the model card every checkpoint carries
     remote: Store | None = None
     writer: SummaryWriter | None = None
 
@@ -178,6 +179,7 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
         if config.teachers and config.distill > 0
         else None
     )
+    fingerprints = (fingerprint(train_rows), fingerprint(val_rows))
     monitors = Monitors()
     monitors.check_class_balance(np.bincount(clipped_counts, minlength=num_classes))
     return _Run(
@@ -199,6 +201,8 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
         cached=cached,
         loaders=loaders,
         progress=Progress(history=[], best=BestEpoch(metric=config.select_metric)),
+        fingerprints=fingerprints,
+        card=model_card(config, num_classes, *fingerprints).model_dump(mode="json"),
     )
 
 
@@ -344,7 +348,6 @@ def _save(run: _Run, epoch: int, record: EpochRecord, best_metrics: CountingMetr
     rng_states = gather_objects(context, rng_state())  # every rank takes part; rank 0 writes
     if not context.is_main:
         return
-    train_fingerprint, val_fingerprint = fingerprint(run.train_rows), fingerprint(run.val_rows)
     checkpoint = Checkpoint(
         config=config.model_dump(mode="json"),
         num_classes=run.num_classes,
@@ -352,10 +355,10 @@ def _save(run: _Run, epoch: int, record: EpochRecord, best_metrics: CountingMetr
         epoch=epoch + 1,
         history=[h.model_dump() for h in progress.history],
         best=progress.best.model_dump(mode="json"),
-        train_fingerprint=train_fingerprint,
-        val_fingerprint=val_fingerprint,
-        card=model_card(config, run.num_classes, train_fingerprint, val_fingerprint).model_dump(mode="json"),
-        model=unwrap(run.model).state_dict(),
+        train_fingerprint=run.fingerprints[0],
+        val_fingerprint=run.fingerprints[1],
+        card=run.card,
+        model=run.model.state_dict(),
     )
     training_state = Checkpoint(
         optimizer=run.optimizer.state_dict(),
@@ -378,9 +381,7 @@ def _finish(run: _Run) -> TrainSummary:
     context, progress = run.context, run.progress
     # DDP keeps replicas identical by construction; a mismatch means a rank diverged (e.g. a bug that
     # skipped an all-reduce) and the saved model is not what every rank trained.
-    checksums = gather_objects(
-        context, float(sum(p.detach().double().sum() for p in unwrap(run.model).parameters()))
-    )
+    checksums = gather_objects(context, float(sum(p.detach().double().sum() for p in run.model.parameters())))
     in_sync = all(abs(c - checksums[0]) <= 1e-6 * max(1.0, abs(checksums[0])) for c in checksums)
     if not in_sync:
         log.error("model replicas diverged across ranks: parameter checksums %s", checksums)
