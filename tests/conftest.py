@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +65,18 @@ def launch_chromium(playwright):  # type: ignore[no-untyped-def]
             "--disable-sync",
         ],
     )
+
+
+def wait_in_page(page, expression: str, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait until `expression` is true in the page. Not `page.wait_for_function`: its polling compiles
+    the predicate with eval inside the page, which binsight's Content-Security-Policy (no
+    'unsafe-eval') refuses whenever the first check is false; `page.evaluate` goes through the
+    DevTools protocol, which the page's CSP does not govern."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(f"() => Boolean({expression})"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true in the page after {timeout_s:g} s: {expression}")
+        time.sleep(0.05)
 
 
 def unused_loopback_port() -> int:

@@ -31,7 +31,14 @@ from binsight.training.metrics import Metric
 from binsight.utils.io import read_csv
 from tests.background import BackgroundServer
 
-from .conftest import launch_chromium, needs_chromium, post_jpeg, s3_client, use_test_credentials
+from .conftest import (
+    launch_chromium,
+    needs_chromium,
+    post_jpeg,
+    s3_client,
+    use_test_credentials,
+    wait_in_page,
+)
 
 
 def register_both(registry: Registry, trained: dict[str, Path]) -> list[str]:
@@ -422,7 +429,7 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
         try:
             page = browser.new_page()
             page.goto(f"{server.url}/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('v-a')")
+            wait_in_page(page, "document.getElementById('model').textContent.includes('v-a')")
             page.fill("#expected", "2")
             page.set_input_files("#file", str(photo))
             page.wait_for_selector("#result:not([hidden])")
@@ -430,7 +437,7 @@ def test_web_pages_in_headless_chromium(trained: dict[str, Path], tmp_path: Path
             assert page.text_content("#verdict") == expected["verdict"]
             assert page.locator("#bars .bar").count() == len(expected["probabilities"])
             page.set_input_files("#file", str(other_photo))  # a second upload for the traffic view
-            page.wait_for_function("document.getElementById('preview').src.startsWith('blob:')")
+            wait_in_page(page, "document.getElementById('preview').src.startsWith('blob:')")
 
             page.goto(f"{server.url}/traffic")
             page.wait_for_selector("#total")

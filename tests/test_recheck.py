@@ -27,7 +27,7 @@ from binsight.serving.config import ServeConfig
 from binsight.utils.io import read_csv
 from tests.background import BackgroundServer
 
-from .conftest import launch_chromium, needs_chromium
+from .conftest import launch_chromium, needs_chromium, wait_in_page
 
 
 def entries(n: int, queue: str = "q") -> list[QueueEntry]:
@@ -288,7 +288,7 @@ def test_two_people_recount_in_browsers(trained: dict[str, Path], audited: Path,
                 page.fill("#who-input", name)
                 page.click("#who-form button")
                 page.wait_for_selector("#work:not([hidden])")
-                page.wait_for_function("document.getElementById('photo').naturalWidth > 0")
+                wait_in_page(page, "document.getElementById('photo').naturalWidth > 0")
                 pages.append(page)
             ana, ben = pages
             assert ana.get_attribute("#photo", "data-item") != ben.get_attribute("#photo", "data-item")
@@ -296,16 +296,16 @@ def test_two_people_recount_in_browsers(trained: dict[str, Path], audited: Path,
             first = ana.get_attribute("#photo", "data-item")
             ana.fill("#count", "3")
             ana.keyboard.press("Enter")
-            ana.wait_for_function(f"document.getElementById('photo').dataset.item !== '{first}'")
+            wait_in_page(ana, f"document.getElementById('photo').dataset.item !== '{first}'")
             second = ana.get_attribute("#photo", "data-item")
             ana.keyboard.press("s")  # skip
-            ana.wait_for_function(f"document.getElementById('photo').dataset.item !== '{second}'")
+            wait_in_page(ana, f"document.getElementById('photo').dataset.item !== '{second}'")
             third = ana.get_attribute("#photo", "data-item")
             ana.reload()  # mid-queue: the claimed bin comes back to the same person
             ana.wait_for_selector("#work:not([hidden])")
             assert ana.get_attribute("#photo", "data-item") == third
             ben.click("#gone")  # bin not found
-            ben.wait_for_function("document.getElementById('status').textContent.startsWith('Bin')")
+            wait_in_page(ben, "document.getElementById('status').textContent.startsWith('Bin')")
         finally:
             browser.close()
     answers = {(r.who, r.outcome) for r in store.recounts()}

@@ -25,7 +25,7 @@ from binsight.serving.auth import digest_of, new_token
 from binsight.serving.config import ServeConfig
 from tests.background import BackgroundServer
 
-from .conftest import BUCKET, launch_chromium, needs_chromium, post_jpeg, s3_client
+from .conftest import BUCKET, launch_chromium, needs_chromium, post_jpeg, s3_client, wait_in_page
 
 
 def photo(trained: dict[str, Path]) -> bytes:
@@ -409,7 +409,7 @@ def test_the_page_asks_for_a_token_and_uses_it(
             page.wait_for_selector("#token-form:not([hidden])")  # /v1/model said 401
             page.fill("#token-input", str(tokens["invoke"]))
             page.click("#token-form button")
-            page.wait_for_function("document.getElementById('model').textContent.includes('v-a')")
+            wait_in_page(page, "document.getElementById('model').textContent.includes('v-a')")
             page.set_input_files("#file", str(photo_path))
             page.wait_for_selector("#result:not([hidden])")
             assert page.text_content("#count") != ""
