@@ -148,25 +148,19 @@ def evaluate_audit(
     seed: int = 0,
     policy: VerdictPolicy | None = None,
 ) -> AuditEvaluation:
+    """Score a labelled split, corrupt `error_rate` of its records, and write what the ranking and the
+    verdicts catch to OUT (`audit_evaluation.json`, `catch_curve.png`, `report.html`)."""
     from binsight.data.split import load_split
-    from binsight.utils.plots import save_figure
 
     rows = load_split(data_dir, split)
     truth = np.array([int(r["count"]) for r in rows])
     probabilities, problems = score_photos(counter, [str(data_dir / r["image"]) for r in rows])
     usable = np.array([p is None for p in problems])
     probabilities, truth = probabilities[usable], truth[usable]
-    num_classes = len(counter.info.classes)
-    recorded, is_error = simulate_errors(truth, error_rate, num_classes, seed)
+    recorded, is_error = simulate_errors(truth, error_rate, len(counter.info.classes), seed)
     scores = np.array([1 - p_of_count(p, int(r)) for p, r in zip(probabilities, recorded, strict=True)])
     fraction, caught = catch_curve(scores, is_error)
     reviewed = {budget: max(1, round(budget * len(scores))) for budget in BUDGETS}
-    at_budget = {
-        f"{int(budget * 100)}%": BudgetCatch(
-            bins_reviewed=k, errors_caught=float(caught[k - 1]), random_review_would_catch=budget
-        )
-        for budget, k in reviewed.items()
-    }
     policy = policy or VerdictThresholds()
     verdicts = [judge(p, int(r), policy).verdict for p, r in zip(probabilities, recorded, strict=True)]
     flagged = np.array([v != "ok" for v in verdicts])
@@ -178,7 +172,12 @@ def evaluate_audit(
         error_rate=error_rate,
         seed=seed,
         model_version=counter.info.version,
-        caught_at_budget=at_budget,
+        caught_at_budget={
+            f"{int(budget * 100)}%": BudgetCatch(
+                bins_reviewed=k, errors_caught=float(caught[k - 1]), random_review_would_catch=budget
+            )
+            for budget, k in reviewed.items()
+        },
         verdicts=dict(Counter(verdicts)),
         flagged_share=float(flagged.mean()),
         flagged_recall=float(flagged[is_error].mean()) if is_error.any() else None,
@@ -194,11 +193,24 @@ def evaluate_audit(
     )
     out.mkdir(parents=True, exist_ok=True)
     result.write(out / "audit_evaluation.json")
+    catch_curve_plot(fraction, caught, reviewed, result, out / "catch_curve.png")
+    write_report(result, out)
+    return result
 
+
+def catch_curve_plot(
+    fraction: np.ndarray,
+    caught: np.ndarray,
+    reviewed: Mapping[float, int],
+    result: AuditEvaluation,
+    path: Path,
+) -> None:
     import matplotlib.pyplot as plt
 
+    from binsight.utils.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(100 * fraction, 100 * caught, label=f"binsight ({counter.info.version})")
+    ax.plot(100 * fraction, 100 * caught, label=f"binsight ({result.model_version})")
     ax.plot([0, 100], [0, 100], "--", color="grey", label="random review")
     for budget, k in reviewed.items():
         ax.plot(100 * budget, 100 * caught[k - 1], "o", color="C3")
@@ -210,12 +222,17 @@ def evaluate_audit(
         )
     ax.set_xlabel("bins re-checked (%)")
     ax.set_ylabel("inventory errors caught (%)")
-    ax.set_title(f"{int(is_error.sum())} simulated errors in {len(scores)} bins")
+    ax.set_title(f"{result.simulated_errors} simulated errors in {result.bins} bins")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    save_figure(fig, out / "catch_curve.png")
+    save_figure(fig, path)
 
-    report = HtmlReport(f"binsight audit evaluation: {split} split, {100 * error_rate:.0f}% simulated errors")
+
+def write_report(result: AuditEvaluation, out: Path) -> None:
+    """`report.html` beside the catch curve (and the calibration plot of a conformal policy)."""
+    report = HtmlReport(
+        f"binsight audit evaluation: {result.split} split, {100 * result.error_rate:.0f}% simulated errors"
+    )
     report.table(
         ["review budget", "bins re-checked", "errors caught", "random review"],
         [
@@ -225,12 +242,12 @@ def evaluate_audit(
                 f"{100 * v.errors_caught:.1f}%",
                 f"{100 * v.random_review_would_catch:.0f}%",
             )
-            for k, v in at_budget.items()
+            for k, v in result.caught_at_budget.items()
         ],
     )
     report.figure(out / "catch_curve.png", "Share of inventory errors caught vs bins re-checked")
     report.paragraph(
-        f"Verdicts by {policy.basis}: {100 * result.flagged_share:.1f}% of bins flagged, catching "
+        f"Verdicts by {result.verdict_basis}: {100 * result.flagged_share:.1f}% of bins flagged, catching "
         f"{100 * (result.flagged_recall or 0):.1f}% of errors; "
         f"{100 * result.false_alarm_rate.mismatch:.1f}% of correct records called mismatch."
     )
@@ -241,4 +258,3 @@ def evaluate_audit(
             "Correct records flagged vs the level alpha (the guarantee: on or under the diagonal)",
         )
     report.write(out / "report.html")
-    return result

@@ -7,6 +7,7 @@ With several uvicorn workers, prometheus_client's multiprocess mode (PROMETHEUS_
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -67,30 +68,17 @@ class ServerMetrics:
             registry=registry,
         )
         self.images = Counter("binsight_images", "Images counted", registry=registry)
-        self.depth = Gauge(
-            "binsight_queue_depth",
-            "Images waiting for the model",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
+        self.depth = self._gauge("binsight_queue_depth", "Images waiting for the model", mode="livesum")
         self.reloads = Counter(
             "binsight_model_reloads", "Model loads (first load and hot reloads)", registry=registry
         )
         self.reload_failures = Counter(
             "binsight_model_reload_failures", "Failed hot reloads", registry=registry
         )
-        self.info = Gauge(
-            "binsight_model_info",
-            "The loaded model version (value 1)",
-            ["version"],
-            registry=registry,
-            multiprocess_mode="liveall",
-        )
-        self.reload_failing = Gauge(
+        self.info = self._gauge("binsight_model_info", "The loaded model version (value 1)", ["version"])
+        self.reload_failing = self._gauge(
             "binsight_model_reload_failing",
             "1 while the newest model could not be loaded (the previous one is served)",
-            registry=registry,
-            multiprocess_mode="liveall",
         )
         self.shed_images = Counter(
             "binsight_shed_images", "Images refused with 503 to keep latency bounded", registry=registry
@@ -101,43 +89,41 @@ class ServerMetrics:
             ["worker"],
             registry=registry,
         )
-        self.drift_statistic = Gauge(
+        self.drift_statistic = self._gauge(
             "binsight_drift_statistic",
             "Drift statistic of the newest window of photos against the baseline, per signal",
             ["signal", "test"],
-            registry=registry,
-            multiprocess_mode="liveall",
         )
-        self.drift_threshold = Gauge(
+        self.drift_threshold = self._gauge(
             "binsight_drift_threshold",
             "Alarm threshold of each drift statistic (from the baseline's own variability)",
             ["signal"],
-            registry=registry,
-            multiprocess_mode="liveall",
         )
-        self.drift_alarm = Gauge(
-            "binsight_drift_alarm",
-            "1 while a signal's statistic is over its threshold",
-            ["signal"],
-            registry=registry,
-            multiprocess_mode="liveall",
+        self.drift_alarm = self._gauge(
+            "binsight_drift_alarm", "1 while a signal's statistic is over its threshold", ["signal"]
         )
-        self.self_check_diff = Gauge(
+        self.self_check_diff = self._gauge(
             "binsight_self_check_max_prob_diff",
             "Largest probability difference from fp32 on the model's reference photos, on this CPU",
             ["engine"],
-            registry=registry,
-            multiprocess_mode="liveall",
         )
-        self.self_check_agreement = Gauge(
+        self.self_check_agreement = self._gauge(
             "binsight_self_check_agreement",
             "Share of the model's reference photos whose count agrees with fp32, on this CPU",
             ["engine"],
-            registry=registry,
-            multiprocess_mode="liveall",
         )
         self.worker = os.environ.get("BINSIGHT_WORKER", "0")
         self._version: str | None = None
+
+    def _gauge(
+        self,
+        name: str,
+        documentation: str,
+        labels: list[str] | None = None,
+        mode: Literal["liveall", "livesum"] = "liveall",
+    ) -> Gauge:
+        # Across worker processes a gauge is each live worker's value ("liveall") unless summed.
+        return Gauge(name, documentation, labels or [], registry=self.registry, multiprocess_mode=mode)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         route = route if route in KNOWN_ROUTES else "other"  # unbounded label values would leak memory
