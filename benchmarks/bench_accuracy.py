@@ -95,20 +95,29 @@ ROWS = {
         Row("teacher", ensemble=("binsight", "dinov2")),
         Row("student", {"distill": 0.5}, teachers=("binsight", "dinov2")),
         Row("scratch", {"arch": "resnet18", "pretrained": False, "image_width": 224}),
-        Row("binsight-tta", tta=True),
+        Row("binsight-tta", tta=True),  # the photo and its mirror averaged: two passes per photo
+        Row("binsight-seed1-tta", {"seed": 1}, tta=True),
         # ABID photos are ~470x346: at 224x304 a small item is a few dozen pixels wide.
         Row("binsight-288", {"image_size": 288, "image_width": 384}),
         Row("binsight-320", {"image_size": 320, "image_width": 432}),
         Row("binsight-seed1", {"seed": 1}),  # the recipe's spread over training seeds
+        Row("binsight-seed2", {"seed": 2}),
+        # Larger Lite backbones at the recipe's resolution: the backbone changes, nothing else.
+        Row("lite1", {"arch": "efficientnet_lite1"}),
+        Row("lite2", {"arch": "efficientnet_lite2"}),
         # Two Lite0 runs averaged: servable as two passes of the small model (half its img/s).
         Row("lite0-x2-resolutions", ensemble=("binsight", "binsight-288")),
         Row("lite0-x2-seeds", ensemble=("binsight", "binsight-seed1")),
+        Row("lite0-x3-seeds", ensemble=("binsight", "binsight-seed1", "binsight-seed2")),
         Row("three-models", ensemble=("binsight", "binsight-288", "dinov2")),
+        Row("lite0-x2-seeds-tta", ensemble=("binsight-tta", "binsight-seed1-tta")),
+        Row("lite0-lite1", ensemble=("binsight", "lite1")),
+        Row("lite0-lite1-dinov2", ensemble=("binsight", "lite1", "dinov2")),
     )
 }
 DEFAULT_ROWS = ("seeds", "binsight", "binsight-balanced", "dinov2", "teacher", "student")
 # Rows sharing a training run (TTA is an evaluation-time choice).
-RUN_OF = {"binsight-tta": "binsight"}
+RUN_OF = {"binsight-tta": "binsight", "binsight-seed1-tta": "binsight-seed1"}
 
 
 def prepare_data(abid: Path, work: Path) -> dict[str, Path]:
@@ -135,10 +144,17 @@ def row_probabilities(row: Row, work: Path, data: Path, split: str) -> np.ndarra
     """Count probabilities of a row on a split (padded to 7 classes, so rows of 6 and 7 classes mix)."""
     if row.ensemble:
         return np.mean([row_probabilities(ROWS[name], work, data, split) for name in row.ensemble], axis=0)
-    probabilities = photo_probabilities(
-        run_dir(work, row.name) / row.checkpoint, data, load_split(data, split), mirrored=row.tta
-    )
-    return np.pad(probabilities, ((0, 0), (0, 7 - probabilities.shape[1])))
+    checkpoint = run_dir(work, row.name) / row.checkpoint
+    # Ensembles reuse their members' answers: kept beside the checkpoint, redone when it is newer.
+    cached = checkpoint.with_name(f"probabilities-{split}-{checkpoint.stem}{'-tta' if row.tta else ''}.npy")
+    if cached.is_file() and cached.stat().st_mtime > checkpoint.stat().st_mtime:
+        return np.load(cached)
+    probabilities = photo_probabilities(checkpoint, data, load_split(data, split), mirrored=row.tta)
+    probabilities = np.pad(probabilities, ((0, 0), (0, 7 - probabilities.shape[1])))
+    partial = cached.with_name(f"{cached.stem}.partial.npy")
+    np.save(partial, probabilities)
+    partial.replace(cached)
+    return probabilities
 
 
 def decisions(probabilities: np.ndarray) -> dict[str, np.ndarray]:
@@ -228,14 +244,19 @@ def evaluate_row(row: Row, data: dict[str, Path], work: Path, results: dict[str,
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """--abid and --work, shared with the benchmarks that reuse this split and its runs."""
     parser.add_argument(
         "--abid", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "abid"
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/binsight-accuracy"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_data_options(parser)
     parser.add_argument(
         "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}"
     )
@@ -270,7 +291,12 @@ def main() -> int:
         },
     )
     for row in chosen:
-        results["rows"][row.name] = evaluate_row(row, data, args.work, results)
+        evaluated = evaluate_row(row, data, args.work, results)
+        # Another run of this benchmark may have added rows meanwhile (a long training in one process,
+        # evaluation-only rows in another): keep them.
+        if results_path.is_file():
+            results["rows"] = json.loads(results_path.read_text())["rows"] | results["rows"]
+        results["rows"][row.name] = evaluated
         atomic_write_json(results_path, results)
     print_table(results)
     return 0

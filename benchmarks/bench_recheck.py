@@ -15,7 +15,7 @@ active policy needs to reach the random policy's final accuracy; the accuracy ga
 against the seed spread; for each split. PNGs of the curves.
 
 Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
-     [--seeds 5] [--start 200] [--step 100] [--rounds 12]
+     [--seeds 5] [--start 200] [--step 100] [--rounds 12] [--policies random,active,margin,badge,committee]
 """
 
 from __future__ import annotations
@@ -94,6 +94,65 @@ def scores(p: np.ndarray, counts: np.ndarray) -> dict[str, float]:
     return out
 
 
+def committee_probabilities(x: np.ndarray, y: np.ndarray, pool: np.ndarray, seed: int) -> np.ndarray:
+    """The mean answer of five heads trained on bootstrap resamples of the labels (query by committee)."""
+    rng = np.random.default_rng(seed)
+    answers = []
+    for member in range(5):
+        sample = rng.choice(len(x), size=len(x), replace=True)
+        answers.append(probabilities(train_head(x[sample], y[sample], seed + member, epochs=100), pool))
+    return np.mean(answers, axis=0)
+
+
+def badge_order(p: np.ndarray, features: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+    """BADGE (Ash et al., 2020): k-means++ seeding on the last layer's gradient embeddings, whose
+    length carries the uncertainty and whose direction carries the photo."""
+    gradient = p.copy()
+    gradient[np.arange(len(p)), p.argmax(axis=1)] -= 1.0
+    embedding = (gradient[:, :, None] * features[:, None, :]).reshape(len(p), -1)
+    chosen = [int(np.argmax((embedding**2).sum(axis=1)))]
+    distance = ((embedding - embedding[chosen[0]]) ** 2).sum(axis=1)
+    for _ in range(k - 1):
+        chosen.append(int(rng.choice(len(p), p=distance / distance.sum())))
+        distance = np.minimum(distance, ((embedding - embedding[chosen[-1]]) ** 2).sum(axis=1))
+    return chosen
+
+
+# "active" is the product (`binsight recheck load --predictions`); the others are the usual baselines
+# from the active-learning literature, measured so that the product's choice is one among them.
+POLICIES = ("random", "active", "margin", "badge", "committee")
+
+
+def choose(
+    policy: str,
+    head: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    labelled: list[int],
+    pool: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    from binsight.recheck.queue import informative_order
+
+    if policy == "random":
+        return rng.choice(pool, size=k, replace=False)
+    p = probabilities(head, x[pool])
+    if policy == "active":
+        order = informative_order(p, k=k)
+    elif policy == "margin":
+        top2 = np.sort(p, axis=1)[:, -2:]
+        order = list(np.argsort(top2[:, 1] - top2[:, 0])[:k])
+    elif policy == "badge":
+        order = badge_order(p, x[pool], k, rng)
+    elif policy == "committee":  # the product's order on a bootstrap committee's mean answer
+        committee = committee_probabilities(x[labelled], y[labelled], x[pool], int(rng.integers(1 << 30)))
+        order = informative_order(committee, k=k)
+    else:
+        raise ValueError(f"unknown policy {policy!r}: choose from {', '.join(POLICIES)}")
+    return pool[np.asarray(order)]
+
+
 def simulate(
     x: np.ndarray,
     y: np.ndarray,
@@ -102,10 +161,8 @@ def simulate(
     seed: int,
     args: argparse.Namespace,
 ) -> dict[str, list[dict[str, float]]]:
-    """One seed's curve per scored split (features, recorded counts): the policy as the product runs
-    it (`recheck.queue.informative_order` on the model's probabilities for the unlabelled pool)."""
-    from binsight.recheck.queue import informative_order
-
+    """One seed's curve per scored split (features, recorded counts). Every policy starts from the
+    same seed set of its seed."""
     rng = np.random.default_rng(seed)
     labelled = list(rng.choice(len(x), size=args.start, replace=False))
     curves: dict[str, list[dict[str, float]]] = {split: [] for split in scored}
@@ -116,34 +173,36 @@ def simulate(
         if round_ == args.rounds:
             break
         pool = np.setdiff1d(np.arange(len(x)), labelled)
-        if policy == "random":
-            chosen = rng.choice(pool, size=args.step, replace=False)
-        else:
-            chosen = pool[informative_order(probabilities(head, x[pool]), k=args.step)]
-        labelled += list(chosen)
+        labelled += list(choose(policy, head, x, y, labelled, pool, args.step, rng))
     return curves
 
 
 def main() -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_accuracy import add_data_options, prepare_data
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--abid", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "abid"
-    )
-    parser.add_argument("--work", type=Path, default=Path("/tmp/binsight-accuracy"))
+    add_data_options(parser)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--start", type=int, default=200)
     parser.add_argument("--step", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument(
+        "--policies",
+        default="random,active",
+        help=f"comma-separated, from {', '.join(POLICIES)}; random first",
+    )
     args = parser.parse_args()
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if policies[:1] != ["random"] or not set(policies) <= set(POLICIES):
+        parser.error(f"--policies must start with random and name only {', '.join(POLICIES)}")
     if not (args.abid / "labels.csv").is_file():
         print(
             f"SKIP: no real ABID photos at {args.abid} (labels.csv missing); pass --abid DIR", file=sys.stderr
         )
         return 0
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_accuracy import prepare_data
     from binsight.utils.io import read_csv
 
     data = prepare_data(args.abid, args.work)["all"]
@@ -161,7 +220,7 @@ def main() -> int:
     }
     runs = {
         policy: [simulate(x_train, y.astype(np.int64), scored, policy, s, args) for s in range(args.seeds)]
-        for policy in ("random", "active")
+        for policy in policies
     }
     for split in scored:
         report({policy: [run[split] for run in seeds] for policy, seeds in runs.items()}, split, args)
@@ -181,28 +240,41 @@ def report(curves: dict[str, list[list[dict[str, float]]]], split: str, args: ar
             key: np.array([[point[key] for point in run] for run in runs])
             for key in ("accuracy", "rmse", "recall_2", "recall_3", "recall_4")
         }
+    others = [policy for policy in summary if policy != "random"]
     print(f"\n{args.seeds} seeds; start {args.start} labels, +{args.step} per round; {split} split")
-    print("| labels | random acc | active acc | gap (pt) | random RMSE | active RMSE | active recall 2/3/4 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for i, n in enumerate(labels):
-        r, a = summary["random"], summary["active"]
-        print(
-            f"| {n} | {r['accuracy'][:, i].mean():.3f} ± {r['accuracy'][:, i].std():.3f} "
-            f"| {a['accuracy'][:, i].mean():.3f} ± {a['accuracy'][:, i].std():.3f} "
-            f"| {100 * (a['accuracy'][:, i].mean() - r['accuracy'][:, i].mean()):+.1f} "
-            f"| {r['rmse'][:, i].mean():.3f} | {a['rmse'][:, i].mean():.3f} "
-            f"| {'/'.join(f'{a[key][:, i].mean():.2f}' for key in ('recall_2', 'recall_3', 'recall_4'))} |"
-        )
-    final = summary["random"]["accuracy"][:, -1].mean()
-    active_mean = summary["active"]["accuracy"].mean(axis=0)
-    reached = next((labels[i] for i, v in enumerate(active_mean) if v >= final), None)
     print(
-        f"\nrandom's final accuracy {final:.3f} at {labels[-1]} labels; the active policy reaches it at "
-        f"{reached if reached is not None else 'more than ' + str(labels[-1])} labels"
-        + (f" ({100 * reached / labels[-1]:.0f}% of the labels)" if reached is not None else "")
+        "| labels | random acc | "
+        + " | ".join(f"{p} acc | gap (pt)" for p in others)
+        + " | random RMSE | "
+        + " | ".join(f"{p} RMSE | {p} recall 2/3/4" for p in others)
+        + " |"
     )
+    print("|" + " --- |" * (3 + 4 * len(others)))
+    for i, n in enumerate(labels):
+        r = summary["random"]
+        cells = [f"{n}", f"{r['accuracy'][:, i].mean():.3f} ± {r['accuracy'][:, i].std():.3f}"]
+        for policy in others:
+            a = summary[policy]["accuracy"][:, i]
+            cells += [
+                f"{a.mean():.3f} ± {a.std():.3f}",
+                f"{100 * (a.mean() - r['accuracy'][:, i].mean()):+.1f}",
+            ]
+        cells.append(f"{r['rmse'][:, i].mean():.3f}")
+        for policy in others:
+            a = summary[policy]
+            recall = "/".join(f"{a[key][:, i].mean():.2f}" for key in ("recall_2", "recall_3", "recall_4"))
+            cells += [f"{a['rmse'][:, i].mean():.3f}", recall]
+        print("| " + " | ".join(cells) + " |")
+    final = summary["random"]["accuracy"][:, -1].mean()
+    print(f"\nrandom's final accuracy {final:.3f} at {labels[-1]} labels; reached by")
+    for policy in others:
+        mean = summary[policy]["accuracy"].mean(axis=0)
+        reached = next((labels[i] for i, v in enumerate(mean) if v >= final), None)
+        share = f" ({100 * reached / labels[-1]:.0f}% of the labels)" if reached is not None else ""
+        where = f"{reached} labels{share}" if reached is not None else f"more than {labels[-1]} labels"
+        print(f"  {policy}: {where}")
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for policy, colour in (("random", "C0"), ("active", "C3")):
+    for policy, colour in zip(summary, ("C0", "C3", "C2", "C1", "C4", "C5"), strict=False):
         for axis, key in zip(axes, ("accuracy", "recall_3"), strict=True):
             values = summary[policy][key]
             axis.plot(labels, values.mean(axis=0), color=colour, label=policy)
@@ -211,9 +283,7 @@ def report(curves: dict[str, list[list[dict[str, float]]]], split: str, args: ar
             axis.set_ylabel(key.replace("_", " at "))
             axis.grid(alpha=0.3)
     axes[0].legend()
-    figure.suptitle(
-        f"Recounts chosen at random vs by the informative policy ({split} split, min-max over seeds)"
-    )
+    figure.suptitle(f"Recounts chosen at random vs by each policy ({split} split, min-max over seeds)")
     figure.tight_layout()
     out = args.work / f"recheck_simulation_{split}.png"
     figure.savefig(out, dpi=110)

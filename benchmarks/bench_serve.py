@@ -370,6 +370,7 @@ def main() -> int:
             ("resnet18", "fp32", "auto", "auto"),
             ("lite0", "fp32", "openvino", "bf16"),
             ("lite0", "int8", "openvino", "fp32"),
+            ("lite0", "fp32", "auto", "auto"),  # what `binsight serve` picks on this CPU (and under a cap)
         ]
         commands = {}
         for key, file, backend, precision in serve_rows:
