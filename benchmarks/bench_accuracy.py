@@ -92,6 +92,7 @@ ROWS = {
         Row("binsight"),  # the abid recipe as shipped before this round
         Row("binsight-balanced", {"class_balance": 0.5}),
         Row("dinov2", recipe="abid-dinov2"),
+        Row("dinov2-6", {"frozen_blocks": 6}, recipe="abid-dinov2"),  # how much of the encoder to tune
         Row("teacher", ensemble=("binsight", "dinov2")),
         Row("student", {"distill": 0.5}, teachers=("binsight", "dinov2")),
         Row("scratch", {"arch": "resnet18", "pretrained": False, "image_width": 224}),
