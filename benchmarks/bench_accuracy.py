@@ -94,6 +94,7 @@ ROWS = {
         Row("dinov2", recipe="abid-dinov2"),
         Row("dinov2-6", {"frozen_blocks": 6}, recipe="abid-dinov2"),  # how much of the encoder to tune
         Row("teacher", ensemble=("binsight", "dinov2")),
+        Row("teacher-6", ensemble=("binsight", "dinov2-6")),
         Row("student", {"distill": 0.5}, teachers=("binsight", "dinov2")),
         Row("scratch", {"arch": "resnet18", "pretrained": False, "image_width": 224}),
         Row("binsight-tta", tta=True),  # the photo and its mirror averaged: two passes per photo
