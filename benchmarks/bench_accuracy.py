@@ -28,6 +28,7 @@ Run: .venv/bin/python benchmarks/bench_accuracy.py [--abid ../shared/abid] [--wo
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from binsight.training.config import load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import photo_probabilities
 from binsight.training.metrics import counting_metrics, majority_baseline
-from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
+from binsight.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, read_csv
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 SPLIT = SplitConfig(val_fraction=0.2, test_fraction=0.2, seed=0)
@@ -153,9 +154,9 @@ def row_probabilities(row: Row, work: Path, data: Path, split: str) -> np.ndarra
         return np.load(cached)
     probabilities = photo_probabilities(checkpoint, data, load_split(data, split), mirrored=row.tta)
     probabilities = np.pad(probabilities, ((0, 0), (0, 7 - probabilities.shape[1])))
-    partial = cached.with_name(f"{cached.stem}.partial.npy")
-    np.save(partial, probabilities)
-    partial.replace(cached)
+    buffer = io.BytesIO()
+    np.save(buffer, probabilities)
+    atomic_write_bytes(cached, buffer.getvalue())
     return probabilities
 
 

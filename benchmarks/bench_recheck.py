@@ -137,6 +137,9 @@ def choose(
 
     if policy == "random":
         return rng.choice(pool, size=k, replace=False)
+    if policy == "committee":  # the product's order on a bootstrap committee's mean answer
+        committee = committee_probabilities(x[labelled], y[labelled], x[pool], int(rng.integers(1 << 30)))
+        return pool[np.asarray(informative_order(committee, k=k))]
     p = probabilities(head, x[pool])
     if policy == "active":
         order = informative_order(p, k=k)
@@ -145,9 +148,6 @@ def choose(
         order = list(np.argsort(top2[:, 1] - top2[:, 0])[:k])
     elif policy == "badge":
         order = badge_order(p, x[pool], k, rng)
-    elif policy == "committee":  # the product's order on a bootstrap committee's mean answer
-        committee = committee_probabilities(x[labelled], y[labelled], x[pool], int(rng.integers(1 << 30)))
-        order = informative_order(committee, k=k)
     else:
         raise ValueError(f"unknown policy {policy!r}: choose from {', '.join(POLICIES)}")
     return pool[np.asarray(order)]
@@ -270,9 +270,10 @@ def report(curves: dict[str, list[list[dict[str, float]]]], split: str, args: ar
     for policy in others:
         mean = summary[policy]["accuracy"].mean(axis=0)
         reached = next((labels[i] for i, v in enumerate(mean) if v >= final), None)
-        share = f" ({100 * reached / labels[-1]:.0f}% of the labels)" if reached is not None else ""
-        where = f"{reached} labels{share}" if reached is not None else f"more than {labels[-1]} labels"
-        print(f"  {policy}: {where}")
+        if reached is None:
+            print(f"  {policy}: more than {labels[-1]} labels")
+        else:
+            print(f"  {policy}: {reached} labels ({100 * reached / labels[-1]:.0f}% of the labels)")
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for policy, colour in zip(summary, ("C0", "C3", "C2", "C1", "C4", "C5"), strict=False):
         for axis, key in zip(axes, ("accuracy", "recall_3"), strict=True):
