@@ -48,6 +48,7 @@ from binsight.training.config import load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import photo_probabilities
 from binsight.training.metrics import counting_metrics, majority_baseline
+from binsight.training.soup import SoupConfig, soup
 from binsight.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, read_csv
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
@@ -65,6 +66,7 @@ class Row:
     tta: bool = False
     ensemble: tuple[str, ...] = ()  # an evaluation-only row: the average of these rows' probabilities
     teachers: tuple[str, ...] = ()  # rows whose best.pt teach this one (distillation)
+    soup: tuple[str, ...] = ()  # an evaluation-only row: these rows' weights averaged (`binsight soup`)
 
 
 SEEDS = {
@@ -105,6 +107,10 @@ ROWS = {
         Row("binsight-320", {"image_size": 320, "image_width": 432}),
         Row("binsight-seed1", {"seed": 1}),  # the recipe's spread over training seeds
         Row("binsight-seed2", {"seed": 2}),
+        # The moving average of the weights validated, kept and served instead of the trained weights.
+        Row("binsight-avg", {"average_decay": 0.999}),
+        Row("binsight-avg-seed1", {"average_decay": 0.999, "seed": 1}),
+        Row("binsight-avg-seed2", {"average_decay": 0.999, "seed": 2}),
         # Larger Lite backbones at the recipe's resolution: the backbone changes, nothing else.
         Row("lite1", {"arch": "efficientnet_lite1"}),
         Row("lite2", {"arch": "efficientnet_lite2"}),
@@ -116,6 +122,10 @@ ROWS = {
         Row("lite0-x2-seeds-tta", ensemble=("binsight-tta", "binsight-seed1-tta")),
         Row("lite0-lite1", ensemble=("binsight", "lite1")),
         Row("lite0-lite1-dinov2", ensemble=("binsight", "lite1", "dinov2")),
+        # One model from three: the seeds' weights averaged, served at one Lite0's speed.
+        Row("lite0-soup-x3", soup=("binsight", "binsight-seed1", "binsight-seed2")),
+        Row("lite0-avg-soup-x3", soup=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
+        Row("lite0-avg-x3-seeds", ensemble=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
     )
 }
 DEFAULT_ROWS = ("seeds", "binsight", "binsight-balanced", "dinov2", "teacher", "student")
@@ -227,9 +237,14 @@ def train_row(row: Row, data: dict[str, Path], work: Path) -> float:
 
 def evaluate_row(row: Row, data: dict[str, Path], work: Path, results: dict[str, Any]) -> dict[str, Any]:
     minutes = 0.0
-    if row.ensemble:
-        minutes = sum(results["rows"][name]["train_minutes"] for name in row.ensemble)
-    else:
+    if row.ensemble or row.soup:
+        minutes = sum(results["rows"][name]["train_minutes"] for name in row.ensemble or row.soup)
+    if row.soup:
+        members = [run_dir(work, name) / ROWS[name].checkpoint for name in row.soup]
+        made = run_dir(work, row.name) / row.checkpoint
+        if not made.is_file() or made.stat().st_mtime < max(m.stat().st_mtime for m in members):
+            soup(SoupConfig(checkpoints=members, out=made))
+    elif not row.ensemble:
         for teacher in row.teachers:
             minutes += results["rows"].get(teacher, {}).get("train_minutes", 0.0)
         minutes += train_row(row, data, work)

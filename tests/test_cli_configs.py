@@ -47,6 +47,7 @@ VALID = {
     "name": "camera-9",
     "cache_views": "o,v",
     "teachers": "/tmp/t1.pt,/tmp/t2.pt",
+    "checkpoints": "/tmp/a.pt,/tmp/b.pt",
     "version": "v-reach",
     "bucket": "other-bucket",
     "images_prefix": "photos/",

@@ -11,19 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from binsight.cli import main
 from binsight.data.index import build_index
-from binsight.data.split import SplitConfig, write_splits
+from binsight.data.split import SplitConfig, load_split, write_splits
 from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.errors import BinsightError
 from binsight.models.backbones import build_backbone, weights_location
 from binsight.training import engine
+from binsight.training.averaging import WeightAverage
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import EvaluateConfig, evaluate
 from binsight.training.results import EvaluationReport, TrainSummary
+from binsight.training.soup import SoupConfig, soup
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +80,9 @@ def test_a_small_model_learns_to_count_and_is_reported(bins: Path, tmp_path: Pat
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("average_decay", [None, 0.9])
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(
-    bins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, average_decay: float | None
 ) -> None:
     def config(out: Path, epochs: int) -> TrainConfig:
         return tiny(
@@ -91,6 +95,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(
             optimizer="sgd",
             schedule="cosine",
             augment=1.0,
+            average_decay=average_decay,
         )
 
     train(config(tmp_path / "straight", 2))
@@ -113,8 +118,11 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
+    weights = ("model", "trained_model") if average_decay else ("model",)
+    for kind in weights:
+        for key, tensor in a[kind].items():  # type: ignore[literal-required]
+            assert torch.equal(tensor, b[kind][key]), (kind, key)  # type: ignore[literal-required]
+    assert a.get("average_updates") == b.get("average_updates") == (6 if average_decay else None)
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
 
@@ -247,6 +255,8 @@ def test_ddp_with_two_cpu_processes(bins: Path, tmp_path: Path) -> None:
         "cpu",
         "--head",
         "classification",
+        "--average-decay",  # each rank keeps the same average of the replicas' identical weights
+        "0.9",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", BINSIGHT_PROGRESS="0")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -260,6 +270,7 @@ def test_ddp_with_two_cpu_processes(bins: Path, tmp_path: Path) -> None:
     assert best["val_metrics"]["n"] == 90
     assert sum(best["val_metrics"]["per_class"][k]["support"] for k in best["val_metrics"]["per_class"]) == 90
     assert "val report" in done.stdout and done.stdout.count("train: best val") == 1
+    assert load_checkpoint(out / "last.pt")["average_updates"] == 2 * 5
 
 
 def test_run_folder_is_locked_and_stale_parts_are_cleaned(bins: Path, tmp_path: Path) -> None:
@@ -356,3 +367,69 @@ def test_checkpoints_written_before_format_2_still_resume_at_the_right_epoch() -
 
     assert epochs_finished({"epoch": 0}) == 1  # format 1: 0-based index of the last finished epoch
     assert epochs_finished({"epoch": 1, "checkpoint_format": 2}) == 1
+
+
+def test_the_average_follows_the_warm_up_then_the_decay() -> None:
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    average = WeightAverage(model, decay=0.5)
+    expected = model[0].weight.detach().clone()
+    for step in range(1, 6):
+        with torch.no_grad():
+            model[0].weight.fill_(float(step))
+        model.train()(torch.randn(4, 2))  # moves BatchNorm's running statistics and its counter
+        decay = min(0.5, (1 + step - 1) / (10 + step - 1))
+        average.update(model)
+        expected = decay * expected + (1 - decay) * float(step)
+        assert torch.allclose(average.module[0].weight, expected), step
+    assert average.updates == 5
+    # The running mean is averaged like a weight; the batches-seen counter is copied, not averaged.
+    assert not torch.equal(average.module[1].running_mean, model[1].running_mean)
+    assert int(average.module[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 5
+    assert not average.module.training and not any(p.requires_grad for p in average.module.parameters())
+
+
+def test_a_run_validates_keeps_and_evaluates_the_average(bins: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = train(tiny(bins, out, head="classification", epochs=3, average_decay=0.8, amp="off"))
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    steps_per_epoch = len(load_split(bins, "train")) // 32  # the loader drops the last partial batch
+    assert last["average_updates"] == 3 * steps_per_epoch  # every optimiser step folded in
+    differs = [
+        k
+        for k, v in last["model"].items()
+        if v.is_floating_point() and not torch.equal(v, last["trained_model"][k])
+    ]
+    assert differs, "the kept weights are the average, not the trained ones"
+    assert "trained_model" not in best  # best.pt holds the model only: the average
+    # best.pt's validation metrics are the average's: evaluated again (in fp32 both times, where
+    # no near-tie can round the other way) it gives the same accuracy.
+    result = evaluate(EvaluateConfig(checkpoint=out / "best.pt", split="val", workers=0))
+    assert result.accuracy == pytest.approx(best["val_metrics"]["accuracy"])
+    assert summary.best.value == pytest.approx(result.accuracy)
+
+
+def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_path: Path) -> None:
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        train(tiny(bins, out, head="classification", image_size=32, epochs=1, max_train_batches=2, seed=seed))
+        runs.append(out / "best.pt")
+    assert main(["soup", "--checkpoints", ",".join(map(str, runs)), "--out", str(tmp_path / "soup.pt")]) == 0
+    made, a, b = (load_checkpoint(p) for p in (tmp_path / "soup.pt", *runs))
+    assert made["soup"] == [str(p) for p in runs] and "history" not in made and "val_metrics" not in made
+    for key, tensor in made["model"].items():
+        assert isinstance(tensor, torch.Tensor)
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, (a["model"][key] + b["model"][key]) / 2, atol=1e-6), key
+        else:
+            assert torch.equal(tensor, a["model"][key]), key
+    assert not torch.equal(made["model"]["head.fc.weight"], a["model"]["head.fc.weight"])
+    result = evaluate(EvaluateConfig(checkpoint=tmp_path / "soup.pt", split="val", workers=0))
+    assert result.n == 90 and result.epoch == -1
+    assert "a soup of several runs" in (tmp_path / "eval-val" / "report.html").read_text()
+
+    other = tmp_path / "regression"
+    train(tiny(bins, other, image_size=32, epochs=1, max_train_batches=2))
+    with pytest.raises(BinsightError, match=r"not the same model.*head differ"):
+        soup(SoupConfig(checkpoints=[runs[0], other / "best.pt"], out=tmp_path / "bad.pt"))
+    assert not (tmp_path / "bad.pt").exists()

@@ -11,6 +11,7 @@ from binsight.cliargs import add_command
 from binsight.training.config import TrainConfig
 from binsight.training.evaluate import EvaluateConfig, evaluate
 from binsight.training.results import EvaluationReport, TrainSummary
+from binsight.training.soup import SoupConfig, SoupResult, soup
 from binsight.tuning.study import TuneConfig, TuneSummary, tune
 
 log = logging.getLogger("binsight")
@@ -55,6 +56,14 @@ def _report_evaluate(config: EvaluateConfig, result: EvaluationReport) -> int:
     return 0
 
 
+def _report_soup(config: SoupConfig, result: SoupResult) -> int:
+    print(
+        f"soup: {len(result.members)} {result.arch} runs averaged ({result.parameters_averaged:,} weights) "
+        f"into {result.out}; check it before use: binsight evaluate {result.out} --split val"
+    )
+    return 0
+
+
 def _report_tune(config: TuneConfig, summary: TuneSummary) -> int:
     print(f"tune: {summary.trials} trials {summary.states} in {summary.storage}")
     if summary.best_value is not None:
@@ -91,6 +100,16 @@ def register(verbs: Any) -> None:
         help="metrics, confusion matrix and HTML report for a model",
         positional=("checkpoint",),
         title="evaluation",
+    )
+    add_command(
+        verbs,
+        "soup",
+        SoupConfig,
+        soup,
+        _report_soup,
+        help="average the weights of runs of one recipe (other seeds) into one model: an ensemble's "
+        "gain at one model's speed",
+        title="soup",
     )
     add_command(
         verbs,

@@ -277,14 +277,20 @@ class CachedTrainer:
         return epoch_stats(DistContext(), loss_sum, seen, time.perf_counter() - started, 0.0, grad_norms)
 
     @torch.no_grad()
-    def validate(self) -> tuple[np.ndarray, float]:
-        """Probabilities for every validation photo (as is, as served) and the mean loss."""
-        self.tail.eval()
-        head = self.model.head
+    def validate(self, model: CountingModel) -> tuple[np.ndarray, float]:
+        """`model`'s probabilities for every validation photo (as is, as served) and the mean loss:
+        the trained model, or its weight average."""
+        tail = (
+            self.tail
+            if model is self.model
+            else CachedTail(model, split_backbone(model.backbone), self.frozen)
+        )
+        tail.eval()
+        head = model.head
         probabilities, losses = [], []
         for features, targets, _ in self.val_batches.epoch(np.random.default_rng(0), train=False):
             with self.precision.autocast():
-                outputs = self.tail(features).float()
+                outputs = tail(features).float()
             losses.append(head.loss(outputs, targets, self.config.label_smoothing, reduction="none").numpy())
             probabilities.append(head.probabilities(outputs).numpy())
         return np.concatenate(probabilities), float(np.concatenate(losses).mean())

@@ -41,7 +41,7 @@ class Checkpoint(TypedDict, total=False):
     train_fingerprint: str
     val_fingerprint: str
     card: JsonObject  # ModelCard
-    model: StateDict
+    model: StateDict  # the weights evaluated and exported: the moving average when the run keeps one
     val_metrics: JsonObject  # CountingMetrics (best.pt)
     optimizer: StateDict  # last.pt from here on
     scheduler: StateDict
@@ -49,6 +49,9 @@ class Checkpoint(TypedDict, total=False):
     monitors: StateDict
     stale_epochs: int
     rng: list[RngState]  # one per rank
+    trained_model: StateDict  # with a weight average: the weights the optimiser steps
+    average_updates: int
+    soup: list[str]  # `binsight soup`: the checkpoints whose weights were averaged into this one
 
 
 def rng_state() -> RngState:

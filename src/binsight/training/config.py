@@ -79,6 +79,13 @@ class TrainConfig(BaseModel):
     )
     flip: Literal["none", "h", "hv"] = Field("h", description="random flips: none, horizontal, or both")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
+    average_decay: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="keep a moving average of the weights (this decay per step, after a warm-up) and "
+        "validate, keep and export the average instead of the trained weights",
+    )
 
     amp: Literal["auto", "on", "off"] = Field(
         "auto",

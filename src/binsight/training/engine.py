@@ -20,6 +20,7 @@ from binsight.data.split import fingerprint, load_split
 from binsight.errors import BinsightError
 from binsight.models.factory import build_model
 from binsight.models.heads import CountingModel
+from binsight.training.averaging import WeightAverage
 from binsight.training.cached import CachedTrainer
 from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, JsonObject, rng_state
 from binsight.training.config import TrainConfig
@@ -99,12 +100,18 @@ class _Run:
     progress: Progress
     fingerprints: tuple[str, str]  # of the train and val splits, for the checkpoints and the card
     card: JsonObject  # the model card every checkpoint carries
+    average: WeightAverage | None = None  # validated, kept and exported instead of `model` when set
     remote: Store | None = None
     writer: SummaryWriter | None = None
 
     @property
     def train_counts(self) -> np.ndarray:
         return np.array([int(r["count"]) for r in self.train_rows])
+
+    @property
+    def kept(self) -> CountingModel:
+        """The weights validated, kept in `best.pt` and exported."""
+        return self.model if self.average is None else self.average.module  # type: ignore[return-value]
 
 
 def _train(
@@ -174,6 +181,12 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
     if context.enabled:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(trained, config)
+    average = None
+    if config.average_decay is not None:
+        average = WeightAverage(model, config.average_decay)
+        # A hook rather than a call in each loop: it runs only when the step did (an fp16 scaler skips
+        # steps whose gradients overflowed), in the image loop and the cached one alike.
+        optimizer.register_step_post_hook(lambda *_: average.update(model))
     teacher = (
         teacher_probabilities(config.teachers, data_dir, train_rows, Path(config.out))
         if config.teachers and config.distill > 0
@@ -203,6 +216,7 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
         progress=Progress(history=[], best=BestEpoch(metric=config.select_metric)),
         fingerprints=fingerprints,
         card=model_card(config, num_classes, *fingerprints).model_dump(mode="json"),
+        average=average,
     )
 
 
@@ -226,6 +240,7 @@ def _restore(run: _Run) -> None:
             run.scheduler,
             run.precision,
             run.monitors,
+            run.average,
         )
     elif context.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +276,7 @@ def _fit_epoch(run: _Run, epoch: int) -> tuple[EpochStats, np.ndarray, float, np
             epoch,
             stream_seed(config.seed, 0, epoch),
         )
-        probabilities, val_loss = run.cached.validate()
+        probabilities, val_loss = run.cached.validate(run.kept)
         return stats, probabilities, val_loss, run.cached.val_counts
     assert run.loaders is not None
     train_loader, val_loader = run.loaders
@@ -290,7 +305,7 @@ def _fit_epoch(run: _Run, epoch: int) -> tuple[EpochStats, np.ndarray, float, np
         profiler.stop()
         write_profile_summary(profiler, run.out, stats)
     _, probabilities, val_loss = predict(
-        run.trained,
+        run.trained if run.average is None else run.average.module,
         run.model.head,
         val_loader,
         run.device,
@@ -358,7 +373,7 @@ def _save(run: _Run, epoch: int, record: EpochRecord, best_metrics: CountingMetr
         train_fingerprint=run.fingerprints[0],
         val_fingerprint=run.fingerprints[1],
         card=run.card,
-        model=run.model.state_dict(),
+        model=run.kept.state_dict(),
     )
     training_state = Checkpoint(
         optimizer=run.optimizer.state_dict(),
@@ -368,6 +383,9 @@ def _save(run: _Run, epoch: int, record: EpochRecord, best_metrics: CountingMetr
         stale_epochs=progress.stale_epochs,
         rng=rng_states,
     )
+    if run.average is not None:
+        training_state["trained_model"] = run.model.state_dict()
+        training_state["average_updates"] = run.average.updates
     save_checkpoints(run.out, run.remote, checkpoint, training_state, best_metrics)
     if run.writer is not None:
         for key, number in record.model_dump().items():

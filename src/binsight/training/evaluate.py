@@ -161,8 +161,9 @@ def write_report(
     result: EvaluationReport, history: list[EpochRecord], findings: list[Finding], out_dir: Path
 ) -> None:
     report = HtmlReport(f"binsight evaluation: {result.arch} / {result.head} on {result.split}")
+    origin = f"epoch {result.epoch}" if result.epoch >= 0 else "a soup of several runs' weights"
     report.paragraph(
-        f"Checkpoint {result.checkpoint} (epoch {result.epoch}), {result.n} images, "
+        f"Checkpoint {result.checkpoint} ({origin}), {result.n} images, "
         f"split fingerprint {result.split_fingerprint}."
     )
     report.heading("Metrics")

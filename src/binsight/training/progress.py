@@ -12,6 +12,7 @@ import torch
 
 from binsight.errors import BinsightError
 from binsight.models.heads import CountingModel
+from binsight.training.averaging import WeightAverage
 from binsight.training.checkpoint import (
     Checkpoint,
     epochs_finished,
@@ -84,11 +85,16 @@ def resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision,
     monitors: Monitors,
+    average: WeightAverage | None = None,
 ) -> Progress:
     """Restore everything `last.pt` holds, so the run continues as if it had never stopped."""
     state = load_checkpoint(last_path)
     _check_resumable(state["config"], config)
-    model.load_state_dict(state["model"])
+    if average is None:
+        model.load_state_dict(state["model"])
+    else:
+        model.load_state_dict(state["trained_model"])
+        average.restore(state["model"], state["average_updates"])  # type: ignore[arg-type]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     precision.scaler.load_state_dict(state["scaler"])

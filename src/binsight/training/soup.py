@@ -1,0 +1,98 @@
+"""`binsight soup`: the weights of several runs averaged into one model (a "model soup", Wortsman et al.,
+ICML 2022).
+
+Runs fine-tuned from the same pretrained weights with different seeds end close enough in weight space
+that the average of their weights is itself a good model, often better than each: much of what an
+ensemble of the runs gains, served as one model at one model's speed. Runs that do not share the
+pretrained starting point (or that trained from scratch) do not average into anything useful: check
+the soup on validation before using it, as `binsight soup` reports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from binsight.errors import BinsightError
+from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, save_checkpoint
+from binsight.training.config import TrainConfig
+
+# What a checkpoint's model is and takes: members must agree on all of it to be averaged.
+SAME_MODEL = ("arch", "head", "image_size", "image_width", "normalization", "pretrained")
+
+
+class SoupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoints: list[Path] = Field(
+        min_length=2,
+        description="best.pt of two or more runs fine-tuned from the same pretrained weights, with the "
+        "same architecture, head, classes and input size (e.g. the same recipe with different --seed)",
+    )
+    out: Path = Field(description="the soup's checkpoint: evaluate, export and serve it as any best.pt")
+
+
+class SoupResult(BaseModel):
+    out: Path
+    members: list[Path]
+    arch: str
+    parameters_averaged: int
+
+
+def _member(path: Path) -> tuple[Checkpoint, TrainConfig]:
+    checkpoint = load_checkpoint(path)
+    if "model" not in checkpoint or "config" not in checkpoint:
+        raise BinsightError(
+            f"{path} holds no trained model", hint="give best.pt or last.pt of a training run"
+        )
+    return checkpoint, TrainConfig.model_validate(checkpoint["config"])
+
+
+def _check_compatible(paths: list[Path], members: list[tuple[Checkpoint, TrainConfig]]) -> None:
+    first, first_config = members[0]
+    for path, (checkpoint, config) in zip(paths[1:], members[1:], strict=True):
+        differs = [k for k in SAME_MODEL if getattr(config, k) != getattr(first_config, k)]
+        if checkpoint.get("num_classes") != first.get("num_classes"):
+            differs.append("num_classes")
+        if differs or checkpoint["model"].keys() != first["model"].keys():
+            raise BinsightError(
+                f"{path} is not the same model as {paths[0]} ({', '.join(differs) or 'weights'} differ)",
+                hint="a soup averages runs of one architecture and input: the same recipe with other seeds",
+            )
+
+
+def soup(config: SoupConfig) -> SoupResult:
+    """Average the members' weights (parameters and BatchNorm statistics) into one checkpoint."""
+    paths = list(config.checkpoints)
+    members = [_member(path) for path in paths]
+    _check_compatible(paths, members)
+    first, _ = members[0]
+    averaged: dict[str, torch.Tensor] = {}
+    parameters = 0
+    weights = [cast(dict[str, torch.Tensor], member["model"]) for member, _ in members]
+    for key, tensor in weights[0].items():
+        if tensor.is_floating_point():
+            total = torch.stack([w[key].double() for w in weights]).mean(dim=0)
+            averaged[key] = total.to(tensor.dtype)
+            parameters += tensor.numel()
+        else:
+            averaged[key] = tensor.clone()  # counters (BatchNorm's batches seen) are not weights
+    # The soup is a model, not a run: no history, best epoch, validation metrics or training state of
+    # any one member travels with it.
+    checkpoint = Checkpoint(
+        config=first["config"],
+        num_classes=first["num_classes"],
+        checkpoint_format=first.get("checkpoint_format", CHECKPOINT_FORMAT),
+        train_fingerprint=first.get("train_fingerprint", ""),
+        val_fingerprint=first.get("val_fingerprint", ""),
+        model=dict(averaged),
+        soup=[str(p) for p in paths],
+    )
+    if "card" in first:  # checkpoints older than the card get theirs rebuilt by export
+        checkpoint["card"] = first["card"]
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(config.out, checkpoint)
+    return SoupResult(out=config.out, members=paths, arch=members[0][1].arch, parameters_averaged=parameters)
