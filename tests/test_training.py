@@ -417,13 +417,25 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
     assert main(["soup", "--checkpoints", ",".join(map(str, runs)), "--out", str(tmp_path / "soup.pt")]) == 0
     made, a, b = (load_checkpoint(p) for p in (tmp_path / "soup.pt", *runs))
     assert made["soup"] == [str(p) for p in runs] and "history" not in made and "val_metrics" not in made
-    for key, tensor in made["model"].items():
+    uncalibrated = soup(SoupConfig(checkpoints=runs, out=tmp_path / "plain.pt", calibrate=False))
+    assert uncalibrated.temperature is None
+    plain = load_checkpoint(tmp_path / "plain.pt")
+    for key, tensor in plain["model"].items():
         assert isinstance(tensor, torch.Tensor)
         if tensor.is_floating_point():
             assert torch.allclose(tensor, (a["model"][key] + b["model"][key]) / 2, atol=1e-6), key
         else:
             assert torch.equal(tensor, a["model"][key]), key
-    assert not torch.equal(made["model"]["head.fc.weight"], a["model"]["head.fc.weight"])
+    # Calibrated (the default): the same soup with its head divided by the temperature fitted on
+    # validation, which lowers the validation log-loss and leaves every other weight alone.
+    calibrated = soup(SoupConfig(checkpoints=runs, out=tmp_path / "soup.pt"))
+    temperature, (nll_before, nll_after) = calibrated.temperature, calibrated.val_nll  # type: ignore[misc]
+    assert temperature is not None and temperature != 1.0 and nll_after < nll_before
+    for key, tensor in made["model"].items():
+        expected = plain["model"][key]
+        if key.startswith("head.fc."):
+            expected = expected / temperature
+        assert torch.allclose(tensor, expected, atol=1e-6), key
     result = evaluate(EvaluateConfig(checkpoint=tmp_path / "soup.pt", split="val", workers=0))
     assert result.n == 90 and result.epoch == -1
     assert "a soup of several runs" in (tmp_path / "eval-val" / "report.html").read_text()

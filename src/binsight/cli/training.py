@@ -61,6 +61,12 @@ def _report_soup(config: SoupConfig, result: SoupResult) -> int:
         f"soup: {len(result.members)} {result.arch} runs averaged ({result.parameters_averaged:,} weights) "
         f"into {result.out}; check it before use: binsight evaluate {result.out} --split val"
     )
+    if result.temperature is not None and result.val_nll is not None:
+        before, after = result.val_nll
+        print(
+            f"calibrated on validation: temperature {result.temperature:.3f} folded into the head "
+            f"(log-loss {before:.4f} -> {after:.4f})"
+        )
     return 0
 
 

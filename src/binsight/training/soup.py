@@ -6,19 +6,31 @@ that the average of their weights is itself a good model, often better than each
 ensemble of the runs gains, served as one model at one model's speed. Runs that do not share the
 pretrained starting point (or that trained from scratch) do not average into anything useful: check
 the soup on validation before using it, as `binsight soup` reports.
+
+Averaged weights give softer answers than any member (the members' heads started from different random
+weights, and their average is shorter than each): a soup of three Lite0 seeds was right about half the
+time on validation with a mean top probability of 0.39. So the soup's temperature is fitted on the
+validation split and folded into its classification head (logits / T is the head's weights / T): the
+answers keep their order, and their probabilities mean what they say again.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from binsight.data.split import load_split
 from binsight.errors import BinsightError
 from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 from binsight.training.config import TrainConfig
+from binsight.training.evaluate import photo_probabilities
+
+log = logging.getLogger(__name__)
 
 # What a checkpoint's model is and takes: members must agree on all of it to be averaged.
 SAME_MODEL = ("arch", "head", "image_size", "image_width", "normalization", "pretrained")
@@ -33,6 +45,14 @@ class SoupConfig(BaseModel):
         "same architecture, head, classes and input size (e.g. the same recipe with different --seed)",
     )
     out: Path = Field(description="the soup's checkpoint: evaluate, export and serve it as any best.pt")
+    calibrate: bool = Field(
+        True,
+        description="fit a temperature on the validation split and fold it into the head, so that the "
+        "soup's probabilities are calibrated (classification heads)",
+    )
+    data: Path | None = Field(
+        None, description="dataset whose validation split calibrates (default: the first run's)"
+    )
 
 
 class SoupResult(BaseModel):
@@ -40,6 +60,8 @@ class SoupResult(BaseModel):
     members: list[Path]
     arch: str
     parameters_averaged: int
+    temperature: float | None = None  # folded into the head; None when not calibrated
+    val_nll: tuple[float, float] | None = None  # validation log-loss before and after calibrating
 
 
 def _member(path: Path) -> tuple[Checkpoint, TrainConfig]:
@@ -95,4 +117,38 @@ def soup(config: SoupConfig) -> SoupResult:
         checkpoint["card"] = first["card"]
     config.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(config.out, checkpoint)
-    return SoupResult(out=config.out, members=paths, arch=members[0][1].arch, parameters_averaged=parameters)
+    result = SoupResult(
+        out=config.out, members=paths, arch=members[0][1].arch, parameters_averaged=parameters
+    )
+    if config.calibrate and members[0][1].head == "classification":
+        temperature, result.val_nll = fit_temperature(config.out, config.data or members[0][1].data)
+        result.temperature = temperature
+        for key in ("head.fc.weight", "head.fc.bias"):
+            averaged[key] = averaged[key] / temperature
+        checkpoint["model"] = dict(averaged)
+        save_checkpoint(config.out, checkpoint)
+    return result
+
+
+def fit_temperature(checkpoint: Path, data: Path) -> tuple[float, tuple[float, float]]:
+    """The temperature T that minimises the validation log-loss of softmax(logits / T), and the
+    log-loss before and after. The log-probabilities stand in for the logits: they differ by a
+    constant per photo, which softmax ignores."""
+    rows = load_split(data, "val")
+    probabilities = photo_probabilities(checkpoint, data, rows)
+    classes = probabilities.shape[1]
+    targets = np.minimum([int(r["count"]) for r in rows], classes - 1)
+    log_p = np.log(np.clip(probabilities, 1e-12, None))
+
+    def nll(temperature: float) -> float:
+        scaled = log_p / temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        log_softmax = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+        return float(-log_softmax[np.arange(len(targets)), targets].mean())
+
+    # A grid over log T: one dimension, no local minimum to fear, the same answer on every run.
+    grid = np.exp(np.linspace(np.log(0.2), np.log(5.0), 401))
+    losses = [nll(float(t)) for t in grid]
+    best = float(grid[int(np.argmin(losses))])
+    log.info("soup calibrated on %d validation photos: temperature %.3f", len(rows), best)
+    return best, (nll(1.0), min(losses))
