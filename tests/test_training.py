@@ -21,7 +21,7 @@ from binsight.errors import BinsightError
 from binsight.models.backbones import build_backbone, weights_location
 from binsight.training import engine
 from binsight.training.averaging import WeightAverage
-from binsight.training.checkpoint import load_checkpoint
+from binsight.training.checkpoint import load_checkpoint, save_checkpoint
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import EvaluateConfig, evaluate
@@ -445,3 +445,16 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
     with pytest.raises(BinsightError, match=r"not the same model.*head differ"):
         soup(SoupConfig(checkpoints=[runs[0], other / "best.pt"], out=tmp_path / "bad.pt"))
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_run_begun_before_weight_averaging_resumes_with_it(bins: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    settings = dict(head="classification", image_size=32, max_train_batches=3)
+    train(tiny(bins, out, epochs=1, **settings))  # type: ignore[arg-type]
+    old = load_checkpoint(out / "last.pt")
+    del old["config"]["average_decay"]  # what binsight wrote before --average-decay existed
+    save_checkpoint(out / "last.pt", old)
+    train(tiny(bins, out, epochs=2, average_decay=0.9, **settings))  # type: ignore[arg-type]
+    resumed = load_checkpoint(out / "last.pt")
+    assert resumed["epoch"] == 2 and resumed["average_updates"] == 3  # averaged from the resumed epoch on
+    assert not torch.equal(resumed["model"]["head.fc.weight"], resumed["trained_model"]["head.fc.weight"])

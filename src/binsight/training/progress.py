@@ -90,11 +90,16 @@ def resume(
     """Restore everything `last.pt` holds, so the run continues as if it had never stopped."""
     state = load_checkpoint(last_path)
     _check_resumable(state["config"], config)
-    if average is None:
-        model.load_state_dict(state["model"])
-    else:
+    if average is not None and "trained_model" in state:
         model.load_state_dict(state["trained_model"])
         average.restore(state["model"], state["average_updates"])  # type: ignore[arg-type]
+    else:
+        model.load_state_dict(state["model"])
+        if average is not None:
+            # A run begun before its recipe averaged weights (binsight older than --average-decay):
+            # the average starts from where the run stands.
+            average.restore(state["model"], 0)  # type: ignore[arg-type]
+            log.warning("%s holds no weight average: the average starts at this epoch", last_path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     precision.scaler.load_state_dict(state["scaler"])
