@@ -96,6 +96,7 @@ ROWS = {
         Row("binsight-balanced", {"class_balance": 0.5}),
         Row("dinov2", recipe="abid-dinov2"),
         Row("dinov2-6", {"frozen_blocks": 6}, recipe="abid-dinov2"),  # how much of the encoder to tune
+        Row("dinov2-6-avg", {"frozen_blocks": 6, "average_decay": 0.999}, recipe="abid-dinov2"),
         Row("teacher", ensemble=("binsight", "dinov2")),
         Row("teacher-6", ensemble=("binsight", "dinov2-6")),
         Row("student", {"distill": 0.5}, teachers=("binsight", "dinov2")),
