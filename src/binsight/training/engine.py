@@ -305,7 +305,7 @@ def _fit_epoch(run: _Run, epoch: int) -> tuple[EpochStats, np.ndarray, float, np
         profiler.stop()
         write_profile_summary(profiler, run.out, stats)
     _, probabilities, val_loss = predict(
-        run.trained if run.average is None else run.average.module,
+        run.trained if run.average is None else run.kept,
         run.model.head,
         val_loader,
         run.device,
