@@ -22,7 +22,9 @@ Runs live in --work and are resumed, not redone, when the command is repeated (t
 exactly from its checkpoints), so a row can be added without retraining the others.
 
 Run: .venv/bin/python benchmarks/bench_accuracy.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
-     [--rows seeds,binsight,...]
+     [--rows seeds,binsight,...] [--device auto|cpu|cuda] [--workers N]
+(--device auto trains and tests on the GPU where there is one; the rows' results are comparable only
+under one device and one set of photos: results.json records the CPU and the GPU.)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from binsight.audit.evaluation import BUDGETS, catch_curve, simulate_errors
 from binsight.cpu import cpu_class, cpu_features
@@ -88,6 +91,8 @@ SEEDS = {
     "cache": True,
 }
 
+SEED_TAGS = ((0, ""), (1, "-seed1"), (2, "-seed2"))
+
 ROWS = {
     row.name: row
     for row in (
@@ -112,6 +117,10 @@ ROWS = {
         Row("binsight-avg", {"average_decay": 0.999}),
         Row("binsight-avg-seed1", {"average_decay": 0.999, "seed": 1}),
         Row("binsight-avg-seed2", {"average_decay": 0.999, "seed": 2}),
+        # What a GPU affords (--device cuda): the photos at their own size (ABID's median is 470x346),
+        # and twice the epochs; three seeds each, as the recipe rows.
+        *(Row(f"native{tag}", {"image_size": 352, "image_width": 480, "seed": s}) for s, tag in SEED_TAGS),
+        *(Row(f"epochs16{tag}", {"epochs": 16, "seed": seed}) for seed, tag in SEED_TAGS),
         # Larger Lite backbones at the recipe's resolution: the backbone changes, nothing else.
         Row("lite1", {"arch": "efficientnet_lite1"}),
         Row("lite2", {"arch": "efficientnet_lite2"}),
@@ -154,16 +163,33 @@ def run_dir(work: Path, name: str) -> Path:
     return work / "runs" / RUN_OF.get(name, name)
 
 
-def row_probabilities(row: Row, work: Path, data: Path, split: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Runtime:
+    """Where rows train and are evaluated: "auto" takes the GPU where there is one."""
+
+    device: str = "auto"
+    workers: int = 2
+
+
+def row_probabilities(row: Row, work: Path, data: Path, split: str, runtime: Runtime) -> np.ndarray:
     """Count probabilities of a row on a split (padded to 7 classes, so rows of 6 and 7 classes mix)."""
     if row.ensemble:
-        return np.mean([row_probabilities(ROWS[name], work, data, split) for name in row.ensemble], axis=0)
+        return np.mean(
+            [row_probabilities(ROWS[name], work, data, split, runtime) for name in row.ensemble], axis=0
+        )
     checkpoint = run_dir(work, row.name) / row.checkpoint
     # Ensembles reuse their members' answers: kept beside the checkpoint, redone when it is newer.
     cached = checkpoint.with_name(f"probabilities-{split}-{checkpoint.stem}{'-tta' if row.tta else ''}.npy")
     if cached.is_file() and cached.stat().st_mtime > checkpoint.stat().st_mtime:
         return np.load(cached)
-    probabilities = photo_probabilities(checkpoint, data, load_split(data, split), mirrored=row.tta)
+    probabilities = photo_probabilities(
+        checkpoint,
+        data,
+        load_split(data, split),
+        mirrored=row.tta,
+        device=runtime.device,
+        workers=runtime.workers,
+    )
     probabilities = np.pad(probabilities, ((0, 0), (0, 7 - probabilities.shape[1])))
     buffer = io.BytesIO()
     np.save(buffer, probabilities)
@@ -223,10 +249,16 @@ def audit_catch(counts: np.ndarray, probabilities: np.ndarray, seeds: int = 5) -
     return {k: float(np.mean(v)) for k, v in caught.items()}
 
 
-def train_row(row: Row, data: dict[str, Path], work: Path) -> float:
+def train_row(row: Row, data: dict[str, Path], work: Path, runtime: Runtime) -> float:
     """Train (or resume) a row's run; returns its training minutes."""
     run = run_dir(work, row.name)
-    overrides: dict[str, object] = {"data": data[row.data], "out": run, **row.settings}
+    overrides: dict[str, object] = {
+        "data": data[row.data],
+        "out": run,
+        "device": runtime.device,
+        "workers": runtime.workers,
+        **row.settings,
+    }
     if row.teachers:
         overrides["teachers"] = [run_dir(work, t) / ROWS[t].checkpoint for t in row.teachers]
     config = load_config(None, overrides, recipe=row.recipe)
@@ -236,7 +268,9 @@ def train_row(row: Row, data: dict[str, Path], work: Path) -> float:
     return sum(h.seconds for h in summary.history) / 60
 
 
-def evaluate_row(row: Row, data: dict[str, Path], work: Path, results: dict[str, Any]) -> dict[str, Any]:
+def evaluate_row(
+    row: Row, data: dict[str, Path], work: Path, results: dict[str, Any], runtime: Runtime
+) -> dict[str, Any]:
     minutes = 0.0
     if row.ensemble or row.soup:
         minutes = sum(results["rows"][name]["train_minutes"] for name in row.ensemble or row.soup)
@@ -248,13 +282,15 @@ def evaluate_row(row: Row, data: dict[str, Path], work: Path, results: dict[str,
     elif not row.ensemble:
         for teacher in row.teachers:
             minutes += results["rows"].get(teacher, {}).get("train_minutes", 0.0)
-        minutes += train_row(row, data, work)
+        minutes += train_row(row, data, work, runtime)
     counts = {
         split: np.array([int(r["count"]) for r in read_csv(data["all"] / "splits" / f"{split}.csv")])
         for split in ("val", "test")
     }
     # Every row is tested on the same photos: the full split, whatever it trained on.
-    probabilities = {split: row_probabilities(row, work, data["all"], split) for split in ("val", "test")}
+    probabilities = {
+        split: row_probabilities(row, work, data["all"], split, runtime) for split in ("val", "test")
+    }
     return {
         "train_minutes": minutes,
         "val": summarise(counts["val"], probabilities["val"]),
@@ -279,7 +315,10 @@ def main() -> int:
     parser.add_argument(
         "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}"
     )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (training and testing)")
+    parser.add_argument("--workers", type=int, default=2, help="photo-decoding processes (a GPU wants more)")
     args = parser.parse_args()
+    runtime = Runtime(args.device, args.workers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not (args.abid / "labels.csv").is_file():
         print(
@@ -298,6 +337,7 @@ def main() -> int:
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
     results.update(
         cpu=[cpu_class(), *sorted(cpu_features())],
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         split={
             **SPLIT.model_dump(),
             "train": len(train_counts),
@@ -310,7 +350,7 @@ def main() -> int:
         },
     )
     for row in chosen:
-        evaluated = evaluate_row(row, data, args.work, results)
+        evaluated = evaluate_row(row, data, args.work, results, runtime)
         # Another run of this benchmark may have added rows meanwhile (a long training in one process,
         # evaluation-only rows in another): keep them.
         if results_path.is_file():

@@ -24,7 +24,7 @@ from binsight.training.averaging import WeightAverage
 from binsight.training.checkpoint import load_checkpoint, save_checkpoint
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.engine import train
-from binsight.training.evaluate import EvaluateConfig, evaluate
+from binsight.training.evaluate import EvaluateConfig, evaluate, photo_probabilities
 from binsight.training.results import EvaluationReport, TrainSummary
 from binsight.training.soup import SoupConfig, soup
 
@@ -406,6 +406,19 @@ def test_a_run_validates_keeps_and_evaluates_the_average(bins: Path, tmp_path: P
     result = evaluate(EvaluateConfig(checkpoint=out / "best.pt", split="val", workers=0))
     assert result.accuracy == pytest.approx(best["val_metrics"]["accuracy"])
     assert summary.best.value == pytest.approx(result.accuracy)
+
+
+def test_photo_probabilities_keep_photo_order_with_parallel_decoding(bins: Path, tmp_path: Path) -> None:
+    train(tiny(bins, tmp_path / "run", head="classification", epochs=1, amp="off"))
+    rows = load_split(bins, "val")
+    serial = photo_probabilities(tmp_path / "run" / "best.pt", bins, rows, batch_size=16)
+    # "auto" is the GPU where there is one (teachers and the accuracy benchmark use it there); here
+    # the CPU, so the answers must be the same photo for photo, whichever worker decoded them.
+    parallel = photo_probabilities(
+        tmp_path / "run" / "best.pt", bins, rows, batch_size=16, device="auto", workers=2
+    )
+    assert serial.shape[0] == len(rows) and torch.allclose(torch.tensor(serial), torch.tensor(parallel))
+    assert not torch.allclose(torch.tensor(serial[0]), torch.tensor(serial[1:]).mean(0)), "not one answer"
 
 
 def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_path: Path) -> None:

@@ -188,7 +188,9 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
         # steps whose gradients overflowed), in the image loop and the cached one alike.
         optimizer.register_step_post_hook(lambda *_: average.update(model))
     teacher = (
-        teacher_probabilities(config.teachers, data_dir, train_rows, Path(config.out))
+        teacher_probabilities(
+            config.teachers, data_dir, train_rows, Path(config.out), str(device), config.workers
+        )
         if config.teachers and config.distill > 0
         else None
     )

@@ -49,19 +49,24 @@ def photo_probabilities(
     checkpoint_path: Path,
     data_dir: Path,
     rows: list[dict[str, str]],
+    *,
     mirrored: bool = False,
     batch_size: int = 64,
+    device: str = "cpu",
+    workers: int = 0,
 ) -> np.ndarray:
     """A trained model's probabilities for each photo of `rows`, through the evaluation path; with
-    `mirrored`, averaged with those of the mirror image (a flip never changes a count)."""
+    `mirrored`, averaged with those of the mirror image (a flip never changes a count). `device` as
+    in training ("auto" takes the GPU where there is one); `workers` decode photos in parallel."""
     model, config, num_classes = load_model(load_checkpoint(checkpoint_path))
     dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
-    loader = make_loader(dataset, batch_size, False, 0, 0, False, False)
-    device = torch.device("cpu")
-    precision = Precision(config.model_copy(update={"amp": "auto"}), device)
-    _, probabilities, _ = predict(model, model.head, loader, device, precision, DistContext())
+    target = resolve_device(device, DistContext())
+    loader = make_loader(dataset, batch_size, False, workers, 0, False, target.type == "cuda")
+    model.to(target)
+    precision = Precision(config.model_copy(update={"amp": "auto"}), target)
+    _, probabilities, _ = predict(model, model.head, loader, target, precision, DistContext())
     if mirrored:
-        _, flipped, _ = predict(Mirrored(model), model.head, loader, device, precision, DistContext())
+        _, flipped, _ = predict(Mirrored(model), model.head, loader, target, precision, DistContext())
         probabilities = (probabilities + flipped) / 2
     return probabilities
 

@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def teacher_probabilities(
-    teachers: list[Path], data_dir: Path, rows: list[dict[str, str]], out: Path
+    teachers: list[Path],
+    data_dir: Path,
+    rows: list[dict[str, str]],
+    out: Path,
+    device: str = "cpu",
+    workers: int = 0,
 ) -> np.ndarray:
     """The teachers' averaged probabilities for each training photo (each also on its mirror image),
     computed once and kept in the run folder under the teachers' hashes."""
@@ -30,7 +35,9 @@ def teacher_probabilities(
     answers = []
     for teacher in teachers:
         log.info("computing the answers of teacher %s for %d training photos", teacher, len(rows))
-        answers.append(photo_probabilities(teacher, data_dir, rows, mirrored=True))
+        answers.append(
+            photo_probabilities(teacher, data_dir, rows, mirrored=True, device=device, workers=workers)
+        )
     if len({a.shape[1] for a in answers}) != 1:
         raise BinsightError(
             "the teachers answer different numbers of classes", hint="give teachers of one kind"
