@@ -450,8 +450,8 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
             expected = expected / temperature
         assert torch.allclose(tensor, expected, atol=1e-6), key
     result = evaluate(EvaluateConfig(checkpoint=tmp_path / "soup.pt", split="val", workers=0))
-    assert result.n == 90 and result.epoch == -1
-    assert "a soup of several runs" in (tmp_path / "eval-val" / "report.html").read_text()
+    assert result.n == 90 and result.epoch is None and result.soup == [str(p) for p in runs]
+    assert "a soup of 2 runs&#x27; weights" in (tmp_path / "eval-val" / "report.html").read_text()
 
     other = tmp_path / "regression"
     train(tiny(bins, other, image_size=32, epochs=1, max_train_batches=2))

@@ -133,7 +133,8 @@ def evaluate(settings: EvaluateConfig) -> EvaluationReport:
         majority_baseline_accuracy=baseline,
         arch=config.arch,
         head=config.head,
-        epoch=epochs_finished(checkpoint),
+        epoch=None if "soup" in checkpoint else epochs_finished(checkpoint),
+        soup=list(checkpoint.get("soup", [])),
         **metrics.model_dump(),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,11 @@ def write_report(
     result: EvaluationReport, history: list[EpochRecord], findings: list[Finding], out_dir: Path
 ) -> None:
     report = HtmlReport(f"binsight evaluation: {result.arch} / {result.head} on {result.split}")
-    origin = f"epoch {result.epoch}" if result.epoch >= 0 else "a soup of several runs' weights"
+    origin = (
+        f"a soup of {len(result.soup)} runs' weights: {', '.join(result.soup)}"
+        if result.soup
+        else f"epoch {result.epoch}"
+    )
     report.paragraph(
         f"Checkpoint {result.checkpoint} ({origin}), {result.n} images, "
         f"split fingerprint {result.split_fingerprint}."

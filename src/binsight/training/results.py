@@ -3,7 +3,7 @@ what evaluation, the search and the pipeline read back."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.card import ModelCard
 from binsight.training.config import TrainConfig
@@ -78,7 +78,8 @@ class EvaluationReport(CountingMetrics, JsonRecord):
     split_fingerprint: str
     arch: str
     head: str
-    epoch: int
+    epoch: int | None  # the training epoch the weights are from; None for a soup
+    soup: list[str] = Field(default_factory=list)  # the runs whose weights a soup averaged
     loss: float
     majority_baseline_accuracy: float | None
 

@@ -110,7 +110,7 @@ def soup(config: SoupConfig) -> SoupResult:
         checkpoint_format=first.get("checkpoint_format", CHECKPOINT_FORMAT),
         train_fingerprint=first.get("train_fingerprint", ""),
         val_fingerprint=first.get("val_fingerprint", ""),
-        model=dict(averaged),
+        model=cast(dict[str, object], averaged),
         soup=[str(p) for p in paths],
     )
     if "card" in first:  # checkpoints older than the card get theirs rebuilt by export
@@ -121,11 +121,11 @@ def soup(config: SoupConfig) -> SoupResult:
         out=config.out, members=paths, arch=members[0][1].arch, parameters_averaged=parameters
     )
     if config.calibrate and members[0][1].head == "classification":
+        # Calibration reads the soup from its file (the evaluation path), hence the write above.
         temperature, result.val_nll = fit_temperature(config.out, config.data or members[0][1].data)
         result.temperature = temperature
         for key in ("head.fc.weight", "head.fc.bias"):
-            averaged[key] = averaged[key] / temperature
-        checkpoint["model"] = dict(averaged)
+            averaged[key].div_(temperature)  # the checkpoint's own tensors
         save_checkpoint(config.out, checkpoint)
     return result
 
