@@ -136,6 +136,12 @@ ROWS = {
         Row("lite0-soup-x3", soup=("binsight", "binsight-seed1", "binsight-seed2")),
         Row("lite0-avg-soup-x3", soup=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
         Row("lite0-avg-x3-seeds", ensemble=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
+        # One Lite0 taught by the best ensemble measured (three averaged seeds): one pass, as served.
+        Row(
+            "student-avg-x3",
+            {"distill": 0.5},
+            teachers=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2"),
+        ),
     )
 }
 DEFAULT_ROWS = ("seeds", "binsight", "binsight-balanced", "dinov2", "teacher", "student")
