@@ -59,16 +59,35 @@ def photo_probabilities(
     `mirrored`, averaged with those of the mirror image (a flip never changes a count). `device` as
     in training ("auto" takes the GPU where there is one); `workers` decode photos in parallel."""
     model, config, num_classes = load_model(load_checkpoint(checkpoint_path))
+    probabilities, _, _ = _answers(
+        model, config, num_classes, data_dir, rows, batch_size, device, workers, mirrored
+    )
+    return probabilities
+
+
+def _answers(
+    model: CountingModel,
+    config: TrainConfig,
+    num_classes: int,
+    data_dir: Path,
+    rows: list[dict[str, str]],
+    batch_size: int,
+    device: str,
+    workers: int,
+    mirrored: bool = False,
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """(probabilities, mean loss of the plain pass, counts) of `model` on `rows`: the evaluation
+    transform, mixed precision where it is native, the photos in the order of `rows`."""
     dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
     target = resolve_device(device, DistContext())
     loader = make_loader(dataset, batch_size, False, workers, 0, False, target.type == "cuda")
     model.to(target)
     precision = Precision(config.model_copy(update={"amp": "auto"}), target)
-    _, probabilities, _ = predict(model, model.head, loader, target, precision, DistContext())
+    _, probabilities, loss = predict(model, model.head, loader, target, precision, DistContext())
     if mirrored:
         _, flipped, _ = predict(Mirrored(model), model.head, loader, target, precision, DistContext())
         probabilities = (probabilities + flipped) / 2
-    return probabilities
+    return probabilities, loss, dataset.counts
 
 
 class Mirrored(torch.nn.Module):
@@ -111,18 +130,14 @@ def evaluate(settings: EvaluateConfig) -> EvaluationReport:
     model, config, num_classes = load_model(checkpoint)
     data_dir = settings.data or Path(config.data)
     out_dir = settings.out_dir
-    context = DistContext()
-    torch_device = resolve_device(settings.device, context)
-    model.to(torch_device)
     rows = load_split(data_dir, split)
-    dataset = BinDataset(data_dir, rows, eval_transform(config.preprocess), config.preprocess, num_classes)
-    loader = make_loader(dataset, batch_size, False, workers, 0, False, torch_device.type == "cuda")
-    precision = Precision(config.model_copy(update={"amp": "auto"}), torch_device)
-    _, probabilities, loss = predict(model, model.head, loader, torch_device, precision, context)
-    metrics = counting_metrics(dataset.counts, probabilities)
+    probabilities, loss, counts = _answers(
+        model, config, num_classes, data_dir, rows, batch_size, settings.device, workers
+    )
+    metrics = counting_metrics(counts, probabilities)
     try:
         train_counts = np.array([int(r["count"]) for r in load_split(data_dir, "train")])
-        baseline = majority_baseline(train_counts, dataset.counts)
+        baseline = majority_baseline(train_counts, counts)
     except BinsightError:
         baseline = None
     report = EvaluationReport(
