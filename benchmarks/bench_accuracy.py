@@ -136,6 +136,22 @@ ROWS = {
         Row("lite0-soup-x3", soup=("binsight", "binsight-seed1", "binsight-seed2")),
         Row("lite0-avg-soup-x3", soup=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
         Row("lite0-avg-x3-seeds", ensemble=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
+        # Soup members that share the head's initial weights (--init-seed 0) and differ only in the
+        # order and augmentation of their photos: the plain seeds' heads started apart.
+        *(
+            Row(f"shared-init{tag}", {"average_decay": 0.999, "seed": seed, "init_seed": 0})
+            for seed, tag in SEED_TAGS[1:]
+        ),
+        # A share of the training photos paired side by side, labelled with the sum of their counts
+        # (`--mosaic`): 2-, 3- and 4-item examples made from the plentiful 1- and 2-item photos.
+        *(Row(f"mosaic{tag}", {"mosaic": 0.3, "seed": seed}) for seed, tag in SEED_TAGS),
+        # Pairs that add up to 2-4 only: the sums above made the 5s most of all (every paired 4).
+        *(
+            Row(f"mosaic-middle{tag}", {"mosaic": 0.3, "mosaic_max_sum": 4, "seed": seed})
+            for seed, tag in SEED_TAGS
+        ),
+        Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
+        Row("lite0-shared-x3", ensemble=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         # One Lite0 taught by the best ensemble measured (three averaged seeds): one pass, as served.
         Row(
             "student-avg-x3",

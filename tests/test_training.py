@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from binsight.cli import main
@@ -24,6 +25,8 @@ from binsight.training import engine
 from binsight.training.averaging import WeightAverage
 from binsight.training.checkpoint import load_checkpoint, save_checkpoint
 from binsight.training.config import TrainConfig, load_config
+from binsight.training.data import SumMosaic, build_datasets
+from binsight.training.distributed import DistContext
 from binsight.training.engine import train
 from binsight.training.evaluate import EvaluateConfig, evaluate, photo_probabilities
 from binsight.training.results import EvaluationReport, TrainSummary
@@ -432,16 +435,73 @@ def test_photo_probabilities_keep_photo_order_with_parallel_decoding(bins: Path,
     assert not np.allclose(serial[0], serial[1:].mean(axis=0)), "not one answer for every photo"
 
 
+def test_runs_sharing_an_init_seed_start_from_one_head_and_see_their_own_batches(
+    bins: Path, tmp_path: Path
+) -> None:
+    def start(**changes: object) -> tuple[torch.Tensor, list[int]]:
+        config = tiny(bins, tmp_path / "run", head="classification", image_size=32, **changes)
+        run = engine._build(config, DistContext())
+        assert run.loaders is not None
+        first_batch = next(iter(run.loaders[0]))[1].tolist()
+        return run.model.head.fc.weight.detach().clone(), first_batch
+
+    (head_a, batch_a), (head_b, batch_b) = start(seed=0, init_seed=0), start(seed=1, init_seed=0)
+    assert torch.equal(head_a, head_b) and batch_a != batch_b
+    assert not torch.equal(start(seed=0)[0], start(seed=1)[0])  # by default the seed draws the head too
+
+
+def test_sum_mosaics_pair_photos_side_by_side_labelled_with_the_sum(bins: Path, tmp_path: Path) -> None:
+    config = tiny(
+        bins, tmp_path / "run", head="classification", image_size=32, image_width=48, num_classes=7,
+        mosaic=1.0, augment=0.0, flip="none",
+    )  # fmt: skip
+    splits = load_split(bins, "train"), load_split(bins, "val")
+    train_set, _ = build_datasets(config, DistContext(), *splits, 7)
+    assert isinstance(train_set, SumMosaic)
+    torch.manual_seed(0)
+    pairs = 0
+    for index in range(len(train_set)):
+        image, label, row = train_set[index]
+        first = int(train_set.targets[index])
+        assert row == index and image.shape == (3, 32, 48)
+        if 1 <= first <= 4:  # every such photo gets a partner that keeps the sum an exact class
+            assert first < label <= 5, (first, label)
+            assert not torch.equal(image, train_set.photos[index][0])
+            pairs += 1
+        else:
+            assert label == first and torch.equal(image, train_set.photos[index][0])
+    assert pairs > 0
+    middle, _ = build_datasets(config.model_copy(update={"mosaic_max_sum": 3}), DistContext(), *splits, 7)
+    assert isinstance(middle, SumMosaic) and middle.largest_sum == 3
+    for index in range(len(middle)):
+        first, label = int(middle.targets[index]), middle[index][1]
+        assert (first < label <= 3) if 1 <= first <= 2 else label == first, (first, label)
+    # The pair is the two photos, each squeezed to half the width.
+    left, right = train_set.at_input_size(0), train_set.at_input_size(1)
+    torch.manual_seed(1)
+    flipped = float(torch.rand(())) < 0.5
+    torch.manual_seed(1)
+    canvas = np.asarray(train_set.pair(0, 1))
+    expected_left = np.asarray((right if flipped else left).resize((24, 32), Image.Resampling.BILINEAR))
+    assert canvas.shape == (32, 48, 3) and np.array_equal(canvas[:, :24], expected_left)
+
+    summary = train(config.model_copy(update={"mosaic": 0.5, "epochs": 1, "max_train_batches": 2}))
+    assert summary.history[0].train_loss > 0
+    with pytest.raises(BinsightError, match="--mosaic"):
+        train(config.model_copy(update={"teachers": [tmp_path / "teacher.pt"], "distill": 0.5}))
+
+
 def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_path: Path) -> None:
     runs = []
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
         train(tiny(bins, out, head="classification", image_size=32, epochs=1, max_train_batches=2, seed=seed))
         runs.append(out / "best.pt")
-    assert main(["soup", "--checkpoints", ",".join(map(str, runs)), "--out", str(tmp_path / "soup.pt")]) == 0
+    command = ["soup", "--checkpoints", ",".join(map(str, runs)), "--out", str(tmp_path / "soup.pt")]
+    assert main([*command, "--workers", "0"]) == 0
     made, a, b = (load_checkpoint(p) for p in (tmp_path / "soup.pt", *runs))
     assert made["soup"] == [str(p) for p in runs] and "history" not in made and "val_metrics" not in made
-    uncalibrated = soup(SoupConfig(checkpoints=runs, out=tmp_path / "plain.pt", calibrate=False))
+    uncalibrated = soup(SoupConfig(checkpoints=runs, out=tmp_path / "plain.pt", calibrate=False, workers=0))
     assert uncalibrated.temperature is None
     plain = load_checkpoint(tmp_path / "plain.pt")
     for key, tensor in plain["model"].items():
@@ -452,7 +512,7 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
             assert torch.equal(tensor, a["model"][key]), key
     # Calibrated (the default): the same soup with its head divided by the temperature fitted on
     # validation, which lowers the validation log-loss and leaves every other weight alone.
-    calibrated = soup(SoupConfig(checkpoints=runs, out=tmp_path / "soup.pt"))
+    calibrated = soup(SoupConfig(checkpoints=runs, out=tmp_path / "soup.pt", workers=0))
     temperature, (nll_before, nll_after) = calibrated.temperature, calibrated.val_nll  # type: ignore[misc]
     assert temperature is not None and temperature != 1.0 and nll_after < nll_before
     for key, tensor in made["model"].items():

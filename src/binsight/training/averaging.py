@@ -37,6 +37,7 @@ class WeightAverage:
         """Fold in the model's weights after one optimiser step."""
         weight = 1.0 - self.current_decay()
         self.updates += 1
+        averaged_floats, current_floats = [], []
         pairs = zip(
             [*self.module.parameters(), *self.module.buffers()],
             [*model.parameters(), *model.buffers()],
@@ -44,9 +45,13 @@ class WeightAverage:
         )
         for averaged, current in pairs:
             if averaged.is_floating_point():
-                averaged.lerp_(current.detach().to(averaged.dtype), weight)
+                averaged_floats.append(averaged)
+                current_floats.append(current.detach().to(averaged.dtype))
             else:
                 averaged.copy_(current)  # counters (BatchNorm's batches seen) are not averaged
+        # One multi-tensor update, as torch.optim.swa_utils' EMA does: on a GPU a kernel launch per
+        # tensor (296 for Lite0) every step adds up; on a CPU it is the same loop (2-3 ms either way).
+        torch._foreach_lerp_(averaged_floats, current_floats, weight)
 
     def restore(self, weights: dict[str, torch.Tensor], updates: int) -> None:
         """Continue an average saved by an interrupted run."""

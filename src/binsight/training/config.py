@@ -78,6 +78,19 @@ class TrainConfig(BaseModel):
         1.0, ge=0.0, le=2.0, description="crop and colour augmentation strength, 0 turns them off"
     )
     flip: Literal["none", "h", "hv"] = Field("h", description="random flips: none, horizontal, or both")
+    mosaic: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of training photos shown beside a second photo, squeezed side by side, "
+        "labelled with the sum of their counts",
+    )
+    mosaic_max_sum: int | None = Field(
+        None,
+        ge=2,
+        description="largest count a --mosaic pair may add up to (default: the largest exact class); "
+        "lower keeps the pairs in the middle counts",
+    )
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
     average_decay: float | None = Field(
         None,
@@ -125,6 +138,12 @@ class TrainConfig(BaseModel):
     )
 
     seed: int = Field(0, description="random seed")
+    init_seed: int | None = Field(
+        None,
+        description="seed of the new head's initial weights (default: --seed), apart from the seed of "
+        "the photos' order and augmentation; soups of runs sharing it measured no better "
+        "(docs/benchmarks.md)",
+    )
     early_stopping: int | None = Field(5, ge=1, description="epochs without val improvement before stopping")
     select_metric: Metric = Field(
         Metric.ACCURACY, description="validation metric that picks best.pt and drives early stopping"

@@ -146,6 +146,60 @@ class BinDataset(Dataset[tuple[torch.Tensor, int, int]]):
         return self.transform(self.load(index)), int(self.targets[index]), index
 
 
+class SumMosaic(Dataset[tuple[torch.Tensor, int, int]]):
+    """Training photos of which a share is shown beside a second photo, each squeezed to half the
+    width, and labelled with the sum of the two counts.
+
+    Two bins side by side hold exactly the items of both, so the label stays true, and pairs of the
+    plentiful 1- and 2-item photos make 2-, 3- and 4-item examples the data has few of (ABID's middle
+    counts are where models fail). The partner's count is drawn uniformly among those that keep the
+    sum within the exact classes, then a photo of that count. The index returned is the first photo's:
+    per-photo side information (a teacher's answers) would be wrong for a pair, so distillation refuses
+    mosaics.
+    """
+
+    def __init__(self, photos: BinDataset, share: float, largest_sum: int) -> None:
+        self.photos, self.share, self.largest_sum = photos, share, largest_sum
+        self.counts, self.targets = photos.counts, photos.targets
+        self.of_count = [
+            torch.from_numpy(np.flatnonzero(photos.targets == count)) for count in range(largest_sum + 1)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        first = int(self.targets[index])
+        # torch's generator, as the transforms use: seeded per epoch and worker, so resumes are exact.
+        if 1 <= first < self.largest_sum and float(torch.rand(())) < self.share:
+            second = int(torch.randint(1, self.largest_sum - first + 1, ()))
+            partners = self.of_count[second]
+            if len(partners):
+                partner = int(partners[int(torch.randint(len(partners), ()))])
+                return self.photos.transform(self.pair(index, partner)), first + second, index
+        return self.photos[index]
+
+    def at_input_size(self, index: int) -> Image.Image:
+        photos = self.photos
+        if photos.cache is not None:
+            return Image.fromarray(photos.cache[index])
+        return Image.fromarray(photos.preprocess.pixels(photos.load(index)))
+
+    def pair(self, index: int, partner: int) -> Image.Image:
+        left, right = self.at_input_size(index), self.at_input_size(partner)
+        if float(torch.rand(())) < 0.5:
+            left, right = right, left
+        width, height = left.size
+        half = width // 2
+        canvas = Image.new("RGB", (width, height))
+        canvas.paste(left.resize((half, height), Image.Resampling.BILINEAR), (0, 0))
+        canvas.paste(right.resize((width - half, height), Image.Resampling.BILINEAR), (half, 0))
+        return canvas
+
+
+Photos = BinDataset | SumMosaic
+
+
 def cache_path(data_dir: Path, split: str, rows: list[dict[str, str]], size: Size) -> Path:
     digest = hashlib.sha256("\n".join(r["image"] for r in rows).encode()).hexdigest()[:12]
     height, width = as_hw(size)
@@ -182,7 +236,7 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(
-    dataset: BinDataset,
+    dataset: Photos,
     batch_size: int,
     train: bool,
     workers: int,
@@ -217,8 +271,9 @@ def build_datasets(
     train_rows: list[dict[str, str]],
     val_rows: list[dict[str, str]],
     num_classes: int,
-) -> tuple[BinDataset, BinDataset]:
-    """The two splits as datasets; with `cache`, rank 0 builds the decoded cache and the others open it."""
+) -> tuple[Photos, BinDataset]:
+    """The two splits as datasets (with `mosaic`, training photos in pairs too); with `cache`, rank 0
+    builds the decoded cache and the others open it."""
     data_dir = Path(config.data)
     cache = config.cache and context.is_main
     size, preprocess = config.input_hw, config.preprocess
@@ -243,4 +298,7 @@ def build_datasets(
         if not context.is_main:
             train_set.cache = np.load(cache_path(data_dir, "train", train_rows, size), mmap_mode="r")
             val_set.cache = np.load(cache_path(data_dir, "val", val_rows, size), mmap_mode="r")
+    if config.mosaic > 0:
+        largest_sum = min(config.mosaic_max_sum or num_classes - 2, num_classes - 2)
+        return SumMosaic(train_set, config.mosaic, largest_sum), val_set
     return train_set, val_set

@@ -134,6 +134,11 @@ def _train(
 
 def _build(config: TrainConfig, context: DistContext) -> _Run:
     """Data, model, optimiser, schedule and objective, as the config says."""
+    if config.mosaic > 0 and (config.train_on_cache or (config.teachers and config.distill > 0)):
+        raise BinsightError(
+            "--mosaic pairs photos, which cached features and a teacher's per-photo answers cannot follow",
+            hint="train with --mosaic 0, or without --train-on-cache and --distill",
+        )
     device = resolve_device(config.device, context)
     data_dir = Path(config.data)
     train_rows, val_rows = load_split(data_dir, "train"), load_split(data_dir, "val")
@@ -141,7 +146,7 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
     num_classes = config.num_classes or int(train_counts.max()) + 1
     clipped_counts = np.minimum(train_counts, num_classes - 1)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
     np.random.seed(config.seed)
     model = build_model(
         config.arch,

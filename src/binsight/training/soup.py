@@ -53,6 +53,8 @@ class SoupConfig(BaseModel):
     data: Path | None = Field(
         None, description="dataset whose validation split calibrates (default: the first run's)"
     )
+    device: str = Field("auto", description="where calibration scores the validation photos: auto, cpu, cuda")
+    workers: int = Field(2, ge=0, description="data loader processes for calibration")
 
 
 class SoupResult(BaseModel):
@@ -122,7 +124,9 @@ def soup(config: SoupConfig) -> SoupResult:
     )
     if config.calibrate and members[0][1].head == "classification":
         # Calibration reads the soup from its file (the evaluation path), hence the write above.
-        temperature, result.val_nll = fit_temperature(config.out, config.data or members[0][1].data)
+        temperature, result.val_nll = fit_temperature(
+            config.out, config.data or members[0][1].data, config.device, config.workers
+        )
         result.temperature = temperature
         for key in ("head.fc.weight", "head.fc.bias"):
             averaged[key].div_(temperature)  # the checkpoint's own tensors
@@ -130,12 +134,14 @@ def soup(config: SoupConfig) -> SoupResult:
     return result
 
 
-def fit_temperature(checkpoint: Path, data: Path) -> tuple[float, tuple[float, float]]:
+def fit_temperature(
+    checkpoint: Path, data: Path, device: str = "cpu", workers: int = 0
+) -> tuple[float, tuple[float, float]]:
     """The temperature T that minimises the validation log-loss of softmax(logits / T), and the
     log-loss before and after. The log-probabilities stand in for the logits: they differ by a
     constant per photo, which softmax ignores."""
     rows = load_split(data, "val")
-    probabilities = photo_probabilities(checkpoint, data, rows)
+    probabilities = photo_probabilities(checkpoint, data, rows, device=device, workers=workers)
     classes = probabilities.shape[1]
     targets = np.minimum([int(r["count"]) for r in rows], classes - 1)
     log_p = np.log(np.clip(probabilities, 1e-12, None))
