@@ -151,11 +151,11 @@ class SumMosaic(Dataset[tuple[torch.Tensor, int, int]]):
     width, and labelled with the sum of the two counts.
 
     Two bins side by side hold exactly the items of both, so the label stays true, and pairs of the
-    plentiful 1- and 2-item photos make 2-, 3- and 4-item examples the data has few of (ABID's middle
-    counts are where models fail). The partner's count is drawn uniformly among those that keep the
-    sum within the exact classes, then a photo of that count. The index returned is the first photo's:
-    per-photo side information (a teacher's answers) would be wrong for a pair, so distillation refuses
-    mosaics.
+    plentiful 1- and 2-item photos make middle counts the data has few of. The partner's count is drawn
+    uniformly among those that keep the sum within `largest_sum`, then a photo of that count. On real
+    ABID photos it did not teach the middle counts (they fell further: docs/benchmarks.md, sixth round);
+    it is an option, not part of a recipe. The index returned is the first photo's: per-photo side
+    information (a teacher's answers) would be wrong for a pair, so distillation refuses mosaics.
     """
 
     def __init__(self, photos: BinDataset, share: float, largest_sum: int) -> None:
