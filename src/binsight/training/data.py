@@ -180,10 +180,8 @@ class SumMosaic(Dataset[tuple[torch.Tensor, int, int]]):
         return self.photos[index]
 
     def at_input_size(self, index: int) -> Image.Image:
-        photos = self.photos
-        if photos.cache is not None:
-            return Image.fromarray(photos.cache[index])
-        return Image.fromarray(photos.preprocess.pixels(photos.load(index)))
+        # `load` reads the cache where there is one; `pixels` leaves a photo already at size alone.
+        return Image.fromarray(self.photos.preprocess.pixels(self.photos.load(index)))
 
     def pair(self, index: int, partner: int) -> Image.Image:
         left, right = self.at_input_size(index), self.at_input_size(partner)

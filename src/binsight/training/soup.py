@@ -135,7 +135,7 @@ def soup(config: SoupConfig) -> SoupResult:
 
 
 def fit_temperature(
-    checkpoint: Path, data: Path, device: str = "cpu", workers: int = 0
+    checkpoint: Path, data: Path, device: str, workers: int
 ) -> tuple[float, tuple[float, float]]:
     """The temperature T that minimises the validation log-loss of softmax(logits / T), and the
     log-loss before and after. The log-probabilities stand in for the logits: they differ by a
