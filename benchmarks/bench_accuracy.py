@@ -150,6 +150,10 @@ ROWS = {
             Row(f"mosaic-middle{tag}", {"mosaic": 0.3, "mosaic_max_sum": 4, "seed": seed})
             for seed, tag in SEED_TAGS
         ),
+        # LP-FT: the head starts as a linear probe on the frozen ImageNet features (`--probe-start`).
+        *(Row(f"lpft{tag}", {"probe_start": True, "seed": seed}) for seed, tag in SEED_TAGS),
+        Row("lpft-x3", ensemble=("lpft", "lpft-seed1", "lpft-seed2")),
+        Row("lpft-soup-x3", soup=("lpft", "lpft-seed1", "lpft-seed2")),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         Row("lite0-shared-x3", ensemble=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         # One Lite0 taught by the best ensemble measured (three averaged seeds): one pass, as served.

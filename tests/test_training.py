@@ -29,6 +29,8 @@ from binsight.training.data import SumMosaic, build_datasets
 from binsight.training.distributed import DistContext
 from binsight.training.engine import train
 from binsight.training.evaluate import EvaluateConfig, evaluate, photo_probabilities
+from binsight.training.loop import predict
+from binsight.training.probe import L2_GRID
 from binsight.training.results import EvaluationReport, TrainSummary
 from binsight.training.soup import SoupConfig, soup
 
@@ -176,6 +178,8 @@ def test_pretrained_weights_load_offline_or_fail_clearly(
         ({"head": "poisson"}, "head 'poisson'"),
         ({"epochs": 0}, "epochs"),
         ({"bogus": 1}, "bogus"),
+        ({"mosaic": 0.3, "train_on_cache": True}, "--mosaic pairs photos"),
+        ({"mosaic": 0.3, "teachers": ["a/best.pt"], "distill": 0.5}, "--mosaic pairs photos"),
     ],
 )
 def test_bad_config_is_a_clear_error(overrides: dict, message: str) -> None:
@@ -450,6 +454,40 @@ def test_runs_sharing_an_init_seed_start_from_one_head_and_see_their_own_batches
     assert not torch.equal(start(seed=0)[0], start(seed=1)[0])  # by default the seed draws the head too
 
 
+def test_a_probe_start_fits_the_head_on_frozen_features_and_a_resumed_run_keeps_its_own(
+    bins: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny(
+        bins, tmp_path / "run", arch="efficientnet_lite0", pretrained=True, head="classification",
+        image_size=64, image_width=80, epochs=1,
+    )  # fmt: skip
+
+    def start(**changes: object) -> tuple[engine._Run, float]:
+        """A run as set up for its first epoch, and its untrained model's validation accuracy."""
+        run = engine._build(config.model_copy(update=changes), DistContext())
+        assert run.loaders is not None
+        targets, probabilities, _ = predict(
+            run.model, run.model.head, run.loaders[1], run.device, run.precision, DistContext()
+        )
+        return run, float(np.mean(probabilities.argmax(1) == targets))
+
+    plain, plain_accuracy = start()
+    with caplog.at_level("INFO", logger="binsight.training.probe"):
+        probed, probed_accuracy = start(probe_start=True)
+    fits = [r.message for r in caplog.records if r.message.startswith("linear probe, L2")]
+    assert len(fits) == len(L2_GRID) and "the head starts as the linear probe" in caplog.text
+    val_counts = np.array([int(r["count"]) for r in load_split(bins, "val")])
+    majority = float(np.mean(val_counts == np.bincount(val_counts).argmax()))
+    assert probed_accuracy > max(plain_accuracy, majority) + 0.05, (probed_accuracy, plain_accuracy, majority)
+    assert all(map(torch.equal, probed.model.backbone.parameters(), plain.model.backbone.parameters()))
+    # A run resuming from its checkpoint starts from the checkpoint's head: no probe is fitted again.
+    train(config.model_copy(update={"probe_start": True}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="binsight.training.probe"):
+        start(probe_start=True)
+    assert "linear probe" not in caplog.text
+
+
 def test_sum_mosaics_pair_photos_side_by_side_labelled_with_the_sum(bins: Path, tmp_path: Path) -> None:
     config = tiny(
         bins, tmp_path / "run", head="classification", image_size=32, image_width=48, num_classes=7,
@@ -486,9 +524,7 @@ def test_sum_mosaics_pair_photos_side_by_side_labelled_with_the_sum(bins: Path, 
     assert canvas.shape == (32, 48, 3) and np.array_equal(canvas[:, :24], expected_left)
 
     summary = train(config.model_copy(update={"mosaic": 0.5, "epochs": 1, "max_train_batches": 2}))
-    assert summary.history[0].train_loss > 0
-    with pytest.raises(BinsightError, match="--mosaic"):
-        train(config.model_copy(update={"teachers": [tmp_path / "teacher.pt"], "distill": 0.5}))
+    assert summary.history[0].train_loss > 0  # its conflicting settings: test_bad_config_is_a_clear_error
 
 
 def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_path: Path) -> None:

@@ -137,6 +137,12 @@ class TrainConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="with --teachers: share of the loss that is the teachers' answers"
     )
 
+    probe_start: bool = Field(
+        False,
+        description="start the head as a linear probe on the frozen backbone's features of the training "
+        "photos (its L2 strength chosen on validation), then fine-tune as usual (LP-FT)",
+    )
+
     seed: int = Field(0, description="random seed")
     init_seed: int | None = Field(
         None,
@@ -173,6 +179,11 @@ class TrainConfig(BaseModel):
             raise ValueError(str(exc)) from None
         if self.head not in HEADS:
             raise ValueError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
+        if self.mosaic > 0 and (self.train_on_cache or (self.teachers and self.distill > 0)):
+            raise ValueError(
+                "--mosaic pairs photos, which cached features and a teacher's per-photo answers cannot "
+                "follow: train with --mosaic 0, or without --train-on-cache and --distill"
+            )
         return self
 
     @property

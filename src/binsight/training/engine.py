@@ -37,6 +37,7 @@ from binsight.training.metrics import CountingMetrics, counting_metrics, majorit
 from binsight.training.monitors import Monitors
 from binsight.training.objective import Objective, build_objective
 from binsight.training.optim import build_optimizer, build_scheduler
+from binsight.training.probe import start_from_probe
 from binsight.training.profiling import make_profiler, write_profile_summary
 from binsight.training.progress import Progress, fetch_remote_checkpoints, resume, save_checkpoints
 from binsight.training.results import BestEpoch, EpochRecord, EpochStats, TrainSummary, model_card
@@ -134,11 +135,6 @@ def _train(
 
 def _build(config: TrainConfig, context: DistContext) -> _Run:
     """Data, model, optimiser, schedule and objective, as the config says."""
-    if config.mosaic > 0 and (config.train_on_cache or (config.teachers and config.distill > 0)):
-        raise BinsightError(
-            "--mosaic pairs photos, which cached features and a teacher's per-photo answers cannot follow",
-            hint="train with --mosaic 0, or without --train-on-cache and --distill",
-        )
     device = resolve_device(config.device, context)
     data_dir = Path(config.data)
     train_rows, val_rows = load_split(data_dir, "train"), load_split(data_dir, "val")
@@ -156,11 +152,16 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
         config.weights,
         config.dropout,
         config.input_hw,
-    ).to(device)
+    )
+    model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
+    resuming = (Path(config.out) / "last.pt").exists() and not config.fresh
+    if config.probe_start and context.is_main and not resuming:
+        # The other ranks receive the probe from DDP, which broadcasts rank 0's weights as it wraps.
+        start_from_probe(config, model, train_rows, val_rows, num_classes)
+    model = model.to(device)
     channels_last = wants_channels_last(config, device) and not config.train_on_cache
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
-    model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
     precision = Precision(config, device)
 
     cached, loaders = None, None

@@ -1,0 +1,151 @@
+"""A head that starts as a linear probe (LP-FT, Kumar et al., ICLR 2022).
+
+A new head starts random, and its first steps of fine-tuning send large, random gradients into the
+pretrained backbone. Fitted first on the frozen backbone's features of the training photos, the head
+starts where a linear model on those features is best, and fine-tuning then moves the backbone less.
+On real ABID photos, three seeds with it scored below three without on validation (0.504 against 0.513
+on counts 1-5; docs/benchmarks.md, "Seventh round"), so no recipe uses it.
+
+The features come from the same cache as `--train-on-cache` (computed once per backbone, input and
+photos, then reused by every seed); the probe is the head itself, fitted by L-BFGS on its own loss
+plus an L2 penalty on its weights, whose strength is chosen on the validation photos.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from binsight.models.heads import CountHead, CountingModel
+from binsight.training.cached import feature_cache, split_backbone
+from binsight.training.config import TrainConfig
+from binsight.training.hardware import Precision
+from binsight.training.metrics import Metric, counting_metrics
+
+log = logging.getLogger(__name__)
+
+# Strengths of the L2 penalty tried, per unit of the mean loss. On 2.7k real photos and Lite0's 1,280
+# features the best lay at 0.03-0.1 (a weaker probe overfits: 80% training accuracy at 1e-3, 40% val).
+L2_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    """One strength of the grid: the probe's accuracy on the training photos and its validation score."""
+
+    l2: float
+    train_accuracy: float
+    val_score: float
+
+
+@torch.no_grad()
+def _pooled(tokens: np.ndarray, model: CountingModel, depth: int, chunk: int = 256) -> torch.Tensor:
+    """The backbone's pooled output from its cached blocks (for a CNN, the cache already is)."""
+    backbone = split_backbone(model.backbone)
+    return torch.cat(
+        [
+            torch.flatten(
+                backbone.tail(torch.from_numpy(np.asarray(tokens[i : i + chunk], np.float32)), depth), 1
+            )
+            for i in range(0, len(tokens), chunk)
+        ]
+    ).float()
+
+
+def _fit(head: CountHead, training_loss: Callable[[], torch.Tensor], l2: float) -> None:
+    """Minimise the head's training loss plus `l2` times its squared weights, by L-BFGS (a convex
+    problem for a linear head: a few hundred full-batch steps, seconds on a CPU)."""
+    lbfgs = torch.optim.LBFGS(
+        [p for p in head.parameters() if p.requires_grad],
+        lr=1.0,
+        max_iter=500,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        loss = training_loss() + l2 * head.fc.weight.square().sum()
+        loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
+        return loss
+
+    lbfgs.step(closure)  # type: ignore[no-untyped-call]  # torch leaves LBFGS.step unannotated
+
+
+def _score(metric: Metric, counts: np.ndarray, probabilities: np.ndarray, loss: float) -> float:
+    if metric == Metric.LOSS:
+        return loss
+    return float(getattr(counting_metrics(counts, probabilities), metric.value))
+
+
+def start_from_probe(
+    config: TrainConfig,
+    model: CountingModel,
+    train_rows: list[dict[str, str]],
+    val_rows: list[dict[str, str]],
+    num_classes: int,
+) -> list[ProbeFit]:
+    """Set `model.head` to the linear probe whose L2 strength scores best on validation by the run's
+    selection metric; returns every strength's fit. The model must be on the CPU (where the cache is)."""
+    started = time.perf_counter()
+    backbone = split_backbone(model.backbone)
+    precision = Precision(config, torch.device("cpu"))
+    was_training = model.training
+    model.eval()  # BatchNorm's running statistics and dropout as a served model has them
+    features = {}
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        cache = feature_cache(config, backbone, backbone.depth, split, rows, ["o"], precision)
+        features[split] = _pooled(cache["o"], model, backbone.depth)
+    val_counts = np.array([int(r["count"]) for r in val_rows], dtype=np.int64)
+    targets = {
+        "train": torch.tensor([min(int(r["count"]), num_classes - 1) for r in train_rows]),
+        "val": torch.from_numpy(np.minimum(val_counts, num_classes - 1)),
+    }
+    head = model.head
+    start = {name: value.clone() for name, value in head.state_dict().items()}
+    start["fc.weight"].zero_()
+
+    def loss_of(split: str) -> torch.Tensor:
+        return head.loss(
+            head(features[split]),
+            targets[split],
+            config.label_smoothing,
+            neighbour_smoothing=config.neighbour_smoothing,
+        )
+
+    fits, best = [], None
+    for l2 in sorted(L2_GRID, reverse=True):  # strongest first: a tie keeps the simpler probe
+        head.load_state_dict(start)
+        _fit(head, lambda: loss_of("train"), l2)
+        with torch.no_grad():
+            train_accuracy = float(
+                (head.probabilities(head(features["train"])).argmax(1) == targets["train"]).float().mean()
+            )
+            probabilities = head.probabilities(head(features["val"])).numpy()
+            score = _score(config.select_metric, val_counts, probabilities, float(loss_of("val")))
+        fits.append(ProbeFit(l2, train_accuracy, score))
+        log.info(
+            "linear probe, L2 %g: train accuracy %.3f, val %s %.4f",
+            l2,
+            train_accuracy,
+            config.select_metric.value,
+            score,
+        )
+        if best is None or config.select_metric.improves(score, best[0]):
+            best = (score, {name: value.clone() for name, value in head.state_dict().items()}, l2)
+    assert best is not None
+    head.load_state_dict(best[1])
+    model.train(was_training)
+    log.info(
+        "the head starts as the linear probe with L2 %g (val %s %.4f; %.0f s)",
+        best[2],
+        config.select_metric.value,
+        best[0],
+        time.perf_counter() - started,
+    )
+    return fits
