@@ -70,6 +70,7 @@ class Row:
     ensemble: tuple[str, ...] = ()  # an evaluation-only row: the average of these rows' probabilities
     teachers: tuple[str, ...] = ()  # rows whose best.pt teach this one (distillation)
     soup: tuple[str, ...] = ()  # an evaluation-only row: these rows' weights averaged (`binsight soup`)
+    greedy: bool = False  # the soup keeps only the members that help on validation (`--greedy`)
 
 
 SEEDS = {
@@ -92,6 +93,19 @@ SEEDS = {
 }
 
 SEED_TAGS = ((0, ""), (1, "-seed1"), (2, "-seed2"))
+# The Lite0 runs at 224x304 trained to the end (the stopped second seeds of the mosaic rows left out).
+LITE0_RUNS = (
+    *(f"binsight{tag}" for _, tag in SEED_TAGS),
+    *(f"binsight-avg{tag}" for _, tag in SEED_TAGS),
+    "binsight-balanced",
+    "shared-init-seed1",
+    "shared-init-seed2",
+    *(f"lpft{tag}" for _, tag in SEED_TAGS),
+    "mosaic",
+    "mosaic-middle",
+    "student",
+    "student-avg-x3",
+)
 
 ROWS = {
     row.name: row
@@ -154,6 +168,10 @@ ROWS = {
         *(Row(f"lpft{tag}", {"probe_start": True, "seed": seed}) for seed, tag in SEED_TAGS),
         Row("lpft-x3", ensemble=("lpft", "lpft-seed1", "lpft-seed2")),
         Row("lpft-soup-x3", soup=("lpft", "lpft-seed1", "lpft-seed2")),
+        # Every Lite0 run at the recipe's input so far, as one pool: its soup, and its greedy soup
+        # (members tried from the best on validation down, each kept only if validation does not fall).
+        Row("lite0-soup-all", soup=LITE0_RUNS),
+        Row("lite0-greedy-soup", soup=LITE0_RUNS, greedy=True),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         Row("lite0-shared-x3", ensemble=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         # One Lite0 taught by the best ensemble measured (three averaged seeds): one pass, as served.
@@ -304,7 +322,7 @@ def evaluate_row(
         members = [run_dir(work, name) / ROWS[name].checkpoint for name in row.soup]
         made = run_dir(work, row.name) / row.checkpoint
         if not made.is_file() or made.stat().st_mtime < max(m.stat().st_mtime for m in members):
-            soup(SoupConfig(checkpoints=members, out=made))
+            soup(SoupConfig(checkpoints=members, out=made, greedy=row.greedy))
     elif not row.ensemble:
         for teacher in row.teachers:
             minutes += results["rows"].get(teacher, {}).get("train_minutes", 0.0)

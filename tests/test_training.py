@@ -560,6 +560,22 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
     assert result.n == 90 and result.epoch is None and result.soup == [str(p) for p in runs]
     assert "a soup of 2 runs&#x27; weights" in (tmp_path / "eval-val" / "report.html").read_text()
 
+    # Greedy: the runs tried from the best on validation down, each kept only if the soup's validation
+    # accuracy does not fall; the soup written is the average of exactly the runs kept.
+    greedy = soup(
+        SoupConfig(checkpoints=runs, out=tmp_path / "greedy.pt", greedy=True, calibrate=False, workers=0)
+    )
+    assert greedy.greedy is not None and [s.checkpoint for s in greedy.greedy] in (runs, runs[::-1])
+    first, second = greedy.greedy
+    assert first.kept and first.val_accuracy >= second.val_accuracy
+    assert second.kept == (second.soup_val_accuracy >= first.soup_val_accuracy)
+    assert greedy.members == [s.checkpoint for s in greedy.greedy if s.kept]
+    assert not (tmp_path / "greedy.pt.trial").exists()
+    kept = [load_checkpoint(path)["model"] for path in greedy.members]
+    for key, tensor in load_checkpoint(tmp_path / "greedy.pt")["model"].items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            assert torch.allclose(tensor, sum(k[key] for k in kept) / len(kept), atol=1e-6), key
+
     other = tmp_path / "regression"
     train(tiny(bins, other, image_size=32, epochs=1, max_train_batches=2))
     with pytest.raises(BinsightError, match=r"not the same model.*head differ"):

@@ -57,6 +57,11 @@ def _report_evaluate(config: EvaluateConfig, result: EvaluationReport) -> int:
 
 
 def _report_soup(config: SoupConfig, result: SoupResult) -> int:
+    for step in result.greedy or []:
+        print(
+            f"greedy: {step.checkpoint} (val accuracy {step.val_accuracy:.4f} alone): "
+            f"soup {step.soup_val_accuracy:.4f}, {'kept' if step.kept else 'left out'}"
+        )
     print(
         f"soup: {len(result.members)} {result.arch} runs averaged ({result.parameters_averaged:,} weights) "
         f"into {result.out}; check it before use: binsight evaluate {result.out} --split val"

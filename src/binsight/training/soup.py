@@ -50,16 +50,33 @@ class SoupConfig(BaseModel):
         description="fit a temperature on the validation split and fold it into the head, so that the "
         "soup's probabilities are calibrated (classification heads)",
     )
+    greedy: bool = Field(
+        False,
+        description="greedy soup: try the runs from the best on validation down, keeping each only if the "
+        "soup's validation accuracy does not fall (one validation pass per run and per try)",
+    )
     data: Path | None = Field(
-        None, description="dataset whose validation split calibrates (default: the first run's)"
+        None,
+        description="dataset whose validation split calibrates and, with --greedy, chooses (default: "
+        "the first run's)",
     )
     device: str = Field("auto", description="where calibration scores the validation photos: auto, cpu, cuda")
     workers: int = Field(2, ge=0, description="data loader processes for calibration")
 
 
+class GreedyStep(BaseModel):
+    """One run tried by a greedy soup: its own validation accuracy, the soup's with it, whether it stayed."""
+
+    checkpoint: Path
+    val_accuracy: float
+    soup_val_accuracy: float
+    kept: bool
+
+
 class SoupResult(BaseModel):
     out: Path
     members: list[Path]
+    greedy: list[GreedyStep] | None = None  # in the order tried
     arch: str
     parameters_averaged: int
     temperature: float | None = None  # folded into the head; None when not calibrated
@@ -88,11 +105,9 @@ def _check_compatible(paths: list[Path], members: list[tuple[Checkpoint, TrainCo
             )
 
 
-def soup(config: SoupConfig) -> SoupResult:
-    """Average the members' weights (parameters and BatchNorm statistics) into one checkpoint."""
-    paths = list(config.checkpoints)
-    members = [_member(path) for path in paths]
-    _check_compatible(paths, members)
+def _average(members: list[tuple[Checkpoint, TrainConfig]], paths: list[Path]) -> tuple[Checkpoint, int]:
+    """The members' weights (parameters and BatchNorm statistics) averaged into one checkpoint, and the
+    number of weights averaged."""
     first, _ = members[0]
     averaged: dict[str, torch.Tensor] = {}
     parameters = 0
@@ -117,17 +132,77 @@ def soup(config: SoupConfig) -> SoupResult:
     )
     if "card" in first:  # checkpoints older than the card get theirs rebuilt by export
         checkpoint["card"] = first["card"]
+    return checkpoint, parameters
+
+
+def _val_accuracy(checkpoint: Path, data: Path, config: SoupConfig) -> float:
+    rows = load_split(data, "val")
+    probabilities = photo_probabilities(checkpoint, data, rows, device=config.device, workers=config.workers)
+    targets = np.minimum([int(r["count"]) for r in rows], probabilities.shape[1] - 1)
+    return float((probabilities.argmax(axis=1) == targets).mean())
+
+
+def _greedy(
+    paths: list[Path], members: list[tuple[Checkpoint, TrainConfig]], data: Path, config: SoupConfig
+) -> tuple[list[int], list[GreedyStep]]:
+    """Greedy soup (Wortsman et al.): the best run alone, then each next-best run added only if the
+    soup's validation accuracy does not fall. Soups are scored as written, through the evaluation path."""
+    alone = [_val_accuracy(path, data, config) for path in paths]
+    order = sorted(range(len(paths)), key=lambda i: -alone[i])
+    kept, best = [order[0]], alone[order[0]]
+    steps = [GreedyStep(checkpoint=paths[order[0]], val_accuracy=best, soup_val_accuracy=best, kept=True)]
+    trial = config.out.with_name(config.out.name + ".trial")
+    try:
+        for index in order[1:]:
+            candidate = [*kept, index]
+            save_checkpoint(
+                trial, _average([members[i] for i in candidate], [paths[i] for i in candidate])[0]
+            )
+            score = _val_accuracy(trial, data, config)
+            steps.append(
+                GreedyStep(
+                    checkpoint=paths[index],
+                    val_accuracy=alone[index],
+                    soup_val_accuracy=score,
+                    kept=score >= best,
+                )
+            )
+            log.info(
+                "greedy soup: %s (alone %.4f): soup of %d %.4f, %s",
+                paths[index],
+                alone[index],
+                len(candidate),
+                score,
+                "kept" if score >= best else "left out",
+            )
+            if score >= best:
+                kept, best = candidate, score
+    finally:
+        trial.unlink(missing_ok=True)
+    return kept, steps
+
+
+def soup(config: SoupConfig) -> SoupResult:
+    """Average the members' weights into one checkpoint (with `greedy`, those that help on validation)."""
+    paths = list(config.checkpoints)
+    members = [_member(path) for path in paths]
+    _check_compatible(paths, members)
+    data = config.data or members[0][1].data
     config.out.parent.mkdir(parents=True, exist_ok=True)
+    steps = None
+    if config.greedy:
+        kept, steps = _greedy(paths, members, data, config)
+        paths, members = [paths[i] for i in kept], [members[i] for i in kept]
+    checkpoint, parameters = _average(members, paths)
     save_checkpoint(config.out, checkpoint)
     result = SoupResult(
-        out=config.out, members=paths, arch=members[0][1].arch, parameters_averaged=parameters
+        out=config.out, members=paths, greedy=steps, arch=members[0][1].arch, parameters_averaged=parameters
     )
     if config.calibrate and members[0][1].head == "classification":
         # Calibration reads the soup from its file (the evaluation path), hence the write above.
-        temperature, result.val_nll = fit_temperature(
-            config.out, config.data or members[0][1].data, config.device, config.workers
-        )
+        temperature, result.val_nll = fit_temperature(config.out, data, config.device, config.workers)
         result.temperature = temperature
+        averaged = cast(dict[str, torch.Tensor], checkpoint["model"])
         for key in ("head.fc.weight", "head.fc.bias"):
             averaged[key].div_(temperature)  # the checkpoint's own tensors
         save_checkpoint(config.out, checkpoint)
