@@ -12,6 +12,10 @@ weights, and their average is shorter than each): a soup of three Lite0 seeds wa
 time on validation with a mean top probability of 0.39. So the soup's temperature is fitted on the
 validation split and folded into its classification head (logits / T is the head's weights / T): the
 answers keep their order, and their probabilities mean what they say again.
+
+From a sweep of runs, `greedy` keeps only the runs that help: tried from the best on validation down,
+each stays if the soup's validation accuracy does not fall (the paper's greedy soup). The soup's
+validation score is then the one its members were chosen on, and flatters it.
 """
 
 from __future__ import annotations
