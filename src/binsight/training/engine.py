@@ -154,6 +154,8 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
         config.input_hw,
     )
     model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
+    # A run resuming from a local last.pt starts from its checkpoint's head (one fetched from
+    # --checkpoint-dir is only seen later, in _restore, and overwrites the probe there).
     resuming = (Path(config.out) / "last.pt").exists() and not config.fresh
     if config.probe_start and context.is_main and not resuming:
         # The other ranks receive the probe from DDP, which broadcasts rank 0's weights as it wraps.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,15 +31,6 @@ log = logging.getLogger(__name__)
 # Strengths of the L2 penalty tried, per unit of the mean loss. On 2.7k real photos and Lite0's 1,280
 # features the best lay at 0.03-0.1 (a weaker probe overfits: 80% training accuracy at 1e-3, 40% val).
 L2_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-
-
-@dataclass(frozen=True)
-class ProbeFit:
-    """One strength of the grid: the probe's accuracy on the training photos and its validation score."""
-
-    l2: float
-    train_accuracy: float
-    val_score: float
 
 
 @torch.no_grad()
@@ -89,9 +79,9 @@ def start_from_probe(
     train_rows: list[dict[str, str]],
     val_rows: list[dict[str, str]],
     num_classes: int,
-) -> list[ProbeFit]:
+) -> None:
     """Set `model.head` to the linear probe whose L2 strength scores best on validation by the run's
-    selection metric; returns every strength's fit. The model must be on the CPU (where the cache is)."""
+    selection metric (each strength's fit is logged). The model must be on the CPU, where the cache is."""
     started = time.perf_counter()
     backbone = split_backbone(model.backbone)
     precision = Precision(config, torch.device("cpu"))
@@ -110,25 +100,27 @@ def start_from_probe(
     start = {name: value.clone() for name, value in head.state_dict().items()}
     start["fc.weight"].zero_()
 
-    def loss_of(split: str) -> torch.Tensor:
+    def training_loss() -> torch.Tensor:
         return head.loss(
-            head(features[split]),
-            targets[split],
+            head(features["train"]),
+            targets["train"],
             config.label_smoothing,
             neighbour_smoothing=config.neighbour_smoothing,
         )
 
-    fits, best = [], None
+    best = None
     for l2 in sorted(L2_GRID, reverse=True):  # strongest first: a tie keeps the simpler probe
         head.load_state_dict(start)
-        _fit(head, lambda: loss_of("train"), l2)
+        _fit(head, training_loss, l2)
         with torch.no_grad():
             train_accuracy = float(
                 (head.probabilities(head(features["train"])).argmax(1) == targets["train"]).float().mean()
             )
-            probabilities = head.probabilities(head(features["val"])).numpy()
-            score = _score(config.select_metric, val_counts, probabilities, float(loss_of("val")))
-        fits.append(ProbeFit(l2, train_accuracy, score))
+            outputs = head(features["val"])
+            val_loss = float(
+                head.loss(outputs, targets["val"], config.label_smoothing)
+            )  # as validation has it
+            score = _score(config.select_metric, val_counts, head.probabilities(outputs).numpy(), val_loss)
         log.info(
             "linear probe, L2 %g: train accuracy %.3f, val %s %.4f",
             l2,
@@ -148,4 +140,3 @@ def start_from_probe(
         best[0],
         time.perf_counter() - started,
     )
-    return fits
