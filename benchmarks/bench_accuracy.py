@@ -57,13 +57,14 @@ from binsight.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
 SPLIT = SplitConfig(val_fraction=0.2, test_fraction=0.2, seed=0)
 SUBSET = (1, 5)  # the seeds' protocol: counts 1-5
+LEARNING_CURVE = (25, 50)  # percent of the training photos for the learning-curve rows
 
 
 @dataclass
 class Row:
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
-    data: str = "all"  # "all" or "1-5": which photos it trains on
+    data: str = "all"  # "all", "1-5" or "train25"/"train50" (a share of them): which photos it trains on
     checkpoint: str = "best.pt"  # the seeds kept their last epoch; binsight selects on validation
     recipe: str | None = "abid"
     tta: bool = False
@@ -172,6 +173,8 @@ ROWS = {
         # (members tried from the best on validation down, each kept only if validation does not fall).
         Row("lite0-soup-all", soup=LITE0_RUNS),
         Row("lite0-greedy-soup", soup=LITE0_RUNS, greedy=True),
+        # The recipe on a quarter and a half of the training photos: what more photos would buy.
+        *(Row(f"recipe-train{percent}", data=f"train{percent}") for percent in LEARNING_CURVE),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         Row("lite0-shared-x3", ensemble=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         # One Lite0 taught by the best ensemble measured (three averaged seeds): one pass, as served.
@@ -200,7 +203,31 @@ def prepare_data(abid: Path, work: Path) -> dict[str, Path]:
             if SUBSET[0] <= int(r["count"]) <= SUBSET[1]
         ]
         atomic_write_csv(subset / "splits" / f"{split}.csv", rows, list(rows[0]))
-    return {"all": data, "1-5": subset}
+    folders = {"all": data, "1-5": subset}
+    # The learning curve: a share of the training photos (the same share of each count, drawn once),
+    # validated and tested on the full splits.
+    for percent in LEARNING_CURVE:
+        folder = work / f"data-train{percent}"
+        for split in ("train", "val", "test"):
+            rows = [
+                {**r, "image": os.path.relpath(data / r["image"], folder)} for r in load_split(data, split)
+            ]
+            if split == "train":
+                rows = stratified_share(rows, percent / 100)
+            atomic_write_csv(folder / "splits" / f"{split}.csv", rows, list(rows[0]))
+        folders[f"train{percent}"] = folder
+    return folders
+
+
+def stratified_share(rows: list[dict[str, str]], share: float) -> list[dict[str, str]]:
+    """`share` of the rows of each count, drawn with a fixed seed, in their original order."""
+    rng = np.random.default_rng(0)
+    kept: list[int] = []
+    counts = np.array([int(r["count"]) for r in rows])
+    for count in np.unique(counts):
+        members = np.flatnonzero(counts == count)
+        kept += list(rng.choice(members, size=max(1, round(share * len(members))), replace=False))
+    return [rows[i] for i in sorted(kept)]
 
 
 def run_dir(work: Path, name: str) -> Path:
