@@ -34,7 +34,7 @@ from binsight.inference import engines
 from binsight.inference.runtime import OnnxCounter, load_counter
 from binsight.serving.app import create_app
 from binsight.serving.config import ServeConfig
-from binsight.serving.loadtest import run_load
+from binsight.serving.loadtest import LoadResult, run_load
 from binsight.training.checkpoint import load_checkpoint
 from tests.background import BackgroundServer
 
@@ -431,6 +431,17 @@ def test_loadtest_open_and_closed_loop(trained: dict[str, Path], capsys: pytest.
     assert code == 0
     out = capsys.readouterr().out
     assert "invocations/min" in out and "p95" in out and "WARNING" not in out
+
+
+def test_a_late_send_or_two_is_not_a_saturated_client_but_a_late_share_is() -> None:
+    def late(sent_late: int, scheduled: int, cpu_s: float = 0.1) -> bool:
+        return LoadResult(
+            duration_s=1.0, client_cpu_s=cpu_s, scheduled=scheduled, sent_late=sent_late
+        ).saturated
+
+    assert not late(1, 30) and not late(2, 30)  # scheduler hiccups on a short run
+    assert late(3, 30) and late(20, 1000) and not late(10, 1000)  # over 1% late, and more than noise
+    assert late(0, 30, cpu_s=0.9)  # or most of a core spent generating load
 
 
 def test_loadtest_reports_shed_requests_apart_and_flags_a_saturated_client(trained: dict[str, Path]) -> None:
