@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ import torch
 from binsight.audit.evaluation import BUDGETS, catch_curve, simulate_errors
 from binsight.cpu import cpu_class, cpu_features
 from binsight.data.index import build_index
-from binsight.data.split import SplitConfig, load_split, write_splits
+from binsight.data.split import SplitConfig, load_split, spread_rows, write_splits
 from binsight.training.config import load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import photo_probabilities
@@ -195,39 +196,29 @@ def prepare_data(abid: Path, work: Path) -> dict[str, Path]:
     if not (data / "index.csv").exists():
         build_index(abid, out=data)
     write_splits(data, SPLIT)
-    subset = work / "data-1to5"
-    for split in ("train", "val", "test"):
-        rows = [
-            {**r, "image": os.path.relpath(data / r["image"], subset)}
-            for r in load_split(data, split)
-            if SUBSET[0] <= int(r["count"]) <= SUBSET[1]
-        ]
-        atomic_write_csv(subset / "splits" / f"{split}.csv", rows, list(rows[0]))
-    folders = {"all": data, "1-5": subset}
-    # The learning curve: a share of the training photos (the same share of each count, drawn once),
-    # validated and tested on the full splits.
-    for percent in LEARNING_CURVE:
-        folder = work / f"data-train{percent}"
+    folders = {"all": data}
+    # Views of the same photos (their splits rewritten, the images referenced where they lie): the
+    # seeds' counts 1-5 in every split, and for the learning curve a share of the training photos
+    # (every count in proportion: split files are sorted by count) with the full val and test splits.
+    views: dict[str, Callable[[str, list[dict[str, str]]], list[dict[str, str]]]] = {
+        "1-5": lambda _, rows: [r for r in rows if SUBSET[0] <= int(r["count"]) <= SUBSET[1]],
+        **{
+            f"train{percent}": lambda split, rows, percent=percent: (
+                spread_rows(rows, round(len(rows) * percent / 100)) if split == "train" else rows
+            )
+            for percent in LEARNING_CURVE
+        },
+    }
+    for name, choose in views.items():
+        folder = work / ("data-1to5" if name == "1-5" else f"data-{name}")
         for split in ("train", "val", "test"):
             rows = [
-                {**r, "image": os.path.relpath(data / r["image"], folder)} for r in load_split(data, split)
+                {**r, "image": os.path.relpath(data / r["image"], folder)}
+                for r in choose(split, load_split(data, split))
             ]
-            if split == "train":
-                rows = stratified_share(rows, percent / 100)
             atomic_write_csv(folder / "splits" / f"{split}.csv", rows, list(rows[0]))
-        folders[f"train{percent}"] = folder
+        folders[name] = folder
     return folders
-
-
-def stratified_share(rows: list[dict[str, str]], share: float) -> list[dict[str, str]]:
-    """`share` of the rows of each count, drawn with a fixed seed, in their original order."""
-    rng = np.random.default_rng(0)
-    kept: list[int] = []
-    counts = np.array([int(r["count"]) for r in rows])
-    for count in np.unique(counts):
-        members = np.flatnonzero(counts == count)
-        kept += list(rng.choice(members, size=max(1, round(share * len(members))), replace=False))
-    return [rows[i] for i in sorted(kept)]
 
 
 def run_dir(work: Path, name: str) -> Path:

@@ -43,32 +43,24 @@ FEATURES = {
 }
 
 
-def pooled_features(work: Path, data: Path, split: str, features: str) -> np.ndarray:
+def learner_features(work: Path, data: Path, split: str, features: str) -> np.ndarray:
     """A frozen backbone's pooled features of every photo of a split, through binsight's feature cache."""
     target = work / f"{features}-pooled-{split}.npy"
     if target.is_file():
         return np.load(target)
     from binsight.data.split import load_split
     from binsight.models.factory import build_model
-    from binsight.training.cached import feature_cache, split_backbone
+    from binsight.training.cached import pooled_features, split_backbone
     from binsight.training.config import TrainConfig
     from binsight.training.hardware import Precision
 
     config = TrainConfig(data=data, out=work / "unused", num_classes=NUM_CLASSES, **FEATURES[features])
     model = build_model(config.arch, config.head, NUM_CLASSES, True, None, 0.0, config.input_hw).eval()
-    backbone = split_backbone(model.backbone)
     precision = Precision(config, torch.device("cpu"))
-    tokens = feature_cache(
-        config, backbone, backbone.depth, split, load_split(data, split), ["o"], precision
-    )["o"]
-    pooled = []
-    with torch.no_grad():
-        for start in range(0, len(tokens), 256):
-            chunk = torch.from_numpy(np.asarray(tokens[start : start + 256], dtype=np.float32))
-            pooled.append(torch.flatten(backbone.tail(chunk, backbone.depth), 1).numpy())
-    pooled_features = np.concatenate(pooled).astype(np.float32)
-    np.save(target, pooled_features)
-    return pooled_features
+    rows = load_split(data, split)
+    pooled = pooled_features(config, split_backbone(model.backbone), split, rows, precision).numpy()
+    np.save(target, pooled)
+    return pooled
 
 
 LEARNERS = ("adamw", "l2")
@@ -241,14 +233,14 @@ def main() -> int:
     from binsight.utils.io import read_csv
 
     data = prepare_data(args.abid, args.work)["all"]
-    x_train = pooled_features(args.work, data, "train", args.features)
+    x_train = learner_features(args.work, data, "train", args.features)
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
     x_train = (x_train - mean) / std
     y = np.minimum([int(r["count"]) for r in read_csv(data / "splits" / "train.csv")], NUM_CLASSES - 1)
     # Validation decides (the policy, its knobs); the test split reports.
     scored = {
         split: (
-            (pooled_features(args.work, data, split, args.features) - mean) / std,
+            (learner_features(args.work, data, split, args.features) - mean) / std,
             np.array([int(r["count"]) for r in read_csv(data / "splits" / f"{split}.csv")]),
         )
         for split in ("val", "test")

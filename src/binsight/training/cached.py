@@ -169,6 +169,31 @@ def feature_cache(
     return arrays
 
 
+@torch.no_grad()
+def pooled_features(
+    config: TrainConfig,
+    backbone: SplitBackbone,
+    split: str,
+    rows: list[dict[str, str]],
+    precision: Precision,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """The whole frozen backbone's pooled output (N, features) for every photo of `rows` as is, through
+    the feature cache: a linear probe's input, or a learner's in a simulation."""
+    tokens = feature_cache(config, backbone, backbone.depth, split, rows, ["o"], precision)["o"]
+    return torch.cat(
+        [
+            torch.flatten(
+                backbone.tail(
+                    torch.from_numpy(np.asarray(tokens[i : i + chunk], np.float32)), backbone.depth
+                ),
+                1,
+            )
+            for i in range(0, len(tokens), chunk)
+        ]
+    ).float()
+
+
 class CachedBatches:
     """(features, targets, row indices) batches from the cache: shuffled photos, one view per batch."""
 

@@ -156,8 +156,7 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
     model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
     # A run resuming from a local last.pt starts from its checkpoint's head (one fetched from
     # --checkpoint-dir is only seen later, in _restore, and overwrites the probe there).
-    resuming = (Path(config.out) / "last.pt").exists() and not config.fresh
-    if config.probe_start and context.is_main and not resuming:
+    if config.probe_start and context.is_main and not _resumes(config):
         # The other ranks receive the probe from DDP, which broadcasts rank 0's weights as it wraps.
         start_from_probe(config, model, train_rows, val_rows, num_classes)
     model = model.to(device)
@@ -230,6 +229,11 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
     )
 
 
+def _resumes(config: TrainConfig) -> bool:
+    """Whether the run continues from the last.pt in its folder."""
+    return (Path(config.out) / "last.pt").exists() and not config.fresh
+
+
 def _restore(run: _Run) -> None:
     """Resume from `last.pt` (fetched from the checkpoint store on a new machine) unless told not to;
     open the run's folder, TensorBoard writer and log line."""
@@ -240,7 +244,7 @@ def _restore(run: _Run) -> None:
         fetch_remote_checkpoints(run.remote, out)
     # Per-rank stream for dropout and augmentation; a resumed run replaces it with the saved state.
     torch.manual_seed(stream_seed(config.seed, context.rank))
-    if last_path.exists() and not config.fresh:
+    if _resumes(config):
         run.progress = resume(
             last_path,
             config,

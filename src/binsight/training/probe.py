@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from binsight.models.heads import CountHead, CountingModel
-from binsight.training.cached import feature_cache, split_backbone
+from binsight.training.cached import pooled_features, split_backbone
 from binsight.training.config import TrainConfig
 from binsight.training.hardware import Precision
 from binsight.training.metrics import Metric, counting_metrics
@@ -31,20 +31,6 @@ log = logging.getLogger(__name__)
 # Strengths of the L2 penalty tried, per unit of the mean loss. On 2.7k real photos and Lite0's 1,280
 # features the best lay at 0.03-0.1 (a weaker probe overfits: 80% training accuracy at 1e-3, 40% val).
 L2_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-
-
-@torch.no_grad()
-def _pooled(tokens: np.ndarray, model: CountingModel, depth: int, chunk: int = 256) -> torch.Tensor:
-    """The backbone's pooled output from its cached blocks (for a CNN, the cache already is)."""
-    backbone = split_backbone(model.backbone)
-    return torch.cat(
-        [
-            torch.flatten(
-                backbone.tail(torch.from_numpy(np.asarray(tokens[i : i + chunk], np.float32)), depth), 1
-            )
-            for i in range(0, len(tokens), chunk)
-        ]
-    ).float()
 
 
 def _fit(head: CountHead, training_loss: Callable[[], torch.Tensor], l2: float) -> None:
@@ -87,10 +73,10 @@ def start_from_probe(
     precision = Precision(config, torch.device("cpu"))
     was_training = model.training
     model.eval()  # BatchNorm's running statistics and dropout as a served model has them
-    features = {}
-    for split, rows in (("train", train_rows), ("val", val_rows)):
-        cache = feature_cache(config, backbone, backbone.depth, split, rows, ["o"], precision)
-        features[split] = _pooled(cache["o"], model, backbone.depth)
+    features = {
+        split: pooled_features(config, backbone, split, rows, precision)
+        for split, rows in (("train", train_rows), ("val", val_rows))
+    }
     val_counts = np.array([int(r["count"]) for r in val_rows], dtype=np.int64)
     targets = {
         "train": torch.tensor([min(int(r["count"]), num_classes - 1) for r in train_rows]),
