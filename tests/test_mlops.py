@@ -174,6 +174,17 @@ def test_pipeline_registers_promotes_resumes_and_ingests(
     saved = json.loads((tmp_path / "work/second/comparison.json").read_text())
     assert saved["evaluation"]["candidate"]["n"] == saved["evaluation"]["production"]["n"]
 
+    # A refit: the validated run's settings trained again on train+val up to its best epoch; that
+    # model is exported, judged on the same test split and registered.
+    refit = {**weak, "epochs": 2}
+    third = Pipeline(PipelineConfig(**{**base, "train_overrides": refit}, run_id="third", refit=True)).run()
+    assert third.train is not None and third.evaluate is not None
+    assert third.train.checkpoint == str(tmp_path / "work/third/refit/best.pt")
+    refit_config = json.loads((tmp_path / "work/third/refit/config.json").read_text())
+    assert refit_config["fit_on"] == "train+val" and refit_config["stop_after"] == third.train.best.epoch
+    assert registry.get("v0003").meta["config"]["fit_on"] == "train+val"
+    assert third.evaluate.candidate.split_fingerprint == second.evaluate.candidate.split_fingerprint
+
 
 def test_pipeline_state_recorded_before_it_was_typed_still_resumes(tmp_path: Path) -> None:
     old = {

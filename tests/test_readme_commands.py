@@ -61,9 +61,9 @@ def test_readme_command_parses_into_valid_settings(line: str) -> None:
     except SystemExit as exc:  # argparse's way of saying "unknown flag" or "bad value"
         pytest.fail(f"the README's command does not parse ({exc.code}): {line}")
     # The flags also make valid settings for the verb (a value out of range, two model sources, a
-    # missing required setting): what the command would do first when run. A --config FILE would
-    # supply the rest, so such commands are checked by parsing only.
-    if args.config is None:
+    # missing required setting): what the command would do first when run. A --config FILE or the run
+    # a --refit repeats would supply the rest, so such commands are checked by parsing only.
+    if args.config is None and getattr(args, "refit", None) is None:
         try:
             config_from_args(args, args.config_model)
         except BinsightError as exc:

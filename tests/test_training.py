@@ -17,7 +17,7 @@ from torch import nn
 
 from binsight.cli import main
 from binsight.data.index import build_index
-from binsight.data.split import SplitConfig, load_split, write_splits
+from binsight.data.split import SplitConfig, fingerprint, load_split, write_splits
 from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.errors import BinsightError
 from binsight.models.backbones import build_backbone, weights_location
@@ -180,6 +180,8 @@ def test_pretrained_weights_load_offline_or_fail_clearly(
         ({"bogus": 1}, "bogus"),
         ({"mosaic": 0.3, "train_on_cache": True}, "--mosaic pairs photos"),
         ({"mosaic": 0.3, "teachers": ["a/best.pt"], "distill": 0.5}, "--mosaic pairs photos"),
+        ({"epochs": 4, "stop_after": 5}, "past the last"),
+        ({"fit_on": "train+val", "probe_start": True}, "--probe-start chooses its penalty"),
     ],
 )
 def test_bad_config_is_a_clear_error(overrides: dict, message: str) -> None:
@@ -581,6 +583,53 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
     with pytest.raises(BinsightError, match=r"not the same model.*head differ"):
         soup(SoupConfig(checkpoints=[runs[0], other / "best.pt"], out=tmp_path / "bad.pt"))
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_refit_trains_on_train_and_val_and_stops_at_the_validated_epoch(
+    bins: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    validated = tmp_path / "run"
+    settings = dict(head="classification", image_size=32, max_train_batches=2, epochs=4)
+    summary = train(tiny(bins, validated, **settings))  # type: ignore[arg-type]
+    # The best epoch is whichever validation chose; make it one before the end so that stopping shows.
+    history = json.loads((validated / "history.json").read_text())
+    history["best"]["epoch"] = 3
+    (validated / "history.json").write_text(json.dumps(history))
+    assert summary.epochs_run == 4
+
+    assert main(["train", "--refit", str(validated), "--workers", "0"]) == 0
+    refit = tmp_path / "run-refit"
+    assert "refit on train+val, epoch 3 kept" in capsys.readouterr().out
+    config = json.loads((refit / "config.json").read_text())
+    assert config["fit_on"] == "train+val" and config["stop_after"] == 3 and config["epochs"] == 4
+    assert {k: v for k, v in config.items() if k not in ("out", "fit_on", "stop_after")} == {
+        k: v
+        for k, v in json.loads((validated / "config.json").read_text()).items()
+        if k not in ("out", "fit_on", "stop_after")
+    }
+    made = TrainSummary.read(refit / "history.json")
+    assert made.epochs_run == 3 and made.best.epoch == 3  # the last epoch kept, whatever it scored
+    best = load_checkpoint(refit / "best.pt")
+    rows = load_split(bins, "train") + load_split(bins, "val")
+    assert best["train_fingerprint"] == fingerprint(rows) and best["epoch"] == 3
+    # The schedule is the validated run's (planned for 4 epochs): the learning rate has not reached
+    # its end when the refit stops.
+    assert made.history[-1].lr > TrainSummary.read(validated / "history.json").history[-1].lr
+
+    assert main(["train", "--refit", str(refit)]) == 2
+    assert "is itself a refit" in capsys.readouterr().err
+    assert main(["train", "--refit", str(validated), "--recipe", "abid"]) == 2
+    assert "--recipe and --refit" in capsys.readouterr().err
+    assert main(["train", "--refit", str(tmp_path / "nowhere")]) == 2
+    assert "cannot read run settings" in capsys.readouterr().err
+    with pytest.raises(BinsightError, match="trained on their validation photos"):
+        soup(SoupConfig(checkpoints=[validated / "best.pt", refit / "best.pt"], out=tmp_path / "s.pt"))
+    plain = soup(
+        SoupConfig(
+            checkpoints=[validated / "best.pt", refit / "best.pt"], out=tmp_path / "s.pt", calibrate=False
+        )
+    )
+    assert plain.temperature is None
 
 
 def test_a_run_begun_before_weight_averaging_resumes_with_it(bins: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from binsight.cliargs import add_command
@@ -22,7 +23,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     from binsight.training.config import load_config
 
     overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
-    return load_config(args.config, overrides, recipe=args.recipe)
+    return load_config(args.config, overrides, recipe=args.recipe, refit=args.refit)
 
 
 def _train(config: TrainConfig) -> TrainSummary:
@@ -35,6 +36,12 @@ def _report_train(config: TrainConfig, summary: TrainSummary) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best = summary.best
+    if config.refit:
+        print(
+            f"train: refit on train+val, epoch {best.epoch} kept (its validation photos were trained on); "
+            f"run in {config.out}; judge it on the test split: binsight evaluate {config.out / 'best.pt'}"
+        )
+        return 0
     print(
         f"train: best val {best.metric} {best.value or float('nan'):.4f} at epoch {best.epoch} "
         f"(majority-class accuracy {summary.majority_baseline_val_accuracy:.3f}); run in {config.out}"
@@ -101,6 +108,14 @@ def register(verbs: Any) -> None:
         default=None,
         help="a named, measured set of settings (abid: real ABID photos; see docs/recipes.md); "
         "--config and flags override it",
+    )
+    parser.add_argument(
+        "--refit",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="train a finished run's settings again on its training and validation photos, stopping "
+        "at the epoch its validation chose (--out defaults to RUN-refit); --config and flags override",
     )
     add_command(
         verbs,

@@ -58,6 +58,17 @@ class TrainConfig(BaseModel):
         "backbone", description="pixel mean/std: the backbone's own, or ImageNet's whatever the backbone"
     )
     epochs: int = Field(10, ge=1, description="epochs to train")
+    stop_after: int | None = Field(
+        None,
+        ge=1,
+        description="end the run after this epoch, its schedule still planned for --epochs (a refit "
+        "stops where its validated run did best)",
+    )
+    fit_on: Literal["train", "train+val"] = Field(
+        "train",
+        description="photos trained on; train+val is a refit: the validation photos join training, so "
+        "nothing is chosen on them and best.pt is the last epoch (see --refit)",
+    )
     batch_size: int = Field(64, ge=1, description="per process; the global batch is this times world size")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimizer")
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="peak learning rate")
@@ -184,7 +195,19 @@ class TrainConfig(BaseModel):
                 "--mosaic pairs photos, which cached features and a teacher's per-photo answers cannot "
                 "follow: train with --mosaic 0, or without --train-on-cache and --distill"
             )
+        if self.stop_after is not None and self.stop_after > self.epochs:
+            raise ValueError(f"stop_after ({self.stop_after}) is past the last of --epochs ({self.epochs})")
+        if self.fit_on == "train+val" and self.probe_start:
+            raise ValueError(
+                "--probe-start chooses its penalty on the validation photos, which --fit-on train+val "
+                "trains on: refit without --probe-start"
+            )
         return self
+
+    @property
+    def refit(self) -> bool:
+        """Whether the validation photos are trained on, so that nothing can be chosen on them."""
+        return self.fit_on == "train+val"
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -216,9 +239,40 @@ def _read_json_object(path: Path, what: str) -> dict[str, object]:
     return {k: v for k, v in values.items() if not k.startswith("_")}  # "_about" documents a recipe
 
 
-def load_config(path: Path | None, overrides: dict[str, object], recipe: str | None = None) -> TrainConfig:
-    """A named recipe, then a config file, then command-line overrides, each on top of the last."""
+def refit_settings(run: Path) -> dict[str, object]:
+    """The settings of a finished, validated run, to train again on its training and validation photos
+    and stop at the epoch its validation chose: the refit that puts every labelled photo but the test
+    split to work (the learning curve gains 3-4 points per doubling of the photos, docs/benchmarks.md)."""
+    settings = _read_json_object(run / "config.json", "run settings")
+    history = _read_json_object(run / "history.json", "run summary (written when a run finishes)")
+    best = history.get("best")
+    epoch = best.get("epoch") if isinstance(best, dict) else None
+    if settings.get("fit_on", "train") != "train":
+        raise BinsightError(
+            f"{run} is itself a refit: nothing was chosen on its validation photos",
+            hint="refit the run it was refitted from",
+        )
+    if not isinstance(epoch, int):
+        raise BinsightError(
+            f"{run} has no best epoch in history.json", hint="refit a run that validated at least one epoch"
+        )
+    kept = {k: v for k, v in settings.items() if k not in ("out", "fresh", "checkpoint_dir")}
+    return {**kept, "fit_on": "train+val", "stop_after": epoch, "out": str(run.parent / f"{run.name}-refit")}
+
+
+def load_config(
+    path: Path | None, overrides: dict[str, object], recipe: str | None = None, refit: Path | None = None
+) -> TrainConfig:
+    """A named recipe or a run to refit, then a config file, then command-line overrides, each on top
+    of the last."""
     values: dict[str, object] = {}
+    if recipe is not None and refit is not None:
+        raise BinsightError(
+            "--recipe and --refit both give the settings",
+            hint="a refit repeats its run's settings: drop --recipe",
+        )
+    if refit is not None:
+        values.update(refit_settings(refit))
     if recipe is not None:
         if recipe not in recipe_names():
             raise BinsightError(

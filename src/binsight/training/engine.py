@@ -122,7 +122,7 @@ def _train(
 ) -> TrainSummary:
     run = _build(config, context)
     _restore(run)
-    for epoch in range(run.progress.start_epoch, config.epochs):
+    for epoch in range(run.progress.start_epoch, config.stop_after or config.epochs):
         if run.progress.stopped_early(config.early_stopping):
             break
         stats, probabilities, val_loss, val_counts = _fit_epoch(run, epoch)
@@ -138,6 +138,8 @@ def _build(config: TrainConfig, context: DistContext) -> _Run:
     device = resolve_device(config.device, context)
     data_dir = Path(config.data)
     train_rows, val_rows = load_split(data_dir, "train"), load_split(data_dir, "val")
+    if config.refit:
+        train_rows = train_rows + val_rows
     train_counts = np.array([int(r["count"]) for r in train_rows])
     num_classes = config.num_classes or int(train_counts.max()) + 1
     clipped_counts = np.minimum(train_counts, num_classes - 1)
@@ -275,6 +277,14 @@ def _restore(run: _Run) -> None:
         run.num_classes,
         context.world_size,
     )
+    if config.refit:
+        log.info(
+            "refit: the %d validation photos train too, so their figures below are fit, not accuracy; "
+            "epoch %d of the %d-epoch schedule is kept: judge it on the test split",
+            len(run.val_rows),
+            config.stop_after or config.epochs,
+            config.epochs,
+        )
 
 
 def _fit_epoch(run: _Run, epoch: int) -> tuple[EpochStats, np.ndarray, float, np.ndarray]:
@@ -355,7 +365,10 @@ def _record(
     run.monitors.check_epoch(
         epoch, [h.train_loss for h in progress.history], [h.val_loss for h in progress.history]
     )
-    improved = progress.record(epoch, record.value(config.select_metric), config.select_metric)
+    # A refit trained on its validation photos: nothing is chosen on them, the last epoch is kept.
+    improved = progress.record(
+        epoch, record.value(config.select_metric), config.select_metric, keep_last=config.refit
+    )
     log.info(
         "epoch %d/%d: train loss %.4f, val loss %.4f, val acc %.3f, mae %.3f, %.1f img/s, data wait %.0f%%%s",
         epoch + 1,

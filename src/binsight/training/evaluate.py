@@ -130,6 +130,12 @@ def evaluate(settings: EvaluateConfig) -> EvaluationReport:
     model, config, num_classes = load_model(checkpoint)
     data_dir = settings.data or Path(config.data)
     out_dir = settings.out_dir
+    if split == "val" and config.refit:
+        log.warning(
+            "%s was refitted on its validation photos: its figures on them measure fit, not accuracy "
+            "(judge it on --split test)",
+            checkpoint_path,
+        )
     rows = load_split(data_dir, split)
     probabilities, loss, counts = _answers(
         model, config, num_classes, data_dir, rows, batch_size, settings.device, workers

@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = {
     "out",
     "checkpoint_dir",
     "epochs",
+    "stop_after",
     "workers",
     "early_stopping",
     "device",
@@ -64,9 +65,10 @@ class Progress:
     stale_epochs: int = 0
     start_epoch: int = 0
 
-    def record(self, epoch: int, value: float, metric: Metric) -> bool:
-        """Take one epoch's validation value; True when it is the best so far."""
-        if metric.improves(value, self.best.value):
+    def record(self, epoch: int, value: float, metric: Metric, keep_last: bool = False) -> bool:
+        """Take one epoch's validation value; True when it is the best so far (with `keep_last`, every
+        epoch is: the last one is kept)."""
+        if keep_last or metric.improves(value, self.best.value):
             self.best, self.stale_epochs = BestEpoch(epoch=epoch + 1, value=value, metric=metric), 0
             return True
         self.stale_epochs += 1

@@ -33,6 +33,7 @@ from binsight.errors import BinsightError
 from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, save_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.evaluate import photo_probabilities
+from binsight.training.metrics import counting_metrics
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,8 @@ def _average(members: list[tuple[Checkpoint, TrainConfig]], paths: list[Path]) -
 def _val_accuracy(checkpoint: Path, data: Path, config: SoupConfig) -> float:
     rows = load_split(data, "val")
     probabilities = photo_probabilities(checkpoint, data, rows, device=config.device, workers=config.workers)
-    targets = np.minimum([int(r["count"]) for r in rows], probabilities.shape[1] - 1)
-    return float((probabilities.argmax(axis=1) == targets).mean())
+    # The accuracy training selects by: an overflow answer on a 7-item photo is not a right count.
+    return counting_metrics(np.array([int(r["count"]) for r in rows]), probabilities).accuracy
 
 
 def _greedy(
@@ -192,6 +193,14 @@ def soup(config: SoupConfig) -> SoupResult:
     members = [_member(path) for path in paths]
     _check_compatible(paths, members)
     data = config.data or members[0][1].data
+    refits = [str(path) for path, (_, member) in zip(paths, members, strict=True) if member.refit]
+    if refits and config.data is None and (config.greedy or config.calibrate):
+        raise BinsightError(
+            f"{', '.join(refits)} trained on their validation photos (a refit): calibrating or choosing "
+            "on them would measure fit",
+            hint="give --data a dataset whose validation photos they did not train on, or --no-calibrate "
+            "without --greedy",
+        )
     config.out.parent.mkdir(parents=True, exist_ok=True)
     steps = None
     if config.greedy:
