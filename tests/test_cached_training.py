@@ -22,7 +22,7 @@ from binsight.models.heads import CountHead
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.engine import train
-from binsight.training.objective import Objective, class_weights
+from binsight.training.objective import Objective, class_weights, ranked_probability_score
 
 
 def _packaged_encoder_output(images: np.ndarray) -> np.ndarray:
@@ -175,6 +175,28 @@ def test_class_weights_and_distillation_shape_the_loss() -> None:
     )
     mixed = objective(confident, torch.tensor([1, 1]), torch.tensor([0, 1]))
     assert float(mixed) > float(plain) + 1.0
+
+
+def test_the_ranked_probability_score_charges_mass_by_its_distance_from_the_count() -> None:
+    sure = torch.eye(5)[[2, 3, 4, 0]]  # right, one off, two off, two off below
+    assert ranked_probability_score(sure, torch.tensor([2, 2, 2, 2])).tolist() == [0.0, 1.0, 2.0, 2.0]
+    # Cumulative 0.2/0.4/0.6/0.8 against 0/0/1/1: 0.04 + 0.16 + 0.16 + 0.04.
+    uniform = torch.full((1, 5), 0.2)
+    assert float(ranked_probability_score(uniform, torch.tensor([2]))) == pytest.approx(0.4)
+
+    head = CountHead("classification", 4, 5)
+    config = TrainConfig(data=Path("."))
+    outputs = torch.tensor([[0.0, 0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0, 4.0]])  # 3 and 4: 1 and 2 off
+    targets = torch.tensor([2, 2])
+    plain = float(Objective(head, config)(outputs, targets, torch.tensor([0, 1])))
+    scored = float(
+        Objective(head, config.model_copy(update={"rps_weight": 2.0}))(outputs, targets, torch.tensor([0, 1]))
+    )
+    expected = 2.0 * float(ranked_probability_score(outputs.softmax(dim=1), targets).mean())
+    assert scored == pytest.approx(plain + expected, rel=1e-5)
+    # Cross-entropy charges both answers alike (the count's probability is the same); the score does not.
+    per_photo = ranked_probability_score(outputs.softmax(dim=1), targets)
+    assert float(per_photo[1]) > float(per_photo[0])
 
 
 def test_a_student_learns_from_its_teachers(trained: dict[str, Path], tmp_path: Path) -> None:

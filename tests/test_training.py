@@ -181,6 +181,7 @@ def test_pretrained_weights_load_offline_or_fail_clearly(
         ({"mosaic": 0.3, "train_on_cache": True}, "--mosaic pairs photos"),
         ({"mosaic": 0.3, "teachers": ["a/best.pt"], "distill": 0.5}, "--mosaic pairs photos"),
         ({"epochs": 4, "stop_after": 5}, "past the last"),
+        ({"head": "ordinal", "rps_weight": 1.0}, "--rps-weight scores a softmax"),
         ({"fit_on": "train+val", "probe_start": True}, "--probe-start chooses its penalty"),
     ],
 )

@@ -85,6 +85,14 @@ class TrainConfig(BaseModel):
     neighbour_smoothing: float = Field(
         0.0, ge=0.0, lt=1.0, description="classification: target mass moved to the adjacent counts"
     )
+    rps_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="classification: add this times the ranked probability score (the squared distance "
+        "between the answer's and the count's cumulative distributions) to the loss, so that mass far "
+        "from the count costs more than mass next to it",
+    )
     augment: float = Field(
         1.0, ge=0.0, le=2.0, description="crop and colour augmentation strength, 0 turns them off"
     )
@@ -195,6 +203,8 @@ class TrainConfig(BaseModel):
                 "--mosaic pairs photos, which cached features and a teacher's per-photo answers cannot "
                 "follow: train with --mosaic 0, or without --train-on-cache and --distill"
             )
+        if self.rps_weight > 0 and self.head != "classification":
+            raise ValueError("--rps-weight scores a softmax over counts: it needs --head classification")
         if self.stop_after is not None and self.stop_after > self.epochs:
             raise ValueError(f"stop_after ({self.stop_after}) is past the last of --epochs ({self.epochs})")
         if self.fit_on == "train+val" and self.probe_start:

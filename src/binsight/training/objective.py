@@ -39,6 +39,10 @@ class Objective:
             reduction="none",
             neighbour_smoothing=config.neighbour_smoothing,
         )
+        if config.rps_weight > 0:
+            per_image = per_image + config.rps_weight * ranked_probability_score(
+                self.head.probabilities(outputs), targets
+            )
         if self.class_weights is not None:
             weights = self.class_weights.to(per_image.device)[targets]
             loss = (per_image * weights).sum() / weights.sum()
@@ -49,6 +53,16 @@ class Objective:
             log_p = torch.log(self.head.probabilities(outputs).clamp_min(1e-8))
             loss = (1 - config.distill) * loss + config.distill * -(soft * log_p).sum(dim=1).mean()
         return loss
+
+
+def ranked_probability_score(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per photo, the sum over thresholds k of (P(answer <= k) - [count <= k])^2: zero for a certain
+    right answer, growing with the distance of the mass from the count (Epstein's RPS, the discrete
+    squared earth mover's distance)."""
+    classes = probabilities.shape[1]
+    levels = torch.arange(classes - 1, device=targets.device)
+    at_or_below = (targets[:, None] <= levels[None, :]).to(probabilities.dtype)
+    return ((probabilities.cumsum(dim=1)[:, :-1] - at_or_below) ** 2).sum(dim=1)
 
 
 def class_weights(train_targets: np.ndarray, num_classes: int, strength: float) -> torch.Tensor | None:
