@@ -182,7 +182,6 @@ ROWS = {
         # The ranked probability score added to the loss (`--rps-weight`): mass far from the count
         # costs more than mass next to it, against the RMSE of answers spread over 1 and 5.
         *(Row(f"rps{tag}", {"rps_weight": 1.0, "seed": seed}) for seed, tag in SEED_TAGS),
-        Row("rps-x3", ensemble=tuple(f"rps{tag}" for _, tag in SEED_TAGS)),
         # The recipe on a quarter and a half of the training photos: what more photos would buy.
         *(Row(f"recipe-train{percent}", data=f"train{percent}") for percent in LEARNING_CURVE),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
