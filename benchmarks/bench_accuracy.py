@@ -177,7 +177,7 @@ ROWS = {
         Row("lite0-greedy-soup", soup=LITE0_RUNS, greedy=True),
         # The recipe's three seeds refitted on train+val (a third more photos), each stopped at the
         # epoch its own validation chose: what every labelled photo but the test split buys.
-        *(Row(f"refit{tag}", refit=f"binsight-avg{tag}") for _, tag in SEED_TAGS),
+        *(Row(f"refit{tag}", recipe=None, refit=f"binsight-avg{tag}") for _, tag in SEED_TAGS),
         Row("refit-x3", ensemble=tuple(f"refit{tag}" for _, tag in SEED_TAGS)),
         # The ranked probability score added to the loss (`--rps-weight`): mass far from the count
         # costs more than mass next to it, against the RMSE of answers spread over 1 and 5.
@@ -332,7 +332,7 @@ def train_row(row: Row, data: dict[str, Path], work: Path, runtime: Runtime) -> 
     if row.teachers:
         overrides["teachers"] = [run_dir(work, t) / ROWS[t].checkpoint for t in row.teachers]
     refit = run_dir(work, row.refit) if row.refit else None
-    config = load_config(None, overrides, recipe=None if refit else row.recipe, refit=refit)
+    config = load_config(None, overrides, recipe=row.recipe, refit=refit)
     started = time.perf_counter()
     summary = train(config)
     logging.info("%s: trained or resumed in %.1f min", row.name, (time.perf_counter() - started) / 60)
