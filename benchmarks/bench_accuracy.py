@@ -182,6 +182,12 @@ ROWS = {
         # The ranked probability score added to the loss (`--rps-weight`): mass far from the count
         # costs more than mass next to it, against the RMSE of answers spread over 1 and 5.
         *(Row(f"rps{tag}", {"rps_weight": 1.0, "seed": seed}) for seed, tag in SEED_TAGS),
+        # Stochastic depth in the backbone (`--drop-path`), against the overfitting that sets in after
+        # epoch 4 (validation loss rising while the training loss falls).
+        *(Row(f"drop-path{tag}", {"drop_path": 0.2, "seed": seed}) for seed, tag in SEED_TAGS[:2]),
+        # Layer-wise learning rates (`--layer-decay`, BEiT's decay through timm's parameter groups):
+        # the low-level ImageNet filters move least. One seed: an indication, not a choice.
+        Row("layer-decay", {"layer_decay": 0.9}),
         # The recipe on a quarter and a half of the training photos: what more photos would buy.
         *(Row(f"recipe-train{percent}", data=f"train{percent}") for percent in LEARNING_CURVE),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),

@@ -58,7 +58,12 @@ VALID = {
     "image_width": "304",
 }
 # Fields only valid beside another one.
-WITH = {"per_class": ["--classes", "0-5"]}
+WITH = {
+    "per_class": ["--classes", "0-5"],
+    # Stochastic depth and layer-wise rates need a timm backbone; the default arch is torchvision's.
+    "layer_decay": ["--arch", "efficientnet_lite0"],
+    "drop_path": ["--arch", "efficientnet_lite0"],
+}
 # Fields that need a partner given with them, or one taken away (exactly one model source).
 INSTEAD = {"registry": "model"}
 REQUIRED = {

@@ -21,8 +21,10 @@ from binsight.data.split import SplitConfig, fingerprint, load_split, write_spli
 from binsight.data.synth import SynthConfig, generate_dataset
 from binsight.errors import BinsightError
 from binsight.models.backbones import build_backbone, weights_location
+from binsight.models.factory import build_model
 from binsight.training import engine
 from binsight.training.averaging import WeightAverage
+from binsight.training.build import Run, build_run, stream_seed
 from binsight.training.checkpoint import load_checkpoint, save_checkpoint
 from binsight.training.config import TrainConfig, load_config
 from binsight.training.data import SumMosaic, build_datasets
@@ -30,6 +32,7 @@ from binsight.training.distributed import DistContext
 from binsight.training.engine import train
 from binsight.training.evaluate import EvaluateConfig, evaluate, photo_probabilities
 from binsight.training.loop import predict
+from binsight.training.optim import build_optimizer
 from binsight.training.probe import L2_GRID
 from binsight.training.results import EvaluationReport, TrainSummary
 from binsight.training.soup import SoupConfig, soup
@@ -368,9 +371,9 @@ def test_preempted_run_resumes_from_s3_on_a_new_machine(
 
 
 def test_per_rank_streams_never_collide() -> None:
-    seeds = {engine.stream_seed(0, rank, epoch) for rank in range(64) for epoch in range(100)}
+    seeds = {stream_seed(0, rank, epoch) for rank in range(64) for epoch in range(100)}
     assert len(seeds) == 64 * 100
-    assert engine.stream_seed(1, 0) != engine.stream_seed(0, 1000)
+    assert stream_seed(1, 0) != stream_seed(0, 1000)
 
 
 def test_checkpoints_written_before_format_2_still_resume_at_the_right_epoch() -> None:
@@ -442,12 +445,59 @@ def test_photo_probabilities_keep_photo_order_with_parallel_decoding(bins: Path,
     assert not np.allclose(serial[0], serial[1:].mean(axis=0)), "not one answer for every photo"
 
 
+def test_layer_decay_slows_each_block_below_the_one_above_and_misses_no_parameter(
+    bins: Path, tmp_path: Path
+) -> None:
+    config = tiny(
+        bins, tmp_path / "run", arch="efficientnet_lite0", head="classification", lr=1e-3,
+        backbone_lr_scale=0.5, layer_decay=0.5,
+    )  # fmt: skip
+    model = build_model(config.arch, config.head, 7)
+    optimizer = build_optimizer(model, config)
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(rate)  # each in one group
+    assert set(rate) == {id(p) for p in model.parameters()}
+    named = dict(model.named_parameters())
+
+    def lr(name: str) -> float:
+        return rate[id(named[name])]
+
+    assert lr("head.fc.weight") == pytest.approx(1e-3)
+    # The last block and the final 1x1 convolution after it learn at the backbone's rate.
+    assert lr("backbone.conv_head.weight") == lr("backbone.blocks.6.0.conv_pw.weight") == pytest.approx(5e-4)
+    assert lr("backbone.blocks.5.3.conv_pw.weight") == pytest.approx(5e-4 * 0.5)
+    assert lr("backbone.blocks.5.2.bn1.weight") == pytest.approx(5e-4 * 0.5**2)
+    blocks = sum(1 for n in named if n.startswith("backbone.blocks.") and n.endswith("conv_dw.weight"))
+    assert lr("backbone.conv_stem.weight") == pytest.approx(5e-4 * 0.5**blocks)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(named["backbone.bn1.weight"]) not in decayed
+    assert id(named["backbone.conv_stem.weight"]) in decayed
+    with pytest.raises(BinsightError, match="timm backbone"):
+        load_config(None, {"data": bins, "arch": "resnet18", "layer_decay": 0.8})
+
+
+def test_drop_path_skips_blocks_in_training_only(bins: Path, tmp_path: Path) -> None:
+    images = torch.rand(4, 3, 48, 64)  # non-square
+    for drop_path, differ in ((0.0, False), (0.5, True)):
+        backbone, _ = build_backbone("efficientnet_lite0", pretrained=False, drop_path=drop_path)
+        torch.manual_seed(0)
+        first, second = backbone.train()(images), backbone(images)
+        assert (not torch.allclose(first, second)) == differ, drop_path
+        backbone.eval()
+        assert torch.equal(backbone(images), backbone(images))
+    with pytest.raises(BinsightError, match="timm backbone"):
+        load_config(None, {"data": bins, "arch": "mobilenet_v3_small", "drop_path": 0.1})
+    config = tiny(bins, tmp_path / "run", arch="efficientnet_lite0", drop_path=0.2, image_size=32)
+    run = build_run(config, DistContext())
+    assert [m.drop_prob for m in run.model.backbone.modules() if hasattr(m, "drop_prob")][-1] > 0.15
+
+
 def test_runs_sharing_an_init_seed_start_from_one_head_and_see_their_own_batches(
     bins: Path, tmp_path: Path
 ) -> None:
     def start(**changes: object) -> tuple[torch.Tensor, list[int]]:
         config = tiny(bins, tmp_path / "run", head="classification", image_size=32, **changes)
-        run = engine._build(config, DistContext())
+        run = build_run(config, DistContext())
         assert run.loaders is not None
         first_batch = next(iter(run.loaders[0]))[1].tolist()
         return run.model.head.fc.weight.detach().clone(), first_batch
@@ -465,24 +515,30 @@ def test_a_probe_start_fits_the_head_on_frozen_features_and_a_resumed_run_keeps_
         image_size=64, image_width=80, epochs=1,
     )  # fmt: skip
 
-    def start(**changes: object) -> tuple[engine._Run, float]:
-        """A run as set up for its first epoch, and its untrained model's validation accuracy."""
-        run = engine._build(config.model_copy(update=changes), DistContext())
+    def start(**changes: object) -> tuple[Run, float, np.ndarray]:
+        """A run as set up for its first epoch, its untrained model's validation accuracy and mean
+        answer (the share of probability given to each count)."""
+        run = build_run(config.model_copy(update=changes), DistContext())
         assert run.loaders is not None
         targets, probabilities, _ = predict(
             run.model, run.model.head, run.loaders[1], run.device, run.precision, DistContext()
         )
-        return run, float(np.mean(probabilities.argmax(1) == targets))
+        return run, float(np.mean(probabilities.argmax(1) == targets)), probabilities.mean(axis=0)
 
-    plain, plain_accuracy = start()
+    plain, plain_accuracy, _ = start()
     with caplog.at_level("INFO", logger="binsight.training.probe"):
-        probed, probed_accuracy = start(probe_start=True)
+        probed, probed_accuracy, probed_answer = start(probe_start=True)
     fits = [r.message for r in caplog.records if r.message.startswith("linear probe, L2")]
     assert len(fits) == len(L2_GRID) and "the head starts as the linear probe" in caplog.text
     val_counts = np.array([int(r["count"]) for r in load_split(bins, "val")])
     majority = float(np.mean(val_counts == np.bincount(val_counts).argmax()))
     assert probed_accuracy > max(plain_accuracy, majority) + 0.05, (probed_accuracy, plain_accuracy, majority)
     assert all(map(torch.equal, probed.model.backbone.parameters(), plain.model.backbone.parameters()))
+    # The probe fits the run's own objective: class weights move answers from common counts to rare ones.
+    frequency = np.bincount([int(r["count"]) for r in load_split(bins, "train")]).astype(float)
+    rare = frequency < np.median(frequency)
+    balanced_answer = start(probe_start=True, class_balance=1.0)[2]
+    assert balanced_answer[rare].sum() > probed_answer[rare].sum() + 0.01
     # A run resuming from its checkpoint starts from the checkpoint's head: no probe is fitted again.
     train(config.model_copy(update={"probe_start": True}))
     caplog.clear()

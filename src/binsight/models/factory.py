@@ -16,8 +16,9 @@ def build_model(
     weights_path: str | os.PathLike[str] | None = None,
     dropout: float = 0.2,
     input_hw: tuple[int, int] = (224, 224),
+    drop_path: float = 0.0,
 ) -> CountingModel:
     backbone, features = build_backbone(
-        arch, pretrained=pretrained, weights_path=weights_path, input_hw=input_hw
+        arch, pretrained=pretrained, weights_path=weights_path, input_hw=input_hw, drop_path=drop_path
     )
     return CountingModel(backbone, CountHead(head, features, num_classes, dropout=dropout))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from binsight.errors import BinsightError, invalid_settings
 from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from binsight.models.backbones import check_arch, normalisation
+from binsight.models.backbones import TORCHVISION_BACKBONES, check_arch, normalisation
 from binsight.models.heads import HEADS
 from binsight.training.metrics import Metric
 
@@ -74,6 +74,20 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="peak learning rate")
     backbone_lr_scale: float = Field(
         1.0, gt=0.0, le=1.0, description="backbone learning rate as a fraction of the head's"
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="layer-wise learning-rate decay: each block of a timm backbone learns at this factor "
+        "of the rate of the block above it, the stem slowest (with --backbone-lr-scale on top)",
+    )
+    drop_path: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="stochastic depth: a timm backbone's residual blocks are skipped in training with a "
+        "probability rising to this at the last block",
     )
     weight_decay: float = Field(0.05, ge=0.0, description="decoupled weight decay")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
@@ -202,6 +216,11 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "--mosaic pairs photos, which cached features and a teacher's per-photo answers cannot "
                 "follow: train with --mosaic 0, or without --train-on-cache and --distill"
+            )
+        if (self.layer_decay is not None or self.drop_path > 0) and self.arch in TORCHVISION_BACKBONES:
+            raise ValueError(
+                f"--layer-decay and --drop-path need a timm backbone (efficientnet_lite0/1/2, "
+                f"dinov2_small, timm:NAME), not the torchvision {self.arch}"
             )
         if self.rps_weight > 0 and self.head != "classification":
             raise ValueError("--rps-weight scores a softmax over counts: it needs --head classification")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from timm.optim import param_groups_layer_decay  # type: ignore[attr-defined]  # re-exported without __all__
 from torch import nn
 
+from binsight.errors import BinsightError
+from binsight.models.backbones import timm_module
 from binsight.training.config import TrainConfig
 from binsight.training.distributed import unwrap
 
@@ -14,9 +18,30 @@ from binsight.training.distributed import unwrap
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """No weight decay on norms and biases (decaying them only hurts, as in timm and torchvision refs);
     the pretrained backbone moves at `backbone_lr_scale` of the new head's rate, so fine-tuning adapts
-    the ImageNet features rather than overwriting them in the first noisy steps of the head."""
-    groups = []
-    for part, scale in ((unwrap(model).backbone, config.backbone_lr_scale), (unwrap(model).head, 1.0)):
+    the ImageNet features rather than overwriting them in the first noisy steps of the head. With
+    `layer_decay` the backbone's blocks are grouped as timm's group matchers say (BEiT's layer-wise
+    decay): the block next to the head at the backbone's rate, each one below at `layer_decay` times
+    the rate above, so the general low-level filters move least."""
+    core = unwrap(model)
+    groups: list[dict[str, Any]] = []
+    parts: list[tuple[nn.Module, float]] = [(core.head, 1.0)]
+    if config.layer_decay is None:
+        parts.insert(0, (core.backbone, config.backbone_lr_scale))
+    else:
+        backbone = timm_module(core.backbone)
+        if backbone is None:
+            raise BinsightError(
+                "--layer-decay needs a timm backbone, whose blocks timm can group",
+                hint="train without it, or on an efficientnet_lite, dinov2_small or timm: backbone",
+            )
+        for group in param_groups_layer_decay(
+            backbone, weight_decay=config.weight_decay, layer_decay=config.layer_decay
+        ):
+            scale = config.backbone_lr_scale * group["lr_scale"]
+            groups.append(
+                {"params": group["params"], "weight_decay": group["weight_decay"], "lr": config.lr * scale}
+            )
+    for part, scale in parts:
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         for parameter in part.parameters():

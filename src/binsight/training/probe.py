@@ -7,8 +7,9 @@ On real ABID photos, three seeds with it scored below three without on validatio
 on counts 1-5; docs/benchmarks.md, "Seventh round"), so no recipe uses it.
 
 The features come from the same cache as `--train-on-cache` (computed once per backbone, input and
-photos, then reused by every seed); the probe is the head itself, fitted by L-BFGS on its own loss
-plus an L2 penalty on its weights, whose strength is chosen on the validation photos.
+photos, then reused by every seed); the probe is the head itself, fitted by L-BFGS on the run's own
+objective (class weights, ranked probability score and teachers included) plus an L2 penalty on its
+weights, whose strength is chosen on the validation photos.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from binsight.training.cached import pooled_features, split_backbone
 from binsight.training.config import TrainConfig
 from binsight.training.hardware import Precision
 from binsight.training.metrics import Metric, counting_metrics
+from binsight.training.objective import Objective
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,11 @@ def start_from_probe(
     train_rows: list[dict[str, str]],
     val_rows: list[dict[str, str]],
     num_classes: int,
+    objective: Objective,
 ) -> None:
-    """Set `model.head` to the linear probe whose L2 strength scores best on validation by the run's
-    selection metric (each strength's fit is logged). The model must be on the CPU, where the cache is."""
+    """Set `model.head` to the linear probe of `objective` (the loss the run will train on) whose L2
+    strength scores best on validation by the run's selection metric (each strength's fit is logged).
+    The model must be on the CPU, where the cache is."""
     started = time.perf_counter()
     backbone = split_backbone(model.backbone)
     precision = Precision(config, torch.device("cpu"))
@@ -86,13 +90,10 @@ def start_from_probe(
     start = {name: value.clone() for name, value in head.state_dict().items()}
     start["fc.weight"].zero_()
 
+    train_positions = torch.arange(len(train_rows))  # the teachers' answers are looked up by row
+
     def training_loss() -> torch.Tensor:
-        return head.loss(
-            head(features["train"]),
-            targets["train"],
-            config.label_smoothing,
-            neighbour_smoothing=config.neighbour_smoothing,
-        )
+        return objective(head(features["train"]), targets["train"], train_positions)
 
     best = None
     for l2 in sorted(L2_GRID, reverse=True):  # strongest first: a tie keeps the simpler probe
