@@ -186,7 +186,7 @@ def build_backbone(
     if arch in TORCHVISION_BACKBONES:
         if drop_path > 0:
             raise BinsightError(
-                f"{arch} is a torchvision backbone: stochastic depth and layer-wise rates need a timm one",
+                f"{arch} is a torchvision backbone: stochastic depth needs a timm one",
                 hint="train with --drop-path 0, or an efficientnet_lite, dinov2_small or timm: backbone",
             )
         return _torchvision_backbone(arch, pretrained, path)

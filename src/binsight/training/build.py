@@ -108,8 +108,6 @@ def build_run(config: TrainConfig, context: DistContext) -> Run:
         config.drop_path,
     )
     model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
-    # A run resuming from a local last.pt starts from its checkpoint's head (one fetched from
-    # --checkpoint-dir is only seen later, in restore, and overwrites the probe there).
     teacher = (
         teacher_probabilities(
             config.teachers, data_dir, train_rows, Path(config.out), str(device), config.workers
@@ -118,6 +116,8 @@ def build_run(config: TrainConfig, context: DistContext) -> Run:
         else None
     )
     objective = build_objective(config, model.head, clipped_counts, num_classes, teacher)
+    # A run resuming from a local last.pt starts from its checkpoint's head (one fetched from
+    # --checkpoint-dir is only seen later, in restore, and overwrites the probe there).
     if config.probe_start and context.is_main and not resumes(config):
         # The other ranks receive the probe from DDP, which broadcasts rank 0's weights as it wraps.
         start_from_probe(config, model, train_rows, val_rows, num_classes, objective)
