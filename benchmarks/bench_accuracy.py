@@ -48,6 +48,7 @@ from binsight.audit.evaluation import BUDGETS, catch_curve, simulate_errors
 from binsight.cpu import cpu_class, cpu_features
 from binsight.data.index import build_index
 from binsight.data.split import SplitConfig, load_split, spread_rows, write_splits
+from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import load_config
 from binsight.training.engine import train
 from binsight.training.evaluate import photo_probabilities
@@ -74,6 +75,8 @@ class Row:
     soup: tuple[str, ...] = ()  # an evaluation-only row: these rows' weights averaged (`binsight soup`)
     greedy: bool = False  # the soup keeps only the members that help on validation (`--greedy`)
     refit: str | None = None  # a row whose run this one repeats on train+val (`--refit`): its val is fit
+    calibrate: bool = True  # a soup row fits its temperature on validation (`--no-calibrate`)
+    temperature_from: str | None = None  # a soup row that takes this soup row's fitted temperature
 
 
 SEEDS = {
@@ -188,6 +191,17 @@ ROWS = {
         # Layer-wise learning rates (`--layer-decay`, BEiT's decay through timm's parameter groups):
         # the low-level ImageNet filters move least. One seed: an indication, not a choice.
         Row("layer-decay", {"layer_decay": 0.9}),
+        # A soup of refits cannot be calibrated on the photos they trained on: it takes the temperature
+        # fitted for the soup of the runs they repeat (`binsight soup --temperature`), measured against
+        # the uncalibrated refit soup. The two drop-path seeds: the runs this machine had.
+        *(Row(f"refit-drop-path{tag}", recipe=None, refit=f"drop-path{tag}") for _, tag in SEED_TAGS[:2]),
+        Row("drop-path-soup", soup=("drop-path", "drop-path-seed1")),
+        Row(
+            "refit-drop-path-soup",
+            soup=("refit-drop-path", "refit-drop-path-seed1"),
+            temperature_from="drop-path-soup",
+        ),
+        Row("refit-drop-path-soup-raw", soup=("refit-drop-path", "refit-drop-path-seed1"), calibrate=False),
         # The recipe on a quarter and a half of the training photos: what more photos would buy.
         *(Row(f"recipe-train{percent}", data=f"train{percent}") for percent in LEARNING_CURVE),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
@@ -355,7 +369,19 @@ def evaluate_row(
         members = [run_dir(work, name) / ROWS[name].checkpoint for name in row.soup]
         made = run_dir(work, row.name) / row.checkpoint
         if not made.is_file() or made.stat().st_mtime < max(m.stat().st_mtime for m in members):
-            soup(SoupConfig(checkpoints=members, out=made, greedy=row.greedy))
+            temperature = None
+            if row.temperature_from:
+                source = run_dir(work, row.temperature_from) / ROWS[row.temperature_from].checkpoint
+                temperature = load_checkpoint(source)["temperature"]
+            soup(
+                SoupConfig(
+                    checkpoints=members,
+                    out=made,
+                    greedy=row.greedy,
+                    calibrate=row.calibrate,
+                    temperature=temperature,
+                )
+            )
     elif not row.ensemble:
         for teacher in row.teachers:
             minutes += results["rows"].get(teacher, {}).get("train_minutes", 0.0)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from torch import nn
 
 from binsight.cli import main
@@ -23,6 +24,7 @@ from binsight.errors import BinsightError
 from binsight.models.backbones import build_backbone, weights_location
 from binsight.models.factory import build_model
 from binsight.training import engine
+from binsight.training import soup as soup_module
 from binsight.training.averaging import WeightAverage
 from binsight.training.build import Run, build_run, stream_seed
 from binsight.training.checkpoint import load_checkpoint, save_checkpoint
@@ -35,7 +37,7 @@ from binsight.training.loop import predict
 from binsight.training.optim import build_optimizer
 from binsight.training.probe import L2_GRID
 from binsight.training.results import EvaluationReport, TrainSummary
-from binsight.training.soup import SoupConfig, soup
+from binsight.training.soup import SoupConfig, fit_temperature, soup
 
 
 @pytest.fixture(scope="module")
@@ -586,7 +588,9 @@ def test_sum_mosaics_pair_photos_side_by_side_labelled_with_the_sum(bins: Path, 
     assert summary.history[0].train_loss > 0  # its conflicting settings: test_bad_config_is_a_clear_error
 
 
-def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_path: Path) -> None:
+def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(
+    bins: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runs = []
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
@@ -610,6 +614,7 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
     calibrated = soup(SoupConfig(checkpoints=runs, out=tmp_path / "soup.pt", workers=0))
     temperature, (nll_before, nll_after) = calibrated.temperature, calibrated.val_nll  # type: ignore[misc]
     assert temperature is not None and temperature != 1.0 and nll_after < nll_before
+    assert load_checkpoint(tmp_path / "soup.pt")["temperature"] == temperature and "temperature" not in plain
     for key, tensor in made["model"].items():
         expected = plain["model"][key]
         if key.startswith("head.fc."):
@@ -634,12 +639,30 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(bins: Path, tmp_p
     for key, tensor in load_checkpoint(tmp_path / "greedy.pt")["model"].items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             assert torch.allclose(tensor, sum(k[key] for k in kept) / len(kept), atol=1e-6), key
+    # Calibrating a greedy soup reuses the validation answers of the last soup it kept: one pass per
+    # run and per try, none more.
+    passes = []
+    real_pass = soup_module.photo_probabilities
+    monkeypatch.setattr(
+        soup_module, "photo_probabilities", lambda *a, **k: passes.append(a[0]) or real_pass(*a, **k)
+    )
+    calibrated_greedy = soup(
+        SoupConfig(checkpoints=runs, out=tmp_path / "greedy-t.pt", greedy=True, workers=0)
+    )
+    assert len(passes) == 2 * len(runs) - 1 and calibrated_greedy.temperature is not None
+    assert calibrated_greedy.members == greedy.members
+    rows = load_split(bins, "val")
+    counts = np.array([int(r["count"]) for r in rows])
+    plain_greedy = photo_probabilities(tmp_path / "greedy.pt", bins, rows)
+    assert calibrated_greedy.temperature == fit_temperature(plain_greedy, counts)[0]
 
     other = tmp_path / "regression"
     train(tiny(bins, other, image_size=32, epochs=1, max_train_batches=2))
     with pytest.raises(BinsightError, match=r"not the same model.*head differ"):
         soup(SoupConfig(checkpoints=[runs[0], other / "best.pt"], out=tmp_path / "bad.pt"))
     assert not (tmp_path / "bad.pt").exists()
+    with pytest.raises(BinsightError, match="scales a classification head"):
+        soup(SoupConfig(checkpoints=[other / "best.pt"] * 2, out=tmp_path / "bad.pt", temperature=0.8))
 
 
 def test_a_refit_trains_on_train_and_val_and_stops_at_the_validated_epoch(
@@ -687,6 +710,34 @@ def test_a_refit_trains_on_train_and_val_and_stops_at_the_validated_epoch(
         )
     )
     assert plain.temperature is None
+    # A soup of refits takes the temperature fitted for the validated runs' soup: no validation pass.
+    assert (
+        main(
+            [
+                "soup",
+                "--checkpoints",
+                f"{validated / 'best.pt'},{refit / 'best.pt'}",
+                "--out",
+                str(tmp_path / "t.pt"),
+                "--temperature",
+                "0.8",
+            ]
+        )
+        == 0
+    )
+    assert "temperature 0.800 (given) folded into the head" in capsys.readouterr().out
+    scaled, unscaled = (
+        load_checkpoint(tmp_path / "t.pt")["model"],
+        load_checkpoint(tmp_path / "s.pt")["model"],
+    )
+    for key, tensor in scaled.items():
+        expected = unscaled[key] / 0.8 if key.startswith("head.fc.") else unscaled[key]
+        assert torch.allclose(tensor, expected, atol=1e-6), key
+    assert load_checkpoint(tmp_path / "t.pt")["temperature"] == 0.8
+    with pytest.raises(ValidationError, match="greater than 0"):
+        SoupConfig(
+            checkpoints=[validated / "best.pt", refit / "best.pt"], out=tmp_path / "t.pt", temperature=0
+        )
 
 
 def test_a_run_begun_before_weight_averaging_resumes_with_it(bins: Path, tmp_path: Path) -> None:

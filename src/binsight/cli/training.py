@@ -79,6 +79,8 @@ def _report_soup(config: SoupConfig, result: SoupResult) -> int:
             f"calibrated on validation: temperature {result.temperature:.3f} folded into the head "
             f"(log-loss {before:.4f} -> {after:.4f})"
         )
+    elif result.temperature is not None:
+        print(f"temperature {result.temperature:.3f} (given) folded into the head")
     return 0
 
 

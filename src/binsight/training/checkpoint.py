@@ -52,6 +52,7 @@ class Checkpoint(TypedDict, total=False):
     trained_model: StateDict  # with a weight average: the weights the optimiser steps
     average_updates: int
     soup: list[str]  # `binsight soup`: the checkpoints whose weights were averaged into this one
+    temperature: float  # a soup's: the temperature folded into its head (what `--temperature` takes)
 
 
 def rng_state() -> RngState:

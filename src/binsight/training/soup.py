@@ -11,7 +11,9 @@ Averaged weights give softer answers than any member (the members' heads started
 weights, and their average is shorter than each): a soup of three Lite0 seeds was right about half the
 time on validation with a mean top probability of 0.39. So the soup's temperature is fitted on the
 validation split and folded into its classification head (logits / T is the head's weights / T): the
-answers keep their order, and their probabilities mean what they say again.
+answers keep their order, and their probabilities mean what they say again. A soup of refits (runs that
+trained on their validation photos) cannot be calibrated on them; it takes the temperature fitted for
+the soup of the runs they repeat (`--temperature`), whose members differ from theirs only by the photos.
 
 From a sweep of runs, `greedy` keeps only the runs that help: tried from the best on validation down,
 each stays if the soup's validation accuracy does not fall (the paper's greedy soup). The soup's
@@ -59,6 +61,12 @@ class SoupConfig(BaseModel):
         False,
         description="greedy soup: try the runs from the best on validation down, keeping each only if the "
         "soup's validation accuracy does not fall (one validation pass per run and per try)",
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="fold this temperature into the head instead of fitting one on validation: the one "
+        "`binsight soup` reported for the validated runs, when these checkpoints are their refits",
     )
     data: Path | None = Field(
         None,
@@ -140,22 +148,36 @@ def _average(members: list[tuple[Checkpoint, TrainConfig]], paths: list[Path]) -
     return checkpoint, parameters
 
 
-def _val_accuracy(checkpoint: Path, data: Path, config: SoupConfig) -> float:
-    rows = load_split(data, "val")
-    probabilities = photo_probabilities(checkpoint, data, rows, device=config.device, workers=config.workers)
-    # The accuracy training selects by: an overflow answer on a 7-item photo is not a right count.
-    return counting_metrics(np.array([int(r["count"]) for r in rows]), probabilities).accuracy
+class Scored:
+    """A model's validation answers: what the greedy soup chooses by and calibration fits, computed once."""
+
+    def __init__(self, checkpoint: Path, data: Path, config: SoupConfig) -> None:
+        rows = load_split(data, "val")
+        self.counts = np.array([int(r["count"]) for r in rows])
+        self.probabilities = photo_probabilities(
+            checkpoint, data, rows, device=config.device, workers=config.workers
+        )
+        # The accuracy training selects by: an overflow answer on a 7-item photo is not a right count.
+        self.accuracy = counting_metrics(self.counts, self.probabilities).accuracy
 
 
 def _greedy(
     paths: list[Path], members: list[tuple[Checkpoint, TrainConfig]], data: Path, config: SoupConfig
-) -> tuple[list[int], list[GreedyStep]]:
+) -> tuple[list[int], list[GreedyStep], Scored]:
     """Greedy soup (Wortsman et al.): the best run alone, then each next-best run added only if the
-    soup's validation accuracy does not fall. Soups are scored as written, through the evaluation path."""
-    alone = [_val_accuracy(path, data, config) for path in paths]
-    order = sorted(range(len(paths)), key=lambda i: -alone[i])
+    soup's validation accuracy does not fall. Soups are scored as written, through the evaluation path;
+    the kept soup's answers come back for calibration."""
+    alone = [Scored(path, data, config) for path in paths]
+    order = sorted(range(len(paths)), key=lambda i: -alone[i].accuracy)
     kept, best = [order[0]], alone[order[0]]
-    steps = [GreedyStep(checkpoint=paths[order[0]], val_accuracy=best, soup_val_accuracy=best, kept=True)]
+    steps = [
+        GreedyStep(
+            checkpoint=paths[order[0]],
+            val_accuracy=best.accuracy,
+            soup_val_accuracy=best.accuracy,
+            kept=True,
+        )
+    ]
     trial = config.out.with_name(config.out.name + ".trial")
     try:
         for index in order[1:]:
@@ -163,28 +185,29 @@ def _greedy(
             save_checkpoint(
                 trial, _average([members[i] for i in candidate], [paths[i] for i in candidate])[0]
             )
-            score = _val_accuracy(trial, data, config)
+            scored = Scored(trial, data, config)
+            stays = scored.accuracy >= best.accuracy
             steps.append(
                 GreedyStep(
                     checkpoint=paths[index],
-                    val_accuracy=alone[index],
-                    soup_val_accuracy=score,
-                    kept=score >= best,
+                    val_accuracy=alone[index].accuracy,
+                    soup_val_accuracy=scored.accuracy,
+                    kept=stays,
                 )
             )
             log.info(
                 "greedy soup: %s (alone %.4f): soup of %d %.4f, %s",
                 paths[index],
-                alone[index],
+                alone[index].accuracy,
                 len(candidate),
-                score,
-                "kept" if score >= best else "left out",
+                scored.accuracy,
+                "kept" if stays else "left out",
             )
-            if score >= best:
-                kept, best = candidate, score
+            if stays:
+                kept, best = candidate, scored
     finally:
         trial.unlink(missing_ok=True)
-    return kept, steps
+    return kept, steps, best
 
 
 def soup(config: SoupConfig) -> SoupResult:
@@ -193,45 +216,57 @@ def soup(config: SoupConfig) -> SoupResult:
     members = [_member(path) for path in paths]
     _check_compatible(paths, members)
     data = config.data or members[0][1].data
+    calibrates = members[0][1].head == "classification" and config.temperature is None and config.calibrate
     refits = [str(path) for path, (_, member) in zip(paths, members, strict=True) if member.refit]
-    if refits and config.data is None and (config.greedy or config.calibrate):
+    if refits and config.data is None and (config.greedy or calibrates):
         raise BinsightError(
             f"{', '.join(refits)} trained on their validation photos (a refit): calibrating or choosing "
             "on them would measure fit",
-            hint="give --data a dataset whose validation photos they did not train on, or --no-calibrate "
-            "without --greedy",
+            hint="pass --temperature with the one fitted for the soup of the runs they refit (without "
+            "--greedy), or --data a dataset whose validation photos they did not train on",
+        )
+    if config.temperature is not None and members[0][1].head != "classification":
+        raise BinsightError(
+            f"--temperature scales a classification head; {paths[0]} has a {members[0][1].head} head",
+            hint="drop --temperature",
         )
     config.out.parent.mkdir(parents=True, exist_ok=True)
-    steps = None
+    steps, scored = None, None
     if config.greedy:
-        kept, steps = _greedy(paths, members, data, config)
+        kept, steps, scored = _greedy(paths, members, data, config)
         paths, members = [paths[i] for i in kept], [members[i] for i in kept]
     checkpoint, parameters = _average(members, paths)
     save_checkpoint(config.out, checkpoint)
     result = SoupResult(
         out=config.out, members=paths, greedy=steps, arch=members[0][1].arch, parameters_averaged=parameters
     )
-    if config.calibrate and members[0][1].head == "classification":
-        # Calibration reads the soup from its file (the evaluation path), hence the write above.
-        temperature, result.val_nll = fit_temperature(config.out, data, config.device, config.workers)
-        result.temperature = temperature
+    if calibrates:
+        # The soup is scored from its file (the evaluation path), hence the write above; a greedy
+        # soup's last kept try was this very soup, already scored.
+        scored = scored or Scored(config.out, data, config)
+        result.temperature, result.val_nll = fit_temperature(scored.probabilities, scored.counts)
+        log.info(
+            "soup calibrated on %d validation photos: temperature %.3f",
+            len(scored.counts),
+            result.temperature,
+        )
+    else:
+        result.temperature = config.temperature
+    if result.temperature is not None:
         averaged = cast(dict[str, torch.Tensor], checkpoint["model"])
         for key in ("head.fc.weight", "head.fc.bias"):
-            averaged[key].div_(temperature)  # the checkpoint's own tensors
+            averaged[key].div_(result.temperature)  # the checkpoint's own tensors
+        checkpoint["temperature"] = result.temperature
         save_checkpoint(config.out, checkpoint)
     return result
 
 
-def fit_temperature(
-    checkpoint: Path, data: Path, device: str, workers: int
-) -> tuple[float, tuple[float, float]]:
-    """The temperature T that minimises the validation log-loss of softmax(logits / T), and the
-    log-loss before and after. The log-probabilities stand in for the logits: they differ by a
-    constant per photo, which softmax ignores."""
-    rows = load_split(data, "val")
-    probabilities = photo_probabilities(checkpoint, data, rows, device=device, workers=workers)
+def fit_temperature(probabilities: np.ndarray, counts: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """The temperature T that minimises the log-loss of softmax(logits / T) on these answers and true
+    counts, and the log-loss before and after. The log-probabilities stand in for the logits: they
+    differ by a constant per photo, which softmax ignores."""
     classes = probabilities.shape[1]
-    targets = np.minimum([int(r["count"]) for r in rows], classes - 1)
+    targets = np.minimum(counts, classes - 1)
     log_p = np.log(np.clip(probabilities, 1e-12, None))
 
     def nll(temperature: float) -> float:
@@ -243,6 +278,4 @@ def fit_temperature(
     # A grid over log T: one dimension, no local minimum to fear, the same answer on every run.
     grid = np.exp(np.linspace(np.log(0.2), np.log(5.0), 401))
     losses = [nll(float(t)) for t in grid]
-    best = float(grid[int(np.argmin(losses))])
-    log.info("soup calibrated on %d validation photos: temperature %.3f", len(rows), best)
-    return best, (nll(1.0), min(losses))
+    return float(grid[int(np.argmin(losses))]), (nll(1.0), min(losses))
