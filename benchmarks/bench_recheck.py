@@ -17,7 +17,7 @@ against the seed spread; for each split. PNGs of the curves.
 
 Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
      [--features dinov2|lite0] [--learner adamw|l2] [--seeds 5] [--start 200] [--step 100] [--rounds 12]
-     [--policies random,active,margin,badge,committee]
+     [--policies random,active,margin,badge,committee,density,typiclust-active,balanced]
 """
 
 from __future__ import annotations
@@ -139,9 +139,66 @@ def badge_order(p: np.ndarray, features: np.ndarray, k: int, rng: np.random.Gene
     return chosen
 
 
+def typicality(x: np.ndarray, k: int = 20) -> np.ndarray:
+    """How dense the embedding is around each photo: the inverse mean cosine distance to its k nearest
+    neighbours (TypiClust's typicality)."""
+    z = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+    nearest = (z @ z.T).topk(k + 1, dim=1).values[:, 1:]
+    return (1.0 / (1.0 - nearest).clamp(min=1e-6).mean(dim=1)).numpy()
+
+
+def typiclust_order(
+    x: np.ndarray, labelled: list[int], pool: np.ndarray, k: int, rng: np.random.Generator
+) -> list[int]:
+    """TypiClust (Hacohen et al., ICML 2022; the low-budget regime): k-means into |labelled| + k
+    clusters of the normalised embedding, then the most typical pool photo of each uncovered cluster,
+    largest cluster first. Returns positions in `pool`."""
+    z = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).float()
+    centres = z[torch.from_numpy(rng.choice(len(x), size=min(len(labelled) + k, 500), replace=False))]
+    for _ in range(30):  # Lloyd's iterations
+        assign = torch.cdist(z, centres).argmin(dim=1)
+        for c in range(len(centres)):
+            if bool((assign == c).any()):
+                centres[c] = z[assign == c].mean(dim=0)
+    cluster = torch.cdist(z, centres).argmin(dim=1).numpy()
+    typical = typicality(x)
+    covered = set(cluster[labelled].tolist())
+    sizes = np.bincount(cluster, minlength=len(centres))
+    position = {int(index): i for i, index in enumerate(pool)}
+    by_cluster = [
+        sorted((i for i in pool if cluster[i] == c), key=lambda i: -typical[i]) for c in range(len(centres))
+    ]
+    order = sorted(range(len(centres)), key=lambda c: (c in covered, -sizes[c]))
+    chosen: list[int] = []
+    while len(chosen) < k:  # a round over the clusters takes the next most typical photo of each
+        for c in order:
+            if by_cluster[c] and len(chosen) < k:
+                chosen.append(position[int(by_cluster[c].pop(0))])
+    return chosen
+
+
+def balanced_margin_order(p: np.ndarray, k: int) -> list[int]:
+    """Smallest margin first, taken in turn from each predicted answer: class-balanced uncertainty."""
+    top2 = np.sort(p, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    answers = p.argmax(axis=1)
+    groups = [
+        list(g[np.argsort(margin[g])])
+        for g in (np.flatnonzero(answers == c) for c in range(p.shape[1]))
+        if len(g)
+    ]
+    chosen: list[int] = []
+    while len(chosen) < k:
+        for group in groups:
+            if group and len(chosen) < k:
+                chosen.append(int(group.pop(0)))
+    return chosen
+
+
 # "active" is the product (`binsight recheck load --predictions`); the others are the usual baselines
 # from the active-learning literature, measured so that the product's choice is one among them.
-POLICIES = ("random", "active", "margin", "badge", "committee")
+POLICIES = ("random", "active", "margin", "badge", "committee", "density", "typiclust-active", "balanced")
+TYPICLUST_UNTIL = 600  # labels below which typiclust-active picks by typicality, then the product's order
 
 
 def choose(
@@ -163,9 +220,18 @@ def choose(
         seed = int(rng.integers(1 << 30))
         committee = committee_probabilities(x[labelled], y[labelled], x[pool], seed, learner)
         return pool[np.asarray(informative_order(committee, k=k))]
+    if policy == "typiclust-active" and len(labelled) < TYPICLUST_UNTIL:
+        return pool[np.asarray(typiclust_order(x, labelled, pool, k, rng))]
     p = probabilities(head, x[pool])
-    if policy == "active":
+    if policy in ("active", "typiclust-active"):
         order = informative_order(p, k=k)
+    elif policy == "density":  # information density (after Settles & Craven, 2008): the product's
+        # order among the more typical half of the pool, away from outliers no other photo resembles
+        typical = typicality(x)[pool]
+        dense = np.flatnonzero(typical >= np.median(typical))
+        order = list(dense[np.asarray(informative_order(p[dense], k=k))])
+    elif policy == "balanced":
+        order = balanced_margin_order(p, k)
     elif policy == "margin":
         top2 = np.sort(p, axis=1)[:, -2:]
         order = list(np.argsort(top2[:, 1] - top2[:, 0])[:k])
