@@ -177,10 +177,15 @@ def typiclust_order(
     return chosen
 
 
+def margins(p: np.ndarray) -> np.ndarray:
+    """The gap between each photo's two likeliest answers: small is uncertain."""
+    top2 = np.sort(p, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 def balanced_margin_order(p: np.ndarray, k: int) -> list[int]:
     """Smallest margin first, taken in turn from each predicted answer: class-balanced uncertainty."""
-    top2 = np.sort(p, axis=1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
+    margin = margins(p)
     answers = p.argmax(axis=1)
     groups = [
         list(g[np.argsort(margin[g])])
@@ -233,8 +238,7 @@ def choose(
     elif policy == "balanced":
         order = balanced_margin_order(p, k)
     elif policy == "margin":
-        top2 = np.sort(p, axis=1)[:, -2:]
-        order = list(np.argsort(top2[:, 1] - top2[:, 0])[:k])
+        order = list(np.argsort(margins(p))[:k])
     elif policy == "badge":
         order = badge_order(p, x[pool], k, rng)
     else:
