@@ -17,7 +17,7 @@ against the seed spread; for each split. PNGs of the curves.
 
 Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
      [--features dinov2|lite0] [--learner adamw|l2] [--seeds 5] [--start 200] [--step 100] [--rounds 12]
-     [--policies random,active,margin,badge,committee,density,typiclust-active,balanced]
+     [--policies random,active,margin,badge,committee,density,typiclust-active,balanced,views]
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ FEATURES = {
 }
 
 
-def learner_features(work: Path, data: Path, split: str, features: str) -> np.ndarray:
-    """A frozen backbone's pooled features of every photo of a split, through binsight's feature cache."""
-    target = work / f"{features}-pooled-{split}.npy"
+def learner_features(work: Path, data: Path, split: str, features: str, view: str = "o") -> np.ndarray:
+    """A frozen backbone's pooled features of every photo of a split in one view (as is, or "h" for its
+    mirror image), through binsight's feature cache."""
+    target = work / f"{features}-pooled-{split}{'' if view == 'o' else '-' + view}.npy"
     if target.is_file():
         return np.load(target)
     from binsight.data.split import load_split
@@ -58,7 +59,9 @@ def learner_features(work: Path, data: Path, split: str, features: str) -> np.nd
     model = build_model(config.arch, config.head, NUM_CLASSES, True, None, 0.0, config.input_hw).eval()
     precision = Precision(config, torch.device("cpu"))
     rows = load_split(data, split)
-    pooled = pooled_features(config, split_backbone(model.backbone), split, rows, precision).numpy()
+    pooled = pooled_features(
+        config, split_backbone(model.backbone), split, rows, precision, view=view
+    ).numpy()
     np.save(target, pooled)
     return pooled
 
@@ -202,7 +205,17 @@ def balanced_margin_order(p: np.ndarray, k: int) -> list[int]:
 
 # "active" is the product (`binsight recheck load --predictions`); the others are the usual baselines
 # from the active-learning literature, measured so that the product's choice is one among them.
-POLICIES = ("random", "active", "margin", "badge", "committee", "density", "typiclust-active", "balanced")
+POLICIES = (
+    "random",
+    "active",
+    "margin",
+    "badge",
+    "committee",
+    "density",
+    "typiclust-active",
+    "balanced",
+    "views",
+)
 TYPICLUST_UNTIL = 600  # labels below which typiclust-active picks by typicality, then the product's order
 
 
@@ -216,6 +229,7 @@ def choose(
     k: int,
     rng: np.random.Generator,
     learner: str,
+    mirrored: np.ndarray | None = None,
 ) -> np.ndarray:
     from binsight.recheck.queue import informative_order
 
@@ -228,7 +242,11 @@ def choose(
     if policy == "typiclust-active" and len(labelled) < TYPICLUST_UNTIL:
         return pool[np.asarray(typiclust_order(x, labelled, pool, k, rng))]
     p = probabilities(head, x[pool])
-    if policy in ("active", "typiclust-active"):
+    if policy == "views":  # the views' committee: the product's order on the mean answer of the photo
+        # and its mirror image, so that views that disagree flatten the answer (test-time augmentation)
+        assert mirrored is not None
+        order = informative_order((p + probabilities(head, mirrored[pool])) / 2, k=k)
+    elif policy in ("active", "typiclust-active"):
         order = informative_order(p, k=k)
     elif policy == "density":  # information density (after Settles & Craven, 2008): the product's
         # order among the more typical half of the pool, away from outliers no other photo resembles
@@ -253,6 +271,7 @@ def simulate(
     policy: str,
     seed: int,
     args: argparse.Namespace,
+    mirrored: np.ndarray | None = None,
 ) -> dict[str, list[dict[str, float]]]:
     """One seed's curve per scored split (features, recorded counts). Every policy starts from the
     same seed set of its seed."""
@@ -266,7 +285,7 @@ def simulate(
         if round_ == args.rounds:
             break
         pool = np.setdiff1d(np.arange(len(x)), labelled)
-        labelled += list(choose(policy, head, x, y, labelled, pool, args.step, rng, args.learner))
+        labelled += list(choose(policy, head, x, y, labelled, pool, args.step, rng, args.learner, mirrored))
     return curves
 
 
@@ -315,8 +334,15 @@ def main() -> int:
         )
         for split in ("val", "test")
     }
+    # The pool's mirror images, for the views' committee only (one more pass of the backbone).
+    mirrored = None
+    if "views" in policies:
+        mirrored = (learner_features(args.work, data, "train", args.features, view="h") - mean) / std
     runs = {
-        policy: [simulate(x_train, y.astype(np.int64), scored, policy, s, args) for s in range(args.seeds)]
+        policy: [
+            simulate(x_train, y.astype(np.int64), scored, policy, s, args, mirrored)
+            for s in range(args.seeds)
+        ]
         for policy in policies
     }
     for split in scored:

@@ -216,3 +216,34 @@ def test_a_student_learns_from_its_teachers(trained: dict[str, Path], tmp_path: 
     answers = np.load(cached[0])
     assert answers.shape[0] == len((trained["data"] / "splits" / "train.csv").read_text().splitlines()) - 1
     np.testing.assert_allclose(answers.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_pooled_features_of_a_view_are_the_backbone_on_that_view(trained: dict[str, Path]) -> None:
+    from binsight.data.split import load_split
+    from binsight.models.factory import build_model
+    from binsight.training.cached import cache_path, pooled_features, split_backbone
+    from binsight.training.data import build_cache
+    from binsight.training.hardware import Precision
+
+    config = _config(trained, trained["data"] / "unused", arch="efficientnet_lite0", image_size=64, amp="off")
+    torch.manual_seed(0)
+    model = build_model(config.arch, config.head, 6, True, None, 0.0, config.input_hw).eval()
+    backbone = split_backbone(model.backbone)
+    rows = load_split(trained["data"], "val")
+    precision = Precision(config, torch.device("cpu"))
+    as_is, mirrored = (pooled_features(config, backbone, "val", rows, precision, view=v) for v in ("o", "h"))
+    pixels = np.asarray(
+        build_cache(
+            [str(trained["data"] / r["image"]) for r in rows],
+            config.preprocess,
+            cache_path(trained["data"], "val", rows, config.input_hw),
+        )
+    )
+    with torch.no_grad():
+        flipped = torch.from_numpy(config.preprocess.normalise(np.ascontiguousarray(pixels[:, :, ::-1])))
+        expected = torch.flatten(backbone.tail(backbone.prefix(flipped, backbone.depth), backbone.depth), 1)
+    assert mirrored.shape == as_is.shape == expected.shape
+    scale = float(expected.abs().max())
+    assert scale > 0.1
+    assert float((mirrored - expected).abs().max()) < 0.01 * scale  # the cache holds fp16
+    assert float((mirrored - as_is).abs().max()) > 0.1 * scale  # a mirror is another photo to a CNN

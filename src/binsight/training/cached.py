@@ -177,10 +177,12 @@ def pooled_features(
     rows: list[dict[str, str]],
     precision: Precision,
     chunk: int = 256,
+    view: str = "o",
 ) -> torch.Tensor:
-    """The whole frozen backbone's pooled output (N, features) for every photo of `rows` as is, through
-    the feature cache: a linear probe's input, or a learner's in a simulation."""
-    tokens = feature_cache(config, backbone, backbone.depth, split, rows, ["o"], precision)["o"]
+    """The whole frozen backbone's pooled output (N, features) for every photo of `rows` in one view
+    (as is by default, `VIEWS`), through the feature cache: a linear probe's input, or a learner's in a
+    simulation."""
+    tokens = feature_cache(config, backbone, backbone.depth, split, rows, [view], precision)[view]
     return torch.cat(
         [
             torch.flatten(
