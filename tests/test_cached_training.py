@@ -116,11 +116,13 @@ def test_an_interrupted_feature_cache_resumes_to_the_same_features(
     config = _config(
         trained, tmp_path / "a", arch="efficientnet_lite0", image_size=64, train_on_cache=True, epochs=1
     )
+    before = set((trained["data"] / ".cache").glob("features-*"))
     train(config)
-    folder = next(
+    # This run's cache of the training photos (they have the mirrored view too), not another test's.
+    (folder,) = (
         p
-        for p in (trained["data"] / ".cache").glob("features-*")
-        if json.loads((p / "progress.json").read_text())
+        for p in set((trained["data"] / ".cache").glob("features-*")) - before
+        if "h" in json.loads((p / "progress.json").read_text())
     )
     complete = np.array(np.load(folder / "o.npy"))
     progress = json.loads((folder / "progress.json").read_text())
@@ -247,3 +249,7 @@ def test_pooled_features_of_a_view_are_the_backbone_on_that_view(trained: dict[s
     assert scale > 0.1
     assert float((mirrored - expected).abs().max()) < 0.01 * scale  # the cache holds fp16
     assert float((mirrored - as_is).abs().max()) > 0.1 * scale  # a mirror is another photo to a CNN
+    # Features made under bf16 autocast are cached apart from fp32 ones, not served for them.
+    bf16 = Precision(config.model_copy(update={"amp": "on"}), torch.device("cpu"))
+    assert bf16.enabled
+    assert float((pooled_features(config, backbone, "val", rows, bf16, view="h") - mirrored).abs().max()) > 0

@@ -99,10 +99,14 @@ class CachedTail(nn.Module):
         return out
 
 
-def _key(config: TrainConfig, frozen: int, split: str, rows: list[dict[str, str]]) -> str:
-    """What the cached features depend on: the backbone and its weights, input, normalisation, depth and
-    the photos (changing any of them makes a new cache, never a stale one)."""
+def _key(
+    config: TrainConfig, frozen: int, split: str, rows: list[dict[str, str]], precision: Precision
+) -> str:
+    """What the cached features depend on: the backbone and its weights, input, normalisation, depth,
+    the precision it ran in (bf16 features are not fp32 ones) and the photos (changing any of them makes
+    a new cache, never a stale one)."""
     settings = {
+        "precision": str(precision.dtype) if precision.enabled else "float32",
         "arch": config.arch,
         "weights": str(config.weights or "packaged"),
         "pretrained": config.pretrained,
@@ -134,7 +138,7 @@ def feature_cache(
         config.preprocess,
         cache_path(data_dir, split, rows, config.input_hw),
     )
-    folder = data_dir / ".cache" / f"features-{_key(config, frozen, split, rows)}"
+    folder = data_dir / ".cache" / f"features-{_key(config, frozen, split, rows, precision)}"
     folder.mkdir(parents=True, exist_ok=True)
     progress_file = folder / "progress.json"
     done: dict[str, int] = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
