@@ -14,6 +14,7 @@ from binsight.inference.verdict import (
     ConformalPolicy,
     VerdictThresholds,
     judge,
+    p_record_wrong,
     policy_for,
 )
 
@@ -88,3 +89,52 @@ def test_policy_falls_back_to_fixed_thresholds_without_a_calibration() -> None:
     assert verdict.verdict == OK and verdict.p_value is None
     with pytest.raises(ValueError, match="alpha"):
         ConformalPolicy(Calibration.fit(np.eye(2), np.arange(2), (0, 1)), alpha=0.3, review_alpha=0.1)
+
+
+def test_p_record_wrong_is_bayes_over_how_records_go_wrong() -> None:
+    probabilities = np.array([0.0, 0.1, 0.5, 0.3, 0.1, 0.0, 0.0])
+    # By hand: a wrong record is 1 away 3 times in 4, 2 away otherwise, farther with share 0.02, each
+    # normalised over the records a bin holding `count` could wrongly show.
+    shares = {1: 0.75, 2: 0.25}
+
+    def share(distance: int) -> float:
+        return shares.get(distance, 0.02)
+
+    def wrong_record_reads_2(count: int) -> float:
+        return share(abs(2 - count)) / sum(share(abs(r - count)) for r in range(7) if r != count)
+
+    wrong = 0.1 * sum(probabilities[c] * wrong_record_reads_2(c) for c in range(7) if c != 2)
+    expected = wrong / (wrong + 0.9 * 0.5)
+    assert p_record_wrong(probabilities, 2, 0.1)[0] == pytest.approx(expected, rel=1e-9)
+
+    # At equal P(record), doubt next to the record is the likelier miscount than doubt far from it.
+    near = np.array([0.0, 0.4, 0.6, 0.0, 0.0, 0.0, 0.0])
+    far = np.array([0.0, 0.4, 0.0, 0.0, 0.0, 0.6, 0.0])
+    scores = p_record_wrong(np.stack([near, far]), np.array([1, 1]))
+    assert scores[0] > 2 * scores[1]
+    # A blatant error (the photo is sure the bin is empty, the record says 5) still outranks a
+    # doubtful record whose doubt is a neighbour.
+    blatant = np.array([0.995, 0.004, 0.0, 0.0, 0.0, 0.001, 0.0])
+    doubtful = np.array([0.0, 0.0, 0.25, 0.5, 0.25, 0.0, 0.0])
+    scores = p_record_wrong(np.stack([blatant, doubtful]), np.array([5, 3]))
+    assert scores[0] > 0.5 > scores[1]
+    # The prior scales the probability, never the order; a record past the classes is judged as the
+    # top class ("6 or more"), a negative one is wrong; a sure photo agreeing with its record is right.
+    many = simulated(200, 2.0, seed=4)[0]
+    recorded = np.random.default_rng(4).integers(0, 6, 200)
+    low, high = p_record_wrong(many, recorded, 0.02), p_record_wrong(many, recorded, 0.3)
+    assert np.all(low < high) and (np.argsort(low, kind="stable") == np.argsort(high, kind="stable")).all()
+    assert p_record_wrong(probabilities, 40)[0] == p_record_wrong(probabilities, 6)[0] == 1.0
+    assert p_record_wrong(probabilities, -1)[0] == 1.0
+    assert p_record_wrong(np.eye(7)[3], 3)[0] == 0.0
+
+
+def test_ranking_by_p_record_wrong_catches_more_miscounts_than_one_minus_p_recorded() -> None:
+    from binsight.audit.evaluation import catch_curve, simulate_errors
+
+    probabilities, truth = simulated(12_000, 3.0, seed=5)
+    recorded, is_error = simulate_errors(truth, 0.1, len(CLASSES), seed=5)
+    budget = 1200  # re-check 10% of the bins
+    by_record = catch_curve(1 - probabilities[np.arange(len(truth)), recorded], is_error)[1][budget - 1]
+    by_posterior = catch_curve(p_record_wrong(probabilities, recorded), is_error)[1][budget - 1]
+    assert by_posterior > by_record + 0.02, (by_posterior, by_record)

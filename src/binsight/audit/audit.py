@@ -1,8 +1,8 @@
 """`binsight audit`: which bins' photos disagree with their recorded quantity, most suspicious first.
 
-Every bin gets P(count == recorded) from the model (a batch run, `batch/run.py`, in one process or on
-Ray); bins are ranked by 1 - P, the model's belief that the record is wrong, so people re-check from
-the top of the list for as long as their budget lasts. With a review budget (a share of bins), exactly
+Every bin gets its count probabilities from the model (a batch run, `batch/run.py`, in one process or
+on Ray); bins are ranked by P(record wrong) (`inference.verdict.p_record_wrong`: those probabilities
+weighed by how records go wrong, mostly by one), so people re-check from the top of the list for as long as their budget lasts. With a review budget (a share of bins), exactly
 that share is flagged, whatever the verdict policy says, so the list matches the people available;
 the policy then only splits flagged bins into mismatch and review.
 """
@@ -165,7 +165,7 @@ def write_audit(
         # script.
         caption = (
             f"#{row['rank']} {row['verdict']}: recorded {row['recorded_quantity']}, photo shows "
-            f"{row['predicted_count']} (P(record right) {row['p_recorded']:.2f})"
+            f"{row['predicted_count']} (P(record wrong) {row['p_record_wrong']:.2f})"
             + (f"; {row['recount']}" if row["recount"] else "")
         )
         cells.append(
@@ -213,7 +213,13 @@ def audit(config: AuditConfig) -> AuditOutcome:
     if config.source is None:
         raise BinsightError("give the bins to audit (a CSV, or a folder or s3:// prefix in the ABID layout)")
     settings = ScorerSettings(
-        config.backend, config.precision, config.threads, version, judge=True, verdicts=verdicts
+        config.backend,
+        config.precision,
+        config.threads,
+        version,
+        judge=True,
+        verdicts=verdicts,
+        record_error_rate=config.error_rate,
     )
     run = run_batch(config, model, settings)
     findings = None

@@ -20,7 +20,7 @@ from binsight.inference.verdict import (
     VerdictPolicy,
     VerdictThresholds,
     judge,
-    p_of_count,
+    p_record_wrong,
 )
 from binsight.reporting.html import HtmlReport
 from binsight.utils.records import JsonRecord
@@ -158,7 +158,7 @@ def evaluate_audit(
     usable = np.array([p is None for p in problems])
     probabilities, truth = probabilities[usable], truth[usable]
     recorded, is_error = simulate_errors(truth, error_rate, len(counter.info.classes), seed)
-    scores = np.array([1 - p_of_count(p, int(r)) for p, r in zip(probabilities, recorded, strict=True)])
+    scores = p_record_wrong(probabilities, recorded, error_rate)
     fraction, caught = catch_curve(scores, is_error)
     reviewed = {budget: max(1, round(budget * len(scores))) for budget in BUDGETS}
     policy = policy or VerdictThresholds()

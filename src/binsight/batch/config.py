@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from binsight.inference.engines import Backend, EnginePrecision
-from binsight.inference.verdict import VerdictSettings
+from binsight.inference.verdict import RECORD_ERROR_RATE, VerdictSettings
 from binsight.utils.redact import SecretUrl
 
 
@@ -68,7 +68,13 @@ class AuditConfig(BatchConfig, VerdictSettings):
     evaluate: bool = Field(False, description="simulate inventory errors on labelled data (with --data)")
     data: Path | None = Field(None, description="dataset with splits (for --evaluate)")
     split: str = Field("test", description="split to evaluate on")
-    error_rate: float = Field(0.1, gt=0.0, lt=1.0, description="--evaluate: share of records to corrupt")
+    error_rate: float = Field(
+        RECORD_ERROR_RATE,
+        gt=0.0,
+        lt=1.0,
+        description="share of records that are wrong: with --evaluate, the share corrupted; otherwise the "
+        "prior that scales p_record_wrong (the order of the bins does not depend on it)",
+    )
     seed: int = Field(0, description="--evaluate: seed of the simulated errors")
     recheck_storage: SecretUrl | None = Field(
         None, description="label store whose recounts of these bins the report shows (`binsight recheck`)"

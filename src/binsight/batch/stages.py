@@ -22,7 +22,7 @@ from binsight.batch.sources import NO_RECORD
 from binsight.imaging import Preprocess
 from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.runtime import LoadedModel, load_counter
-from binsight.inference.verdict import VerdictSettings, judge
+from binsight.inference.verdict import RECORD_ERROR_RATE, VerdictSettings, judge, p_record_wrong
 from binsight.utils.reading import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, read_source
 from binsight.utils.text import printable
 
@@ -98,6 +98,7 @@ class ScorerSettings:
     version: str | None = None
     judge: bool = False  # audit: verdict columns against the recorded quantity
     verdicts: VerdictSettings = field(default_factory=VerdictSettings)
+    record_error_rate: float = RECORD_ERROR_RATE  # the prior share of wrong records (scales P(wrong))
 
 
 def _load(model: str | bytes, settings: ScorerSettings) -> LoadedModel:
@@ -176,10 +177,16 @@ class Scorer:
             verdict = judge(probs, int(count), self.policy)
             p_recorded[i], verdicts[i] = verdict.p_expected, verdict.verdict
             p_values[i] = np.nan if verdict.p_value is None else verdict.p_value
+        wrong = np.full(len(recorded), np.nan)
+        judged = ~np.isnan(p_recorded)
+        if judged.any():
+            wrong[judged] = p_record_wrong(
+                probabilities[judged], recorded[judged], self.settings.record_error_rate
+            )
         return {
             "recorded_quantity": recorded.astype(np.int64),
             "p_recorded": p_recorded,
-            "p_record_wrong": 1 - p_recorded,
+            "p_record_wrong": wrong,
             "p_value": p_values,
             "verdict": verdicts,
             "problem": problems,

@@ -134,6 +134,50 @@ def p_of_count(probabilities: np.ndarray, count: int) -> float:
     return float(probabilities[min(count, len(probabilities) - 1)])
 
 
+# How a wrong record differs from the count in the bin, as the audit assumes (and its evaluation
+# simulates, `audit.evaluation.simulate_errors`): by one three times in four, by two otherwise, and a
+# small share farther, so that a blatant error (an empty bin recorded as 5) still ranks near the top.
+ERROR_SIZE_SHARES = {1: 0.75, 2: 0.25}
+FARTHER_ERROR_SHARE = 0.02
+# The share of records assumed wrong before looking at the photo; it scales P(record wrong), never
+# the order of the bins.
+RECORD_ERROR_RATE = 0.1
+
+
+def _wrong_record_given_count(classes: int) -> np.ndarray:
+    """(count, record): P(the record reads `record` | the bin holds `count`, the record is wrong)."""
+    distance = np.abs(np.subtract.outer(np.arange(classes), np.arange(classes)))
+    shares = np.full(distance.shape, FARTHER_ERROR_SHARE)
+    for size, share in ERROR_SIZE_SHARES.items():
+        shares[distance == size] = share
+    shares[distance == 0] = 0.0
+    totals = shares.sum(axis=1, keepdims=True)
+    normalised: np.ndarray = np.divide(shares, totals, out=np.zeros_like(shares), where=totals > 0)
+    return normalised
+
+
+def p_record_wrong(
+    probabilities: np.ndarray, recorded: np.ndarray | int, error_rate: float = RECORD_ERROR_RATE
+) -> np.ndarray:
+    """P(record wrong | photo, record) per bin, by Bayes: right with weight (1 - rate) P(count ==
+    record), wrong with weight rate * sum over other counts c of P(count == c) P(record | c, wrong).
+
+    1 - P(record) treats every other count as an equally likely truth; inventory goes wrong by one
+    or two, so a photo whose doubt sits next to the record is the likelier error (measured on real
+    photos: docs/benchmarks.md, eleventh round). A record beyond the model's classes is judged
+    as its top class, as `p_of_count` does; a negative one is wrong."""
+    probabilities = np.atleast_2d(np.asarray(probabilities, dtype=np.float64))
+    recorded = np.atleast_1d(np.asarray(recorded, dtype=np.int64))
+    classes = probabilities.shape[1]
+    column = np.clip(recorded, 0, classes - 1)
+    rows = np.arange(len(recorded))
+    right = (1 - error_rate) * probabilities[rows, column]
+    wrong = error_rate * (probabilities * _wrong_record_given_count(classes)[:, column].T).sum(axis=1)
+    total = right + wrong
+    posterior = np.divide(wrong, total, out=np.ones_like(total), where=total > 0)
+    return np.where(recorded < 0, 1.0, posterior)
+
+
 def judge(probabilities: np.ndarray, expected_count: int, policy: VerdictPolicy) -> Verdict:
     verdict, p_value = policy.decide(probabilities, expected_count)
     return Verdict(

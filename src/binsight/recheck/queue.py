@@ -1,6 +1,6 @@
 """What people are asked to recount, and in which order: two budgets a day.
 
-- **Suspicious** bins, most likely to hold a wrong record: an audit run's ranking (1 - P(recorded)),
+- **Suspicious** bins, most likely to hold a wrong record: an audit run's ranking (P(record wrong)),
   or live traffic whose verdict was not `ok`. This catches inventory errors.
 - **Informative** bins, whose label would teach the model most: the model is unsure (small margin
   between its two likeliest counts), it leans to the counts it learns worst (2, 3 and 4 items), and
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from binsight.errors import BinsightError
+from binsight.inference.verdict import p_record_wrong
 from binsight.monitoring.capture_record import CaptureRecord
 from binsight.recheck.store import QueueEntry
 from binsight.utils.io import read_csv
@@ -96,14 +97,18 @@ def from_traffic(capture_dir: Path) -> list[QueueEntry]:
                 or record.verdict in (None, "ok")
             ):
                 continue
-            classes = len(record.probabilities)
-            p_recorded = record.probabilities[min(record.expected_count, classes - 1)] if classes else 0.0
+            # A capture without probabilities (an old server's) cannot be weighed: first in line.
+            wrong = (
+                float(p_record_wrong(np.asarray(record.probabilities), record.expected_count)[0])
+                if record.probabilities
+                else 1.0
+            )
             entries[record.source] = QueueEntry(
                 photo_id_of(record.source),
                 record.source,
                 f"traffic:{capture_dir.name}",
                 "suspicious",
-                1.0 - p_recorded,
+                wrong,
                 record.expected_count,
                 record.count,
                 record.model_version,
