@@ -2,9 +2,10 @@
 
 Every bin gets its count probabilities from the model (a batch run, `batch/run.py`, in one process or
 on Ray); bins are ranked by P(record wrong) (`inference.verdict.p_record_wrong`: those probabilities
-weighed by how records go wrong, mostly by one), so people re-check from the top of the list for as long as their budget lasts. With a review budget (a share of bins), exactly
-that share is flagged, whatever the verdict policy says, so the list matches the people available;
-the policy then only splits flagged bins into mismatch and review.
+weighed by how records go wrong, mostly by one), so people re-check from the top of the list for as
+long as their budget lasts. With a review budget (a share of bins), exactly that share is flagged,
+whatever the verdict policy says, so the list matches the people available; the policy then only
+splits flagged bins into mismatch and review.
 """
 
 from __future__ import annotations
