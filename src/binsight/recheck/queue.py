@@ -97,7 +97,7 @@ def from_traffic(capture_dir: Path) -> list[QueueEntry]:
                 or record.verdict in (None, "ok")
             ):
                 continue
-            # A capture without probabilities (an old server's) cannot be weighed: first in line.
+            # A capture without probabilities cannot be weighed: first in line, as before.
             wrong = (
                 float(p_record_wrong(np.asarray(record.probabilities), record.expected_count)[0])
                 if record.probabilities
