@@ -17,7 +17,7 @@ against the seed spread; for each split. PNGs of the curves.
 
 Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
      [--features dinov2|lite0] [--learner adamw|l2] [--seeds 5] [--start 200] [--step 100] [--rounds 12]
-     [--policies random,active,margin,badge,committee,density,typiclust-active,balanced,views]
+     [--policies random,active,margin,badge,committee,density,typiclust-active,balanced,views,disagreement]
 """
 
 from __future__ import annotations
@@ -116,16 +116,27 @@ def scores(p: np.ndarray, counts: np.ndarray) -> dict[str, float]:
     return out
 
 
-def committee_probabilities(
-    x: np.ndarray, y: np.ndarray, pool: np.ndarray, seed: int, learner: str
-) -> np.ndarray:
-    """The mean answer of five heads trained on bootstrap resamples of the labels (query by committee)."""
+def committee_answers(x: np.ndarray, y: np.ndarray, pool: np.ndarray, seed: int, learner: str) -> np.ndarray:
+    """The answers of five heads trained on bootstrap resamples of the labels (query by committee):
+    (member, photo, class)."""
     rng = np.random.default_rng(seed)
     answers = []
     for member in range(5):
         sample = rng.choice(len(x), size=len(x), replace=True)
         answers.append(probabilities(train_head(x[sample], y[sample], seed + member, learner, 100), pool))
-    return np.mean(answers, axis=0)
+    return np.stack(answers)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=-1)
+
+
+def disagreement(answers: np.ndarray) -> np.ndarray:
+    """The committee's mean KL divergence from its consensus (McCallum & Nigam, 1998), which equals the
+    mutual information between answer and member (BALD's score): high where the members disagree, not
+    where each of them is unsure, so photos that are ambiguous to everyone (a noisy record, an item
+    hidden behind the strap) are not what it asks for."""
+    return entropy(answers.mean(axis=0)) - entropy(answers).mean(axis=0)
 
 
 def badge_order(p: np.ndarray, features: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
@@ -215,6 +226,7 @@ POLICIES = (
     "typiclust-active",
     "balanced",
     "views",
+    "disagreement",
 )
 TYPICLUST_UNTIL = 600  # labels below which typiclust-active picks by typicality, then the product's order
 
@@ -237,8 +249,12 @@ def choose(
         return rng.choice(pool, size=k, replace=False)
     if policy == "committee":  # the product's order on a bootstrap committee's mean answer
         seed = int(rng.integers(1 << 30))
-        committee = committee_probabilities(x[labelled], y[labelled], x[pool], seed, learner)
+        committee = committee_answers(x[labelled], y[labelled], x[pool], seed, learner).mean(axis=0)
         return pool[np.asarray(informative_order(committee, k=k))]
+    if policy == "disagreement":  # query by committee, by how much the members disagree
+        seed = int(rng.integers(1 << 30))
+        answers = committee_answers(x[labelled], y[labelled], x[pool], seed, learner)
+        return pool[np.argsort(-disagreement(answers), kind="stable")[:k]]
     if policy == "typiclust-active" and len(labelled) < TYPICLUST_UNTIL:
         return pool[np.asarray(typiclust_order(x, labelled, pool, k, rng))]
     p = probabilities(head, x[pool])

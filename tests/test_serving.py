@@ -32,6 +32,7 @@ from binsight.export.onnx import ExportConfig, export
 from binsight.imaging import Preprocess
 from binsight.inference import engines
 from binsight.inference.runtime import OnnxCounter, load_counter
+from binsight.inference.verdict import p_record_wrong
 from binsight.serving.app import create_app
 from binsight.serving.config import ServeConfig
 from binsight.serving.loadtest import LoadResult, run_load
@@ -173,6 +174,8 @@ def test_routes_answer_like_the_model(trained: dict[str, Path], abid_bucket: dic
         )
         assert judged["expected_within_range"] is True
         assert 0 < judged["p_value"] <= 1  # the record's conformal p-value: mismatch when <= alpha
+        # The number the audit ranks bins by, so a client scanning bins here ranks them as it does.
+        assert judged["p_record_wrong"] == pytest.approx(float(p_record_wrong(expected, 2)[0]), abs=1e-5)
         # Past the top class the model can only say "at least top": the answer says so.
         beyond = httpx.post(f"{s.url}/invocations", json={"image": b64, "expected_count": 5000}).json()
         assert beyond["expected_within_range"] is False

@@ -22,7 +22,7 @@ from binsight.batch.sources import NO_RECORD
 from binsight.imaging import Preprocess
 from binsight.inference.engines import Backend, EnginePrecision
 from binsight.inference.runtime import LoadedModel, load_counter
-from binsight.inference.verdict import RECORD_ERROR_RATE, VerdictSettings, judge, p_record_wrong
+from binsight.inference.verdict import RECORD_ERROR_RATE, VerdictSettings, judge
 from binsight.utils.reading import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, read_source
 from binsight.utils.text import printable
 
@@ -166,6 +166,7 @@ class Scorer:
 
     def _judge(self, probabilities: np.ndarray, recorded: np.ndarray, problems: np.ndarray) -> Batch:
         p_recorded = np.full(len(recorded), np.nan)
+        wrong = np.full(len(recorded), np.nan)
         p_values = np.full(len(recorded), np.nan)
         verdicts = np.full(len(recorded), "error", dtype=object)
         for i, (probs, count) in enumerate(zip(probabilities, recorded, strict=True)):
@@ -174,15 +175,9 @@ class Scorer:
             if count == NO_RECORD:
                 problems[i] = "no recorded quantity"
                 continue
-            verdict = judge(probs, int(count), self.policy)
-            p_recorded[i], verdicts[i] = verdict.p_expected, verdict.verdict
+            verdict = judge(probs, int(count), self.policy, self.settings.record_error_rate)
+            p_recorded[i], wrong[i], verdicts[i] = verdict.p_expected, verdict.p_record_wrong, verdict.verdict
             p_values[i] = np.nan if verdict.p_value is None else verdict.p_value
-        wrong = np.full(len(recorded), np.nan)
-        judged = ~np.isnan(p_recorded)
-        if judged.any():
-            wrong[judged] = p_record_wrong(
-                probabilities[judged], recorded[judged], self.settings.record_error_rate
-            )
         return {
             "recorded_quantity": recorded.astype(np.int64),
             "p_recorded": p_recorded,

@@ -119,6 +119,7 @@ class Verdict:
     p_expected: float
     predicted_count: int
     verdict: str
+    p_record_wrong: float  # what the audit ranks bins by
     p_value: float | None = None  # conformal p-value of the record (None under fixed thresholds)
 
     @property
@@ -178,12 +179,18 @@ def p_record_wrong(
     return np.where(recorded < 0, 1.0, posterior)
 
 
-def judge(probabilities: np.ndarray, expected_count: int, policy: VerdictPolicy) -> Verdict:
+def judge(
+    probabilities: np.ndarray,
+    expected_count: int,
+    policy: VerdictPolicy,
+    error_rate: float = RECORD_ERROR_RATE,
+) -> Verdict:
     verdict, p_value = policy.decide(probabilities, expected_count)
     return Verdict(
         expected_count,
         p_of_count(probabilities, expected_count),
         int(np.argmax(probabilities)),
         verdict,
+        float(p_record_wrong(probabilities, expected_count, error_rate)[0]),
         p_value,
     )

@@ -78,6 +78,11 @@ class Prediction(BaseModel):
     p_value: float | None = Field(
         None, description="conformal p-value of the record (calibrated models); mismatch when <= alpha"
     )
+    p_record_wrong: float | None = Field(
+        None,
+        description="P(the record is wrong | photo, record), with 10% of records assumed wrong and a "
+        "wrong record most often one or two off: the number `binsight audit` ranks bins by",
+    )
 
 
 class Predictions(BaseModel):

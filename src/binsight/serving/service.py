@@ -213,6 +213,7 @@ class CountingService:
             p_expected=None if verdict is None else round(verdict.p_expected, 6),
             verdict=None if verdict is None else verdict.verdict,
             p_value=None if verdict is None or verdict.p_value is None else round(verdict.p_value, 6),
+            p_record_wrong=None if verdict is None else round(verdict.p_record_wrong, 6),
         )
         if self.capture:
             self.capture.record(
