@@ -20,7 +20,6 @@ from binsight.inference.verdict import (
     VerdictPolicy,
     VerdictThresholds,
     judge,
-    p_record_wrong,
 )
 from binsight.reporting.html import HtmlReport
 from binsight.utils.records import JsonRecord
@@ -158,11 +157,12 @@ def evaluate_audit(
     usable = np.array([p is None for p in problems])
     probabilities, truth = probabilities[usable], truth[usable]
     recorded, is_error = simulate_errors(truth, error_rate, len(counter.info.classes), seed)
-    scores = p_record_wrong(probabilities, recorded, error_rate)
+    policy = policy or VerdictThresholds()
+    judged = [judge(p, int(r), policy, error_rate) for p, r in zip(probabilities, recorded, strict=True)]
+    scores = np.array([j.p_record_wrong for j in judged])
     fraction, caught = catch_curve(scores, is_error)
     reviewed = {budget: max(1, round(budget * len(scores))) for budget in BUDGETS}
-    policy = policy or VerdictThresholds()
-    verdicts = [judge(p, int(r), policy).verdict for p, r in zip(probabilities, recorded, strict=True)]
+    verdicts = [j.verdict for j in judged]
     flagged = np.array([v != "ok" for v in verdicts])
     correct = ~is_error
     result = AuditEvaluation(
