@@ -14,6 +14,7 @@ Two policies decide it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -145,8 +146,10 @@ FARTHER_ERROR_SHARE = 0.02
 RECORD_ERROR_RATE = 0.1
 
 
+@cache  # judged once per bin in batch runs and requests: built once per number of classes
 def _wrong_record_given_count(classes: int) -> np.ndarray:
-    """(count, record): P(the record reads `record` | the bin holds `count`, the record is wrong)."""
+    """(count, record): P(the record reads `record` | the bin holds `count`, the record is wrong);
+    read-only, since every caller shares it."""
     distance = np.abs(np.subtract.outer(np.arange(classes), np.arange(classes)))
     shares = np.full(distance.shape, FARTHER_ERROR_SHARE)
     for size, share in ERROR_SIZE_SHARES.items():
@@ -154,6 +157,7 @@ def _wrong_record_given_count(classes: int) -> np.ndarray:
     shares[distance == 0] = 0.0
     totals = shares.sum(axis=1, keepdims=True)
     normalised: np.ndarray = np.divide(shares, totals, out=np.zeros_like(shares), where=totals > 0)
+    normalised.flags.writeable = False
     return normalised
 
 
