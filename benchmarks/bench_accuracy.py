@@ -196,6 +196,9 @@ ROWS = {
         # Stochastic depth in the backbone (`--drop-path`), against the overfitting that sets in after
         # epoch 4 (validation loss rising while the training loss falls).
         *(Row(f"drop-path{tag}", {"drop_path": 0.2, "seed": seed}) for seed, tag in SEED_TAGS[:2]),
+        # Sharpness-aware minimisation (`--sam`, rho 0.05): flat minima against the same overfitting,
+        # and robust to noisy labels (ABID's counts are inventory records); twice the compute a step.
+        *(Row(f"sam{tag}", {"sam": 0.05, "seed": seed}) for seed, tag in SEED_TAGS[:2]),
         # Layer-wise learning rates (`--layer-decay`, BEiT's decay through timm's parameter groups):
         # the low-level ImageNet filters move least. One seed: an indication, not a choice.
         Row("layer-decay", {"layer_decay": 0.9}),

@@ -17,7 +17,9 @@ against the seed spread; for each split. PNGs of the curves.
 
 Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--work /tmp/binsight-accuracy]
      [--features dinov2|lite0] [--learner adamw|l2] [--seeds 5] [--start 200] [--step 100] [--rounds 12]
-     [--policies random,active,margin,badge,committee,density,typiclust-active,balanced,views,disagreement]
+     [--explore-share 0.25]
+     [--policies random,active,margin,badge,committee,density,typiclust-active,balanced,views,disagreement,
+      cluster-margin,cluster-active,active-explore]
 """
 
 from __future__ import annotations
@@ -191,6 +193,41 @@ def typiclust_order(
     return chosen
 
 
+def kmeans_clusters(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Each photo's cluster among `n` k-means clusters of the normalised embedding (Lloyd's, from a
+    random sample of photos)."""
+    z = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).float()
+    rng = np.random.default_rng(seed)
+    centres = z[torch.from_numpy(rng.choice(len(x), size=n, replace=False))]
+    for _ in range(30):
+        assign = torch.cdist(z, centres).argmin(dim=1)
+        for c in range(n):
+            if bool((assign == c).any()):
+                centres[c] = z[assign == c].mean(dim=0)
+    return torch.cdist(z, centres).argmin(dim=1).numpy()
+
+
+def cluster_round_robin(
+    candidates: np.ndarray, cluster: np.ndarray, k: int, rng: np.random.Generator
+) -> list[int]:
+    """Cluster-Margin's sampling (Citovsky et al., NeurIPS 2021): the candidates grouped by cluster,
+    the clusters with fewest candidates first, one random candidate from each in turn until `k`."""
+    groups = [
+        list(rng.permutation(candidates[cluster[candidates] == c])) for c in np.unique(cluster[candidates])
+    ]
+    groups.sort(key=len)
+    chosen: list[int] = []
+    while len(chosen) < k:
+        for group in groups:
+            if group and len(chosen) < k:
+                chosen.append(int(group.pop()))
+    return chosen
+
+
+CLUSTERS = 100  # k-means clusters of the pool for cluster-margin: about one per recount of a round
+CANDIDATES = 3  # cluster-margin looks at this many times a round's recounts, least certain first
+
+
 def margins(p: np.ndarray) -> np.ndarray:
     """The gap between each photo's two likeliest answers: small is uncertain."""
     top2 = np.sort(p, axis=1)[:, -2:]
@@ -227,6 +264,9 @@ POLICIES = (
     "balanced",
     "views",
     "disagreement",
+    "cluster-margin",
+    "cluster-active",
+    "active-explore",
 )
 TYPICLUST_UNTIL = 600  # labels below which typiclust-active picks by typicality, then the product's order
 
@@ -242,6 +282,7 @@ def choose(
     rng: np.random.Generator,
     learner: str,
     mirrored: np.ndarray | None = None,
+    explore_share: float = 0.25,
 ) -> np.ndarray:
     from binsight.recheck.queue import informative_order
 
@@ -255,6 +296,12 @@ def choose(
         seed = int(rng.integers(1 << 30))
         answers = committee_answers(x[labelled], y[labelled], x[pool], seed, learner)
         return pool[np.argsort(-disagreement(answers), kind="stable")[:k]]
+    if policy == "active-explore":  # the product's order for most of a round, the rest at random
+        # (epsilon-greedy), against the sampling bias of choosing only by the model's own doubt
+        explore = rng.choice(pool, size=round(explore_share * k), replace=False)
+        rest = np.setdiff1d(pool, explore)
+        exploit = rest[np.asarray(informative_order(probabilities(head, x[rest]), k=k - len(explore)))]
+        return np.concatenate([exploit, explore])
     if policy == "typiclust-active" and len(labelled) < TYPICLUST_UNTIL:
         return pool[np.asarray(typiclust_order(x, labelled, pool, k, rng))]
     p = probabilities(head, x[pool])
@@ -271,6 +318,16 @@ def choose(
         order = list(dense[np.asarray(informative_order(p[dense], k=k))])
     elif policy == "balanced":
         order = balanced_margin_order(p, k)
+    elif policy in ("cluster-margin", "cluster-active"):  # the least certain, spread over the embedding's
+        # clusters: by margin (Cluster-Margin as published) or by the product's order
+        n = min(CANDIDATES * k, len(pool))
+        candidates = (
+            np.argsort(margins(p))[:n]
+            if policy == "cluster-margin"
+            else np.asarray(informative_order(p, k=n))
+        )
+        cluster = kmeans_clusters(x, CLUSTERS, seed=0)[pool]
+        order = cluster_round_robin(candidates, cluster, k, rng)
     elif policy == "margin":
         order = list(np.argsort(margins(p))[:k])
     elif policy == "badge":
@@ -301,7 +358,11 @@ def simulate(
         if round_ == args.rounds:
             break
         pool = np.setdiff1d(np.arange(len(x)), labelled)
-        labelled += list(choose(policy, head, x, y, labelled, pool, args.step, rng, args.learner, mirrored))
+        labelled += list(
+            choose(
+                policy, head, x, y, labelled, pool, args.step, rng, args.learner, mirrored, args.explore_share
+            )
+        )
     return curves
 
 
@@ -319,6 +380,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument(
         "--features", choices=sorted(FEATURES), default="dinov2", help="the learner's features"
+    )
+    parser.add_argument(
+        "--explore-share",
+        type=float,
+        default=0.25,
+        help="active-explore: the share of a round taken at random",
     )
     parser.add_argument("--learner", choices=LEARNERS, default="adamw", help="how the linear head is fitted")
     parser.add_argument(

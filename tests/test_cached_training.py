@@ -135,7 +135,9 @@ def test_an_interrupted_feature_cache_resumes_to_the_same_features(
     np.testing.assert_array_equal(np.load(folder / "o.npy"), complete)
 
 
-def test_a_cnn_on_the_cache_trains_its_head_only(trained: dict[str, Path], tmp_path: Path) -> None:
+def test_a_cnn_on_the_cache_trains_its_head_only_with_or_without_sam(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
     from binsight.models.factory import build_model
 
     config = _config(
@@ -155,6 +157,13 @@ def test_a_cnn_on_the_cache_trains_its_head_only(trained: dict[str, Path], tmp_p
     backbone = [k for k in start if k.startswith("backbone.")]
     assert backbone and all(torch.equal(end[k], start[k]) for k in backbone)  # BatchNorm statistics too
     assert not torch.equal(end["head.fc.weight"], start["head.fc.weight"])
+
+    # Sharpness-aware steps reach the tail on the cache too: same run, other weights.
+    train(config.model_copy(update={"out": tmp_path / "sam", "sam": 0.05}))
+    sam = load_checkpoint(tmp_path / "sam" / "last.pt")["model"]
+    assert all(torch.equal(sam[k], start[k]) for k in backbone)
+    # (this small net's pooled features are dead, so the weights only decay and the bias learns)
+    assert not torch.allclose(sam["head.fc.bias"], end["head.fc.bias"])
 
 
 def test_class_weights_and_distillation_shape_the_loss() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -33,7 +35,9 @@ from binsight.training.data import SumMosaic, build_datasets
 from binsight.training.distributed import DistContext
 from binsight.training.engine import train
 from binsight.training.evaluate import EvaluateConfig, evaluate, photo_probabilities
-from binsight.training.loop import predict
+from binsight.training.hardware import Precision
+from binsight.training.loop import optimizer_step, predict
+from binsight.training.monitors import Monitors
 from binsight.training.optim import build_optimizer
 from binsight.training.probe import L2_GRID
 from binsight.training.results import EvaluationReport, TrainSummary
@@ -751,3 +755,77 @@ def test_a_run_begun_before_weight_averaging_resumes_with_it(bins: Path, tmp_pat
     resumed = load_checkpoint(out / "last.pt")
     assert resumed["epoch"] == 2 and resumed["average_updates"] == 3  # averaged from the resumed epoch on
     assert not torch.equal(resumed["model"]["head.fc.weight"], resumed["trained_model"]["head.fc.weight"])
+
+
+def test_sam_steps_along_the_gradient_at_the_perturbed_weights_and_counts_the_batch_once(
+    bins: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    inputs, targets = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    rho, lr = 0.05, 0.1
+    config = tiny(bins, tmp_path, sam=rho, amp="off")
+
+    def loss_at() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(inputs), targets)
+
+    # By hand: the gradient at w, the weights moved rho along it, the gradient there, a step from w.
+    reference = copy.deepcopy(model)
+    start = [p.detach().clone() for p in reference.parameters()]
+    gradient = torch.autograd.grad(
+        nn.functional.cross_entropy(reference(inputs), targets), list(reference.parameters())
+    )
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradient]))
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), gradient, strict=True):
+            p.add_(g * rho / norm)
+    perturbed = torch.autograd.grad(
+        nn.functional.cross_entropy(reference(inputs), targets), list(reference.parameters())
+    )
+    expected = [w - lr * g for w, g in zip(start, perturbed, strict=True)]
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    plain_statistics = copy.deepcopy(model)
+    plain_statistics(inputs)  # one forward in training mode: the running statistics of one batch
+    optimizer_step(
+        loss_at(),
+        model,
+        optimizer,
+        scheduler,
+        Precision(config, torch.device("cpu")),
+        config,
+        Monitors(),
+        0,
+        0,
+        loss_at,
+    )
+    for got, want in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(model[1].buffers(), plain_statistics[1].buffers(), strict=True):
+        assert torch.equal(got, want)  # the perturbed pass did not count the batch a second time
+
+    plain = tiny(bins, tmp_path, amp="off")
+    model_plain = copy.deepcopy(plain_statistics)
+    optimizer = torch.optim.SGD(model_plain.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    optimizer_step(
+        nn.functional.cross_entropy(model_plain(inputs), targets),
+        model_plain,
+        optimizer,
+        scheduler,
+        Precision(plain, torch.device("cpu")),
+        plain,
+        Monitors(),
+        0,
+        0,
+        None,
+    )
+    assert not torch.allclose(model_plain[0].weight, model[0].weight)  # without --sam: a plain step
+
+
+def test_a_run_trains_with_sam(bins: Path, tmp_path: Path) -> None:
+    config = tiny(bins, tmp_path / "run", sam=0.05, epochs=1, max_train_batches=3)
+    summary = train(config)
+    assert math.isfinite(summary.history[0].train_loss)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sam"] == 0.05

@@ -286,9 +286,15 @@ class CachedTrainer:
             for step, (features, targets, rows) in enumerate(self.train_batches.epoch(generator, train=True)):
                 if step >= self.steps_per_epoch:
                     break
-                with self.precision.autocast():
-                    outputs = self.tail(features)
-                loss = objective(outputs.float(), targets, rows)
+
+                def loss_at(
+                    features: torch.Tensor = features, targets: torch.Tensor = targets, rows: Any = rows
+                ) -> torch.Tensor:
+                    with self.precision.autocast():
+                        outputs = self.tail(features)
+                    return objective(outputs.float(), targets, rows)
+
+                loss = loss_at()
                 grad_norms.append(
                     optimizer_step(
                         loss,
@@ -300,6 +306,7 @@ class CachedTrainer:
                         monitors,
                         epoch,
                         step,
+                        loss_at,
                     )
                 )
                 loss_sum += float(loss.detach()) * len(targets)

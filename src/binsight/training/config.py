@@ -125,6 +125,14 @@ class TrainConfig(BaseModel):
         "lower keeps the pairs in the middle counts",
     )
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
+    sam: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="sharpness-aware minimisation: each step follows the gradient at the worst point "
+        "within this radius of the weights (0 off; 0.05 is usual for fine-tuning); twice the compute "
+        "per step",
+    )
     average_decay: float | None = Field(
         None,
         gt=0.0,

@@ -42,6 +42,12 @@ class Precision:
             self.dtype = torch.bfloat16
         self.enabled = enabled
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and self.dtype == torch.float16)
+        if config.sam and self.scaler.is_enabled():
+            # The scaler unscales one backward per step; SAM takes two.
+            raise BinsightError(
+                "--sam cannot train in float16 with loss scaling (this GPU has no bfloat16)",
+                hint="add --amp off to train SAM in float32, or drop --sam",
+            )
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)

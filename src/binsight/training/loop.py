@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,40 @@ def _batches(
         yield images, targets.to(device, non_blocking=True), indices, waited
 
 
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Batch statistics still normalise, but the running ones come back as they were: SAM's second
+    pass sees the same batch at perturbed weights and must not count it twice."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    kept = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in zip(norms, kept, strict=True):
+                for buffer, before in zip(module.buffers(), buffers, strict=True):
+                    buffer.copy_(before)
+
+
+def _sharpness_aware_gradient(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_at: Callable[[], torch.Tensor], rho: float
+) -> None:
+    """Replaces the gradients by those at the weights moved `rho` along the normalised gradient, the
+    worst nearby point to first order (Foret et al., ICLR 2021), and moves the weights back."""
+    gradients = {p: p.grad for p in model.parameters() if p.requires_grad and p.grad is not None}
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients.values()]))
+    offsets = {p: g * (rho / (norm + 1e-12)) for p, g in gradients.items()}
+    with torch.no_grad():
+        for parameter, offset in offsets.items():
+            parameter.add_(offset)
+    optimizer.zero_grad(set_to_none=True)
+    with _batchnorm_statistics_kept(model):
+        loss_at().backward()  # type: ignore[no-untyped-call]  # untyped in torch
+    with torch.no_grad():
+        for parameter, offset in offsets.items():
+            parameter.sub_(offset)
+
+
 def optimizer_step(
     loss: torch.Tensor,
     model: nn.Module,
@@ -50,10 +85,14 @@ def optimizer_step(
     monitors: Monitors,
     epoch: int,
     step: int,
+    loss_at: Callable[[], torch.Tensor] | None = None,
 ) -> float:
-    """Backward, clip, check the gradient, step; returns the gradient norm."""
+    """Backward, clip, check the gradient, step; returns the gradient norm. With `config.sam`,
+    `loss_at` recomputes the batch's loss for the second, perturbed pass."""
     optimizer.zero_grad(set_to_none=True)
     precision.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # untyped in torch
+    if config.sam and loss_at is not None:
+        _sharpness_aware_gradient(model, optimizer, loss_at, config.sam)
     precision.scaler.unscale_(optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm=config.grad_clip or float("inf")))
@@ -115,11 +154,17 @@ def train_one_epoch(
         for images, targets, rows, waited in _batches(loader, device, channels_last):
             if steps >= total_steps:
                 break
-            with precision.autocast():
-                outputs = model(images)
-            loss = objective(outputs.float(), targets, rows)
+
+            def loss_at(
+                images: torch.Tensor = images, targets: torch.Tensor = targets, rows: Any = rows
+            ) -> torch.Tensor:
+                with precision.autocast():
+                    outputs = model(images)
+                return objective(outputs.float(), targets, rows)
+
+            loss = loss_at()
             grad_norm = optimizer_step(
-                loss, model, optimizer, scheduler, precision, config, monitors, epoch, steps
+                loss, model, optimizer, scheduler, precision, config, monitors, epoch, steps, loss_at
             )
             if profiler is not None:
                 profiler.step()
