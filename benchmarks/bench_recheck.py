@@ -163,41 +163,10 @@ def typicality(x: np.ndarray, k: int = 20) -> np.ndarray:
     return (1.0 / (1.0 - nearest).clamp(min=1e-6).mean(dim=1)).numpy()
 
 
-def typiclust_order(
-    x: np.ndarray, labelled: list[int], pool: np.ndarray, k: int, rng: np.random.Generator
-) -> list[int]:
-    """TypiClust (Hacohen et al., ICML 2022; the low-budget regime): k-means into |labelled| + k
-    clusters of the normalised embedding, then the most typical pool photo of each uncovered cluster,
-    largest cluster first. Returns positions in `pool`."""
+def kmeans_clusters(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Each photo's cluster among `n` k-means clusters of the normalised embedding (Lloyd's, 30
+    iterations, from a random sample of photos)."""
     z = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).float()
-    centres = z[torch.from_numpy(rng.choice(len(x), size=min(len(labelled) + k, 500), replace=False))]
-    for _ in range(30):  # Lloyd's iterations
-        assign = torch.cdist(z, centres).argmin(dim=1)
-        for c in range(len(centres)):
-            if bool((assign == c).any()):
-                centres[c] = z[assign == c].mean(dim=0)
-    cluster = torch.cdist(z, centres).argmin(dim=1).numpy()
-    typical = typicality(x)
-    covered = set(cluster[labelled].tolist())
-    sizes = np.bincount(cluster, minlength=len(centres))
-    position = {int(index): i for i, index in enumerate(pool)}
-    by_cluster = [
-        sorted((i for i in pool if cluster[i] == c), key=lambda i: -typical[i]) for c in range(len(centres))
-    ]
-    order = sorted(range(len(centres)), key=lambda c: (c in covered, -sizes[c]))
-    chosen: list[int] = []
-    while len(chosen) < k:  # a round over the clusters takes the next most typical photo of each
-        for c in order:
-            if by_cluster[c] and len(chosen) < k:
-                chosen.append(position[int(by_cluster[c].pop(0))])
-    return chosen
-
-
-def kmeans_clusters(x: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Each photo's cluster among `n` k-means clusters of the normalised embedding (Lloyd's, from a
-    random sample of photos)."""
-    z = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).float()
-    rng = np.random.default_rng(seed)
     centres = z[torch.from_numpy(rng.choice(len(x), size=n, replace=False))]
     for _ in range(30):
         assign = torch.cdist(z, centres).argmin(dim=1)
@@ -205,6 +174,30 @@ def kmeans_clusters(x: np.ndarray, n: int, seed: int) -> np.ndarray:
             if bool((assign == c).any()):
                 centres[c] = z[assign == c].mean(dim=0)
     return torch.cdist(z, centres).argmin(dim=1).numpy()
+
+
+def typiclust_order(
+    x: np.ndarray, labelled: list[int], pool: np.ndarray, k: int, rng: np.random.Generator
+) -> list[int]:
+    """TypiClust (Hacohen et al., ICML 2022; the low-budget regime): k-means into |labelled| + k
+    clusters of the normalised embedding, then the most typical pool photo of each uncovered cluster,
+    largest cluster first. Returns positions in `pool`."""
+    n_clusters = min(len(labelled) + k, 500)
+    cluster = kmeans_clusters(x, n_clusters, rng)
+    typical = typicality(x)
+    covered = set(cluster[labelled].tolist())
+    sizes = np.bincount(cluster, minlength=n_clusters)
+    position = {int(index): i for i, index in enumerate(pool)}
+    by_cluster = [
+        sorted((i for i in pool if cluster[i] == c), key=lambda i: -typical[i]) for c in range(n_clusters)
+    ]
+    order = sorted(range(n_clusters), key=lambda c: (c in covered, -sizes[c]))
+    chosen: list[int] = []
+    while len(chosen) < k:  # a round over the clusters takes the next most typical photo of each
+        for c in order:
+            if by_cluster[c] and len(chosen) < k:
+                chosen.append(position[int(by_cluster[c].pop(0))])
+    return chosen
 
 
 def cluster_round_robin(
@@ -326,7 +319,7 @@ def choose(
             if policy == "cluster-margin"
             else np.asarray(informative_order(p, k=n))
         )
-        cluster = kmeans_clusters(x, CLUSTERS, seed=0)[pool]
+        cluster = kmeans_clusters(x, CLUSTERS, np.random.default_rng(0))[pool]
         order = cluster_round_robin(candidates, cluster, k, rng)
     elif policy == "margin":
         order = list(np.argsort(margins(p))[:k])
