@@ -12,6 +12,7 @@ whole model, so evaluation, export and serving are unchanged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -272,7 +273,7 @@ class CachedTrainer:
         seed: int,
     ) -> EpochStats:
         from binsight.training.distributed import DistContext
-        from binsight.training.loop import epoch_stats, optimizer_step
+        from binsight.training.loop import batch_loss, epoch_stats, optimizer_step
 
         self.tail.train()
         generator = np.random.default_rng(seed)
@@ -286,14 +287,9 @@ class CachedTrainer:
             for step, (features, targets, rows) in enumerate(self.train_batches.epoch(generator, train=True)):
                 if step >= self.steps_per_epoch:
                     break
-
-                def loss_at(
-                    features: torch.Tensor = features, targets: torch.Tensor = targets, rows: Any = rows
-                ) -> torch.Tensor:
-                    with self.precision.autocast():
-                        outputs = self.tail(features)
-                    return objective(outputs.float(), targets, rows)
-
+                loss_at = functools.partial(
+                    batch_loss, self.tail, self.precision, objective, features, targets, rows
+                )
                 loss = loss_at()
                 grad_norms.append(
                     optimizer_step(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,20 @@ def _batches(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         yield images, targets.to(device, non_blocking=True), indices, waited
+
+
+def batch_loss(
+    module: nn.Module,
+    precision: Precision,
+    objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """One batch's loss; called again at perturbed weights under --sam."""
+    with precision.autocast():
+        outputs = module(inputs)
+    return objective(outputs.float(), targets, rows)
 
 
 @contextlib.contextmanager
@@ -154,14 +169,7 @@ def train_one_epoch(
         for images, targets, rows, waited in _batches(loader, device, channels_last):
             if steps >= total_steps:
                 break
-
-            def loss_at(
-                images: torch.Tensor = images, targets: torch.Tensor = targets, rows: Any = rows
-            ) -> torch.Tensor:
-                with precision.autocast():
-                    outputs = model(images)
-                return objective(outputs.float(), targets, rows)
-
+            loss_at = functools.partial(batch_loss, model, precision, objective, images, targets, rows)
             loss = loss_at()
             grad_norm = optimizer_step(
                 loss, model, optimizer, scheduler, precision, config, monitors, epoch, steps, loss_at
