@@ -199,6 +199,13 @@ ROWS = {
         # Sharpness-aware minimisation (`--sam`, rho 0.05): flat minima against the same overfitting,
         # and robust to noisy labels (ABID's counts are inventory records); twice the compute a step.
         *(Row(f"sam{tag}", {"sam": 0.05, "seed": seed}) for seed, tag in SEED_TAGS[:2]),
+        # SAM's flat minima should average better than plain ones (weights and answers alike).
+        Row("sam-soup", soup=("sam", "sam-seed1")),
+        Row("sam-x2", ensemble=("sam", "sam-seed1")),
+        # The learning rate, never swept on the 4,564 photos: half and twice the recipe's 1e-3 (the
+        # backbone keeps its 0.5x), against validation loss that rises after epoch 4. One seed each.
+        Row("lr-half", {"lr": 5e-4}),
+        Row("lr-double", {"lr": 2e-3}),
         # Layer-wise learning rates (`--layer-decay`, BEiT's decay through timm's parameter groups):
         # the low-level ImageNet filters move least. One seed: an indication, not a choice.
         Row("layer-decay", {"layer_decay": 0.9}),

@@ -19,7 +19,7 @@ Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--wor
      [--features dinov2|lite0] [--learner adamw|l2] [--seeds 5] [--start 200] [--step 100] [--rounds 12]
      [--explore-share 0.25]
      [--policies random,active,margin,badge,committee,density,typiclust-active,balanced,views,disagreement,
-      cluster-margin,cluster-active,active-explore]
+      cluster-margin,cluster-active,active-explore,epig]
 """
 
 from __future__ import annotations
@@ -118,12 +118,14 @@ def scores(p: np.ndarray, counts: np.ndarray) -> dict[str, float]:
     return out
 
 
-def committee_answers(x: np.ndarray, y: np.ndarray, pool: np.ndarray, seed: int, learner: str) -> np.ndarray:
-    """The answers of five heads trained on bootstrap resamples of the labels (query by committee):
+def committee_answers(
+    x: np.ndarray, y: np.ndarray, pool: np.ndarray, seed: int, learner: str, members: int = 5
+) -> np.ndarray:
+    """The answers of heads trained on bootstrap resamples of the labels (query by committee):
     (member, photo, class)."""
     rng = np.random.default_rng(seed)
     answers = []
-    for member in range(5):
+    for member in range(members):
         sample = rng.choice(len(x), size=len(x), replace=True)
         answers.append(probabilities(train_head(x[sample], y[sample], seed + member, learner, 100), pool))
     return np.stack(answers)
@@ -139,6 +141,29 @@ def disagreement(answers: np.ndarray) -> np.ndarray:
     where each of them is unsure, so photos that are ambiguous to everyone (a noisy record, an item
     hidden behind the strap) are not what it asks for."""
     return entropy(answers.mean(axis=0)) - entropy(answers).mean(axis=0)
+
+
+EPIG_MEMBERS = 20  # bootstrap heads: EPIG's joint predictive needs more samples than a vote does
+EPIG_TARGETS = 500  # unlabelled pool photos standing in for the photos the model will be asked about
+
+
+def expected_predictive_information_gain(answers: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """EPIG (Bickford Smith et al., AISTATS 2023): how much a photo's label would tell about the answers
+    on the photos the model will be asked about, I(y; y*) averaged over target photos x*, from a
+    committee's answers on the candidates (member, photo, class) and on the targets (member, target,
+    class). Unlike the committee's disagreement (BALD), an outlier that resembles no target photo
+    scores low however much the members disagree about it.
+    I(y; y*) = H(y) + H(y*) - H(y, y*), the joint being the members' mean of p(y | x) p(y* | x*)."""
+    members, n, classes = answers.shape
+    flat_targets = targets.reshape(members, -1)
+    joint_entropy = np.empty(n)
+    for start in range(0, n, 256):  # chunks keep the (photo, class, target, class) joint in memory
+        chunk = answers[:, start : start + 256].reshape(members, -1)
+        joint = (chunk.T @ flat_targets / members).reshape(-1, classes, targets.shape[1], classes)
+        joint_entropy[start : start + 256] = (
+            -(joint * np.log(np.clip(joint, 1e-12, 1.0))).sum(axis=(1, 3)).mean(axis=1)
+        )
+    return entropy(answers.mean(axis=0)) + entropy(targets.mean(axis=0)).mean() - joint_entropy
 
 
 def badge_order(p: np.ndarray, features: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
@@ -260,6 +285,7 @@ POLICIES = (
     "cluster-margin",
     "cluster-active",
     "active-explore",
+    "epig",
 )
 TYPICLUST_UNTIL = 600  # labels below which typiclust-active picks by typicality, then the product's order
 
@@ -289,6 +315,11 @@ def choose(
         seed = int(rng.integers(1 << 30))
         answers = committee_answers(x[labelled], y[labelled], x[pool], seed, learner)
         return pool[np.argsort(-disagreement(answers), kind="stable")[:k]]
+    if policy == "epig":  # expected predictive information gain on photos drawn from the pool
+        seed = int(rng.integers(1 << 30))
+        answers = committee_answers(x[labelled], y[labelled], x[pool], seed, learner, EPIG_MEMBERS)
+        targets = answers[:, rng.choice(len(pool), size=min(EPIG_TARGETS, len(pool)), replace=False)]
+        return pool[np.argsort(-expected_predictive_information_gain(answers, targets), kind="stable")[:k]]
     if policy == "active-explore":  # the product's order for most of a round, the rest at random
         # (epsilon-greedy), against the sampling bias of choosing only by the model's own doubt
         explore = rng.choice(pool, size=round(explore_share * k), replace=False)
