@@ -206,6 +206,9 @@ ROWS = {
         # backbone keeps its 0.5x), against validation loss that rises after epoch 4. One seed each.
         Row("lr-half", {"lr": 5e-4}),
         Row("lr-double", {"lr": 2e-3}),
+        # Twice the neighbour smoothing: a 2- and a 4-item photo each put more of their target on 3, the
+        # count every model here answers least. One seed.
+        Row("smooth-0.2", {"neighbour_smoothing": 0.2}),
         # Layer-wise learning rates (`--layer-decay`, BEiT's decay through timm's parameter groups):
         # the low-level ImageNet filters move least. One seed: an indication, not a choice.
         Row("layer-decay", {"layer_decay": 0.9}),
