@@ -305,19 +305,19 @@ def choose(
 ) -> np.ndarray:
     from binsight.recheck.queue import informative_order
 
+    def pool_committee(members: int = 5) -> np.ndarray:
+        """A bootstrap committee of the labelled photos, answering on the pool."""
+        seed = int(rng.integers(1 << 30))
+        return committee_answers(x[labelled], y[labelled], x[pool], seed, learner, members)
+
     if policy == "random":
         return rng.choice(pool, size=k, replace=False)
     if policy == "committee":  # the product's order on a bootstrap committee's mean answer
-        seed = int(rng.integers(1 << 30))
-        committee = committee_answers(x[labelled], y[labelled], x[pool], seed, learner).mean(axis=0)
-        return pool[np.asarray(informative_order(committee, k=k))]
+        return pool[np.asarray(informative_order(pool_committee().mean(axis=0), k=k))]
     if policy == "disagreement":  # query by committee, by how much the members disagree
-        seed = int(rng.integers(1 << 30))
-        answers = committee_answers(x[labelled], y[labelled], x[pool], seed, learner)
-        return pool[np.argsort(-disagreement(answers), kind="stable")[:k]]
+        return pool[np.argsort(-disagreement(pool_committee()), kind="stable")[:k]]
     if policy == "epig":  # expected predictive information gain on photos drawn from the pool
-        seed = int(rng.integers(1 << 30))
-        answers = committee_answers(x[labelled], y[labelled], x[pool], seed, learner, EPIG_MEMBERS)
+        answers = pool_committee(EPIG_MEMBERS)
         targets = answers[:, rng.choice(len(pool), size=min(EPIG_TARGETS, len(pool)), replace=False)]
         return pool[np.argsort(-expected_predictive_information_gain(answers, targets), kind="stable")[:k]]
     if policy == "active-explore":  # the product's order for most of a round, the rest at random
