@@ -19,7 +19,7 @@ Run: .venv/bin/python benchmarks/bench_recheck.py [--abid ../shared/abid] [--wor
      [--features dinov2|lite0] [--learner adamw|l2] [--seeds 5] [--start 200] [--step 100] [--rounds 12]
      [--explore-share 0.25]
      [--policies random,active,margin,badge,committee,density,typiclust-active,balanced,views,disagreement,
-      cluster-margin,cluster-active,active-explore,epig,variance]
+      cluster-margin,cluster-active,active-explore,epig,variance,variance-active]
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from recheck_policies import (
-    POLICIES,
     badge_order,
     balanced_margin_order,
     cluster_round_robin,
@@ -153,7 +152,28 @@ CLUSTERS = 100  # k-means clusters of the pool for cluster-margin: about one per
 CANDIDATES = 3  # cluster-margin looks at this many times a round's recounts, least certain first
 
 
-TYPICLUST_UNTIL = 600  # labels below which typiclust-active picks by typicality, then the product's order
+# "active" is the product (`binsight recheck load --predictions`); the others are the usual baselines
+# from the active-learning literature, measured so that the product's choice is one among them.
+POLICIES = (
+    "random",
+    "active",
+    "margin",
+    "badge",
+    "committee",
+    "density",
+    "typiclust-active",
+    "balanced",
+    "views",
+    "disagreement",
+    "cluster-margin",
+    "cluster-active",
+    "active-explore",
+    "epig",
+    "variance",
+    "variance-active",
+)
+# Labels below which typiclust-active and variance-active take their first rule, then the product's order.
+EARLY_UNTIL = 600
 
 
 def choose(
@@ -192,14 +212,16 @@ def choose(
         rest = np.setdiff1d(pool, explore)
         exploit = rest[np.asarray(informative_order(probabilities(head, x[rest]), k=k - len(explore)))]
         return np.concatenate([exploit, explore])
-    if policy == "typiclust-active" and len(labelled) < TYPICLUST_UNTIL:
+    if policy == "typiclust-active" and len(labelled) < EARLY_UNTIL:
         return pool[np.asarray(typiclust_order(x, labelled, pool, k, rng))]
     p = probabilities(head, x[pool])
     if policy == "views":  # the views' committee: the product's order on the mean answer of the photo
         # and its mirror image, so that views that disagree flatten the answer (test-time augmentation)
         assert mirrored is not None
         order = informative_order((p + probabilities(head, mirrored[pool])) / 2, k=k)
-    elif policy in ("active", "typiclust-active"):
+    elif policy == "variance" or (policy == "variance-active" and len(labelled) < EARLY_UNTIL):
+        order = list(np.argsort(-count_variance(p), kind="stable")[:k])  # the widest spread as a count
+    elif policy in ("active", "typiclust-active", "variance-active"):
         order = informative_order(p, k=k)
     elif policy == "density":  # information density (after Settles & Craven, 2008): the product's
         # order among the more typical half of the pool, away from outliers no other photo resembles
@@ -218,8 +240,6 @@ def choose(
         )
         cluster = kmeans_clusters(x, CLUSTERS, np.random.default_rng(0))[pool]
         order = cluster_round_robin(candidates, cluster, k, rng)
-    elif policy == "variance":  # ordinal doubt: the widest spread of the answer as a count
-        order = list(np.argsort(-count_variance(p), kind="stable")[:k])
     elif policy == "margin":
         order = list(np.argsort(margins(p))[:k])
     elif policy == "badge":

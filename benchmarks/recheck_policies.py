@@ -146,24 +146,3 @@ def balanced_margin_order(p: np.ndarray, k: int) -> list[int]:
             if group and len(chosen) < k:
                 chosen.append(int(group.pop(0)))
     return chosen
-
-
-# "active" is the product (`binsight recheck load --predictions`); the others are the usual baselines
-# from the active-learning literature, measured so that the product's choice is one among them.
-POLICIES = (
-    "random",
-    "active",
-    "margin",
-    "badge",
-    "committee",
-    "density",
-    "typiclust-active",
-    "balanced",
-    "views",
-    "disagreement",
-    "cluster-margin",
-    "cluster-active",
-    "active-explore",
-    "epig",
-    "variance",
-)
