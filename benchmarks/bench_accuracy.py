@@ -120,7 +120,7 @@ ROWS = {
     row.name: row
     for row in (
         Row("seeds", SEEDS, data="1-5", checkpoint="last.pt", recipe=None),
-        Row("binsight"),  # the abid recipe as shipped before this round
+        Row("binsight"),  # --recipe abid as it ships (weights averaged since the fourth round)
         Row("binsight-balanced", {"class_balance": 0.5}),
         Row("dinov2", recipe="abid-dinov2"),
         Row("dinov2-6", {"frozen_blocks": 6}, recipe="abid-dinov2"),  # how much of the encoder to tune
