@@ -134,7 +134,7 @@ ROWS = {
         # ABID photos are ~470x346: at 224x304 a small item is a few dozen pixels wide.
         Row("binsight-288", {"image_size": 288, "image_width": 384}),
         Row("binsight-320", {"image_size": 320, "image_width": 432}),
-        # What a 2-core AVX2-only CPU can serve at 100 img/s: half the pixels, twice the model-only rate.
+        # A served size for 2-core AVX2-only CPUs: about half the pixels, twice the model-only rate.
         Row("binsight-160", {"image_size": 160, "image_width": 224}),
         Row("binsight-seed1", {"seed": 1}),  # the recipe's spread over training seeds
         Row("binsight-seed2", {"seed": 2}),
