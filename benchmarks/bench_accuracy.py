@@ -135,7 +135,10 @@ ROWS = {
         Row("binsight-288", {"image_size": 288, "image_width": 384}),
         Row("binsight-320", {"image_size": 320, "image_width": 432}),
         # A served size for 2-core AVX2-only CPUs: about half the pixels, twice the model-only rate.
-        Row("binsight-160", {"image_size": 160, "image_width": 224}),
+        *(
+            Row(f"binsight-160{tag}", {"image_size": 160, "image_width": 224, "seed": seed})
+            for seed, tag in SEED_TAGS
+        ),
         Row("binsight-seed1", {"seed": 1}),  # the recipe's spread over training seeds
         Row("binsight-seed2", {"seed": 2}),
         # The moving average of the weights validated, kept and served instead of the trained weights.
@@ -166,6 +169,7 @@ ROWS = {
         Row("lite0-soup-x3", soup=("binsight", "binsight-seed1", "binsight-seed2")),
         Row("lite0-avg-soup-x3", soup=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
         Row("lite0-avg-x3-seeds", ensemble=("binsight-avg", "binsight-avg-seed1", "binsight-avg-seed2")),
+        Row("lite0-160-soup-x3", soup=tuple(f"binsight-160{tag}" for _, tag in SEED_TAGS)),
         # Soup members that share the head's initial weights (--init-seed 0) and differ only in the
         # order and augmentation of their photos: the plain seeds' heads started apart.
         *(
