@@ -669,6 +669,39 @@ def test_a_soup_averages_runs_of_one_recipe_and_refuses_others(
         soup(SoupConfig(checkpoints=[other / "best.pt"] * 2, out=tmp_path / "bad.pt", temperature=0.8))
 
 
+def test_init_from_starts_at_a_trained_runs_kept_weights_at_another_input_size(
+    bins: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "source"
+    settings = dict(head="classification", max_train_batches=2, epochs=1, average_decay=0.9)
+    train(tiny(bins, source, image_size=32, **settings))  # type: ignore[arg-type]
+    kept = load_checkpoint(source / "best.pt")
+
+    # A CNN takes another input size: the run starts from the source's kept (averaged) weights, head
+    # included, not from a new head on the prior.
+    adapted = tiny(bins, tmp_path / "adapted", image_size=48, image_width=64, init_from=source / "best.pt")
+    run = build_run(adapted.model_copy(update=settings), DistContext())
+    for key, tensor in run.model.state_dict().items():
+        assert torch.equal(tensor, kept["model"][key]), key
+    stepped = load_checkpoint(source / "last.pt")["trained_model"]  # differs from the average kept
+    assert any(not torch.equal(tensor, stepped[key]) for key, tensor in kept["model"].items())
+
+    command = ["train", "--data", str(bins), "--out", str(tmp_path / "cli"), "--arch", "resnet18"]
+    command += ["--head", "classification", "--no-pretrained", "--image-size", "48", "--image-width", "64"]
+    command += ["--epochs", "1", "--max-train-batches", "2", "--workers", "0", "--no-tensorboard"]
+    assert main([*command, "--init-from", str(source / "best.pt")]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["init_from"] == str(source / "best.pt")
+
+    # Another model is refused by name, before anything trains, without a traceback.
+    assert main([*command, "--out", str(tmp_path / "other"), "--head", "regression",
+                 "--init-from", str(source / "best.pt")]) != 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "is not the model this run trains (head differ)" in err and "Traceback" not in err
+    assert not (tmp_path / "other" / "best.pt").exists()
+    with pytest.raises(ValidationError, match="--probe-start replaces the head"):
+        tiny(bins, tmp_path / "x", init_from=source / "best.pt", probe_start=True)
+
+
 def test_a_refit_trains_on_train_and_val_and_stops_at_the_validated_epoch(
     bins: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from binsight.models.factory import build_model
 from binsight.models.heads import CountingModel
 from binsight.training.averaging import WeightAverage
 from binsight.training.cached import CachedTrainer
-from binsight.training.checkpoint import JsonObject
+from binsight.training.checkpoint import JsonObject, load_trained
 from binsight.training.config import TrainConfig
 from binsight.training.data import Loader, build_datasets, make_loader
 from binsight.training.distributed import DistContext
@@ -101,13 +101,16 @@ def build_run(config: TrainConfig, context: DistContext) -> Run:
         config.arch,
         config.head,
         num_classes,
-        config.pretrained,
+        config.pretrained and config.init_from is None,
         config.weights,
         config.dropout,
         config.input_hw,
         config.drop_path,
     )
-    model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
+    if config.init_from is None:
+        model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
+    else:
+        start_from_trained(model, config.init_from, config, num_classes)
     teacher = (
         teacher_probabilities(
             config.teachers, data_dir, train_rows, Path(config.out), str(device), config.workers
@@ -182,6 +185,28 @@ def build_run(config: TrainConfig, context: DistContext) -> Run:
         card=model_card(config, num_classes, *fingerprints).model_dump(mode="json"),
         average=average,
     )
+
+
+def start_from_trained(model: CountingModel, path: Path, config: TrainConfig, num_classes: int) -> None:
+    """Load the kept weights of the run at `path` (its moving average where it kept one) into `model`."""
+    checkpoint, trained = load_trained(path)
+    differs = [k for k in ("arch", "head") if getattr(trained, k) != getattr(config, k)]
+    if checkpoint.get("num_classes") != num_classes:
+        differs.append(f"classes {checkpoint.get('num_classes')} vs {num_classes} in this data")
+    if differs:
+        raise BinsightError(
+            f"--init-from {path} is not the model this run trains ({', '.join(differs)} differ)",
+            hint="start from a run of the same --arch and --head on data with the same classes "
+            "(or set --num-classes to the run's)",
+        )
+    try:
+        model.load_state_dict(cast(dict[str, torch.Tensor], checkpoint["model"]))
+    except RuntimeError as exc:  # shapes tied to the input size, e.g. a ViT's position grid
+        raise BinsightError(
+            f"--init-from {path}: its weights do not fit this model: {str(exc).splitlines()[0]}",
+            hint="start from a run with the same --image-size and --image-width",
+        ) from None
+    log.info("starting from the weights of %s (%s at %dx%d)", path, trained.arch, *trained.input_hw)
 
 
 def resumes(config: TrainConfig) -> bool:

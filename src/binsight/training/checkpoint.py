@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from binsight.errors import BinsightError
+from binsight.training.config import TrainConfig
 from binsight.utils.io import atomic_write_bytes
 
 
@@ -98,3 +99,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return checkpoint
     except Exception as exc:
         raise BinsightError(f"{path} is not a readable binsight checkpoint: {exc}") from None
+
+
+def load_trained(path: Path) -> tuple[Checkpoint, TrainConfig]:
+    """A run's checkpoint that holds a trained model, and the settings it was trained with."""
+    checkpoint = load_checkpoint(path)
+    if "model" not in checkpoint or "config" not in checkpoint:
+        raise BinsightError(
+            f"{path} holds no trained model", hint="give best.pt or last.pt of a training run"
+        )
+    return checkpoint, TrainConfig.model_validate(checkpoint["config"])

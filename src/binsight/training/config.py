@@ -43,6 +43,13 @@ class TrainConfig(BaseModel):
     weights: Path | None = Field(
         None, description="ImageNet weights file (default: packaged, or $TORCH_HOME/hub/checkpoints)"
     )
+    init_from: Path | None = Field(
+        None,
+        description="start from a trained run's weights (its best.pt: the same arch, head and classes; the "
+        "input size may differ) instead of the pretrained ones, to go on training it on grown data or adapt "
+        "it to another input in a few epochs at a lower --lr (at 160x224 no better than training at that "
+        "size: docs/benchmarks.md)",
+    )
     num_classes: int | None = Field(
         None,
         ge=2,
@@ -234,6 +241,10 @@ class TrainConfig(BaseModel):
             raise ValueError("--rps-weight scores a softmax over counts: it needs --head classification")
         if self.stop_after is not None and self.stop_after > self.epochs:
             raise ValueError(f"stop_after ({self.stop_after}) is past the last of --epochs ({self.epochs})")
+        if self.init_from is not None and self.probe_start:
+            raise ValueError(
+                "--probe-start replaces the head that --init-from brings: start from one or the other"
+            )
         if self.fit_on == "train+val" and self.probe_start:
             raise ValueError(
                 "--probe-start chooses its penalty on the validation photos, which --fit-on train+val "

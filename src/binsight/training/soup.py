@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data.split import load_split
 from binsight.errors import BinsightError
-from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, save_checkpoint
+from binsight.training.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_trained, save_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.evaluate import photo_probabilities
 from binsight.training.metrics import counting_metrics
@@ -94,15 +94,6 @@ class SoupResult(BaseModel):
     parameters_averaged: int
     temperature: float | None = None  # folded into the head; None when not calibrated
     val_nll: tuple[float, float] | None = None  # validation log-loss before and after calibrating
-
-
-def _member(path: Path) -> tuple[Checkpoint, TrainConfig]:
-    checkpoint = load_checkpoint(path)
-    if "model" not in checkpoint or "config" not in checkpoint:
-        raise BinsightError(
-            f"{path} holds no trained model", hint="give best.pt or last.pt of a training run"
-        )
-    return checkpoint, TrainConfig.model_validate(checkpoint["config"])
 
 
 def _check_compatible(paths: list[Path], members: list[tuple[Checkpoint, TrainConfig]]) -> None:
@@ -213,7 +204,7 @@ def _greedy(
 def soup(config: SoupConfig) -> SoupResult:
     """Average the members' weights into one checkpoint (with `greedy`, those that help on validation)."""
     paths = list(config.checkpoints)
-    members = [_member(path) for path in paths]
+    members = [load_trained(path) for path in paths]
     _check_compatible(paths, members)
     data = config.data or members[0][1].data
     calibrates = members[0][1].head == "classification" and config.temperature is None and config.calibrate
