@@ -260,6 +260,13 @@ ROWS = {
         Row("refit-drop-path-soup-raw", soup=("refit-drop-path", "refit-drop-path-seed1"), calibrate=False),
         # The recipe on a quarter and a half of the training photos: what more photos would buy.
         *(Row(f"recipe-train{percent}", data=f"train{percent}") for percent in LEARNING_CURVE),
+        # The re-check loop's retraining: yesterday's model (half the photos) goes on with all of them
+        # (`--init-from`) at half the recipe's rate for half its epochs, instead of starting from ImageNet.
+        Row(
+            "grow-from-train50",
+            {"epochs": 4, "lr": 5e-4, "warmup_epochs": 0},
+            init_from="recipe-train50",
+        ),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         Row("lite0-shared-x3", ensemble=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         # One Lite0 taught by the best ensemble measured (three averaged seeds): one pass, as served.

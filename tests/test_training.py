@@ -702,6 +702,27 @@ def test_init_from_starts_at_a_trained_runs_kept_weights_at_another_input_size(
         tiny(bins, tmp_path / "x", init_from=source / "best.pt", probe_start=True)
 
 
+def test_init_from_warns_when_the_photos_are_normalised_otherwise(
+    bins: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Lite0's own mean/std (0.5) differ from ImageNet's: a run that switches them starts from weights
+    # that learnt other pixel values, which trains but deserves a word.
+    source = tiny(bins, tmp_path / "source", arch="efficientnet_lite0", head="classification", num_classes=7)
+    source = source.model_copy(update={"normalization": "imagenet"})
+    model = build_model("efficientnet_lite0", "classification", 7, pretrained=False)
+    save_checkpoint(
+        tmp_path / "source.pt",
+        {"config": source.model_dump(mode="json"), "num_classes": 7, "model": model.state_dict()},
+    )
+    adapted = source.model_copy(update={"normalization": "backbone", "init_from": tmp_path / "source.pt"})
+    with caplog.at_level("INFO", logger="binsight.training.build"):
+        build_run(adapted, DistContext())
+        assert "learnt photos normalised with mean/std ((0.485" in caplog.text
+        caplog.clear()
+        build_run(adapted.model_copy(update={"normalization": "imagenet"}), DistContext())
+    assert "normalised" not in caplog.text and "starting from the weights of" in caplog.text
+
+
 def test_a_refit_trains_on_train_and_val_and_stops_at_the_validated_epoch(
     bins: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

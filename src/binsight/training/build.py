@@ -206,6 +206,13 @@ def start_from_trained(model: CountingModel, path: Path, config: TrainConfig, nu
             f"--init-from {path}: its weights do not fit this model: {str(exc).splitlines()[0]}",
             hint="start from a run with the same --image-size and --image-width",
         ) from None
+    if trained.mean_std != config.mean_std:
+        log.warning(
+            "--init-from %s learnt photos normalised with mean/std %s; this run feeds it %s",
+            path,
+            trained.mean_std,
+            config.mean_std,
+        )
     log.info("starting from the weights of %s (%s at %dx%d)", path, trained.arch, *trained.input_hw)
 
 

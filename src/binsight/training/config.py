@@ -46,9 +46,9 @@ class TrainConfig(BaseModel):
     init_from: Path | None = Field(
         None,
         description="start from a trained run's weights (its best.pt: the same arch, head and classes; the "
-        "input size may differ) instead of the pretrained ones, to go on training it on grown data or adapt "
-        "it to another input in a few epochs at a lower --lr (at 160x224 no better than training at that "
-        "size: docs/benchmarks.md)",
+        "input size may differ) instead of the pretrained ones; measured on real photos, going on with grown "
+        "data ends below a fresh run and adapting to 160x224 no better than training at that size "
+        "(docs/benchmarks.md, eighteenth round)",
     )
     num_classes: int | None = Field(
         None,
