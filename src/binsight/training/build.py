@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -200,7 +200,7 @@ def start_from_trained(model: CountingModel, path: Path, config: TrainConfig, nu
             "(or set --num-classes to the run's)",
         )
     try:
-        model.load_state_dict(cast(dict[str, torch.Tensor], checkpoint["model"]))
+        model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:  # shapes tied to the input size, e.g. a ViT's position grid
         raise BinsightError(
             f"--init-from {path}: its weights do not fit this model: {str(exc).splitlines()[0]}",
