@@ -267,6 +267,20 @@ ROWS = {
             {"epochs": 4, "lr": 5e-4, "warmup_epochs": 0},
             init_from="recipe-train50",
         ),
+        # The same, shrunk halfway back to a fresh start first (`--init-shrink`), at the recipe's rate.
+        *(
+            Row(
+                f"grow-sp-train50{tag}",
+                {"epochs": 4, "lr": 1e-3, "warmup_epochs": 0.5, "init_shrink": 0.5, "seed": seed},
+                init_from="recipe-train50",
+            )
+            for seed, tag in SEED_TAGS[:2]
+        ),
+        # Their control: a fresh run from ImageNet on all the photos in the same 4 epochs.
+        *(
+            Row(f"recipe-4ep{tag}", {"epochs": 4, "warmup_epochs": 0.5, "seed": seed})
+            for seed, tag in SEED_TAGS[:2]
+        ),
         Row("lite0-shared-soup-x3", soup=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         Row("lite0-shared-x3", ensemble=("binsight-avg", "shared-init-seed1", "shared-init-seed2")),
         # One Lite0 taught by the best ensemble measured (three averaged seeds): one pass, as served.

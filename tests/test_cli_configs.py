@@ -63,6 +63,7 @@ WITH = {
     # Stochastic depth and layer-wise rates need a timm backbone; the default arch is torchvision's.
     "layer_decay": ["--arch", "efficientnet_lite0"],
     "drop_path": ["--arch", "efficientnet_lite0"],
+    "init_shrink": ["--init-from", "/tmp/reach-run/best.pt"],  # a start to shrink towards
 }
 # Fields that need a partner given with them, or one taken away (exactly one model source).
 INSTEAD = {"registry": "model"}

@@ -702,6 +702,28 @@ def test_init_from_starts_at_a_trained_runs_kept_weights_at_another_input_size(
         tiny(bins, tmp_path / "x", init_from=source / "best.pt", probe_start=True)
 
 
+def test_init_shrink_starts_between_a_fresh_start_and_the_trained_weights(bins: Path, tmp_path: Path) -> None:
+    settings = dict(head="classification", max_train_batches=2, epochs=1, image_size=32)
+    train(tiny(bins, tmp_path / "source", **settings))  # type: ignore[arg-type]
+    trained = load_checkpoint(tmp_path / "source" / "best.pt")["model"]
+    # The same seed draws the same fresh start (new head on the prior, here random weights).
+    fresh = build_run(tiny(bins, tmp_path / "fresh", **settings), DistContext()).model.state_dict()  # type: ignore[arg-type]
+    shrunk_config = tiny(
+        bins, tmp_path / "shrunk", init_from=tmp_path / "source" / "best.pt", init_shrink=0.25, **settings
+    )  # type: ignore[arg-type]
+    shrunk = build_run(shrunk_config, DistContext()).model.state_dict()
+    moved = 0
+    for key, tensor in shrunk.items():
+        if not tensor.is_floating_point():
+            assert torch.equal(tensor, trained[key]), key
+            continue
+        assert torch.allclose(tensor, fresh[key] + 0.25 * (trained[key] - fresh[key]), atol=1e-6), key
+        moved += not torch.equal(fresh[key], trained[key])
+    assert moved > 10  # the check above compared distinct points, not one start with itself
+    with pytest.raises(ValidationError, match="--init-shrink moves a start towards --init-from"):
+        tiny(bins, tmp_path / "x", init_shrink=0.5)
+
+
 def test_init_from_warns_when_the_photos_are_normalised_otherwise(
     bins: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -101,15 +101,14 @@ def build_run(config: TrainConfig, context: DistContext) -> Run:
         config.arch,
         config.head,
         num_classes,
-        config.pretrained and config.init_from is None,
+        config.pretrained and (config.init_from is None or config.init_shrink < 1),
         config.weights,
         config.dropout,
         config.input_hw,
         config.drop_path,
     )
-    if config.init_from is None:
-        model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
-    else:
+    model.head.start_from_prior(torch.bincount(torch.from_numpy(clipped_counts), minlength=num_classes))
+    if config.init_from is not None:
         start_from_trained(model, config.init_from, config, num_classes)
     teacher = (
         teacher_probabilities(
@@ -188,7 +187,11 @@ def build_run(config: TrainConfig, context: DistContext) -> Run:
 
 
 def start_from_trained(model: CountingModel, path: Path, config: TrainConfig, num_classes: int) -> None:
-    """Load the kept weights of the run at `path` (its moving average where it kept one) into `model`."""
+    """Load the kept weights of the run at `path` (its moving average where it kept one) into `model`,
+    or with `config.init_shrink` < 1 a point between them and the fresh start `model` holds."""
+    fresh = (
+        {name: value.clone() for name, value in model.state_dict().items()} if config.init_shrink < 1 else {}
+    )
     checkpoint, trained = load_trained(path)
     differs = [k for k in ("arch", "head") if getattr(trained, k) != getattr(config, k)]
     if checkpoint.get("num_classes") != num_classes:
@@ -214,6 +217,12 @@ def start_from_trained(model: CountingModel, path: Path, config: TrainConfig, nu
             config.mean_std,
         )
     log.info("starting from the weights of %s (%s at %dx%d)", path, trained.arch, *trained.input_hw)
+    if config.init_shrink < 1:
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if value.is_floating_point():  # BatchNorm's batch counter is not a weight
+                    value.lerp_(fresh[name], 1.0 - config.init_shrink)
+        log.info("shrunk to %.0f%% of the way there from a fresh start", 100 * config.init_shrink)
 
 
 def resumes(config: TrainConfig) -> bool:
