@@ -24,12 +24,13 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
-# The engines, export, self-check and serving tests on an AVX2-only CPU (no AVX-512, VNNI or bf16):
-# PyTorch and OpenVINO capped by their environment variables, ONNX Runtime under qemu's emulation of a
-# Haswell (tests/test_cpu_caps.py; what each cap does and does not emulate: docs/benchmarks.md).
+# The self-check and serving tests again on an AVX2-only CPU (no AVX-512, VNNI or bf16): PyTorch and
+# OpenVINO capped by their environment variables (what each cap does and does not emulate:
+# docs/benchmarks.md). tests/test_cpu_caps.py is not repeated here: `make test` already runs it, and it
+# caps its own processes, ONNX Runtime's under qemu's emulation of a Haswell.
 test-avx2: $(STAMP)
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q \
-		tests/test_cpu_caps.py tests/test_selfcheck.py tests/test_serving.py
+		tests/test_selfcheck.py tests/test_serving.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -99,10 +99,19 @@ def test_no_command_prints_or_writes_a_password(
         ],
     }
     env = dict(os.environ, BINSIGHT_PROGRESS="0", OMP_NUM_THREADS="1")
+    # Side by side: each waits on its own database or endpoint, and none reads what another writes.
+    started = {
+        name: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for name, command in runs.items()
+    }
     outputs = {}
-    for name, command in runs.items():
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        outputs[name] = (done.returncode, done.stdout + done.stderr)
+    try:
+        for name, process in started.items():
+            stdout, stderr = process.communicate(timeout=300)
+            outputs[name] = (process.returncode, stdout + stderr)
+    finally:
+        for process in started.values():
+            process.kill()  # only the ones a timeout left running: the others have exited
     assert outputs["tune"][0] == 0, outputs["tune"][1][-2000:]
     assert outputs["tune-unreachable"][0] == 2 and "postgres:***@" in outputs["tune-unreachable"][1]
     assert outputs["predict"][0] == 2  # the endpoint is down: a clear error, not a traceback

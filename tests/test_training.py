@@ -54,10 +54,12 @@ def bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny(bins: Path, out: Path, **changes: object) -> TrainConfig:
+    """A run small enough for a test. mobilenet_v3_small: a fifth of resnet18's weights to write at
+    every checkpoint; tests that need a model to learn name a stronger one."""
     settings: dict[str, object] = dict(
         data=bins,
         out=out,
-        arch="resnet18",
+        arch="mobilenet_v3_small",
         head="regression",
         pretrained=False,
         image_size=64,
@@ -74,7 +76,10 @@ def tiny(bins: Path, out: Path, **changes: object) -> TrainConfig:
 
 
 def test_a_small_model_learns_to_count_and_is_reported(bins: Path, tmp_path: Path) -> None:
-    summary = train(tiny(bins, tmp_path / "run", tensorboard=True))
+    # The recipes' backbone from its packaged ImageNet weights: it learns in 3 epochs what resnet18 from
+    # scratch needs 6 for (seeds 0 and 1: best val 0.48 and 0.38 against the majority's 0.21).
+    lite0 = dict(arch="efficientnet_lite0", pretrained=True, epochs=3)
+    summary = train(tiny(bins, tmp_path / "run", tensorboard=True, **lite0))
     baseline = summary.majority_baseline_val_accuracy
     assert (summary.best.value or 0) >= baseline + 0.1, (summary.best, baseline)
     history = summary.history
@@ -260,6 +265,8 @@ def test_ddp_with_two_cpu_processes(bins: Path, tmp_path: Path) -> None:
         str(data),
         "--out",
         str(out),
+        "--arch",
+        "mobilenet_v3_small",
         "--no-pretrained",
         "--image-size",
         "32",
@@ -410,7 +417,9 @@ def test_the_average_follows_the_warm_up_then_the_decay() -> None:
 
 def test_a_run_validates_keeps_and_evaluates_the_average(bins: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train(tiny(bins, out, head="classification", epochs=3, average_decay=0.8, amp="off"))
+    summary = train(
+        tiny(bins, out, head="classification", image_size=32, epochs=3, average_decay=0.8, amp="off")
+    )
     best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
     steps_per_epoch = len(load_split(bins, "train")) // 32  # the loader drops the last partial batch
     assert last["average_updates"] == 3 * steps_per_epoch  # every optimiser step folded in
@@ -429,7 +438,10 @@ def test_a_run_validates_keeps_and_evaluates_the_average(bins: Path, tmp_path: P
 
 
 def test_photo_probabilities_keep_photo_order_with_parallel_decoding(bins: Path, tmp_path: Path) -> None:
-    train(tiny(bins, tmp_path / "run", head="classification", epochs=1, amp="off"))
+    # resnet18: a model this little trained still tells photos apart (mobilenet_v3_small's answers are
+    # all alike at first).
+    settings = dict(arch="resnet18", head="classification", image_size=32, epochs=1, max_train_batches=2)
+    train(tiny(bins, tmp_path / "run", amp="off", **settings))  # type: ignore[arg-type]
     checkpoint = tmp_path / "run" / "best.pt"
     serial = photo_probabilities(checkpoint, bins, load_split(bins, "val"), batch_size=16)
     # "auto" is the GPU where there is one (teachers and the accuracy benchmark use it there); here
@@ -546,7 +558,7 @@ def test_a_probe_start_fits_the_head_on_frozen_features_and_a_resumed_run_keeps_
     balanced_answer = start(probe_start=True, class_balance=1.0)[2]
     assert balanced_answer[rare].sum() > probed_answer[rare].sum() + 0.01
     # A run resuming from its checkpoint starts from the checkpoint's head: no probe is fitted again.
-    train(config.model_copy(update={"probe_start": True}))
+    train(config.model_copy(update={"probe_start": True, "max_train_batches": 2}))
     caplog.clear()
     with caplog.at_level("INFO", logger="binsight.training.probe"):
         start(probe_start=True)
@@ -686,7 +698,7 @@ def test_init_from_starts_at_a_trained_runs_kept_weights_at_another_input_size(
     stepped = load_checkpoint(source / "last.pt")["trained_model"]  # differs from the average kept
     assert any(not torch.equal(tensor, stepped[key]) for key, tensor in kept["model"].items())
 
-    command = ["train", "--data", str(bins), "--out", str(tmp_path / "cli"), "--arch", "resnet18"]
+    command = ["train", "--data", str(bins), "--out", str(tmp_path / "cli"), "--arch", "mobilenet_v3_small"]
     command += ["--head", "classification", "--no-pretrained", "--image-size", "48", "--image-width", "64"]
     command += ["--epochs", "1", "--max-train-batches", "2", "--workers", "0", "--no-tensorboard"]
     assert main([*command, "--init-from", str(source / "best.pt")]) == 0
