@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -19,6 +24,11 @@ from botocore.config import Config
 from binsight.data.synth import SynthConfig, generate_dataset
 
 os.environ.setdefault("BINSIGHT_PROGRESS", "0")
+# `make test` runs two pytest-xdist workers: each worker's torch, and every process it starts, gets its
+# share of the cores, since two workers with a full thread pool each would fight over the same cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 # No test may reach AWS: fail fast on any credential or region lookup that would.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
@@ -196,15 +206,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class PostgresServer:
+    port: int
+    run: Callable[..., None]  # runs one of the server's binaries as the user that owns it
+    bindir: Path
+
+
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL (Debian's package; `.ci/run` installs it) started on 127.0.0.1 for this test
     session only, with its data in a temporary folder, stopped at the end."""
-    import shutil
-    import subprocess
-    import tempfile
-    import time
-
     binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
     if not binaries:
         if os.environ.get("BINSIGHT_REQUIRE_POSTGRES"):
@@ -227,24 +239,23 @@ def postgres_url() -> Iterator[str]:
     run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
     try:
         deadline = time.monotonic() + 30
-        while subprocess.run(
-            [
-                *as_user,
-                str(bindir / "createdb"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-U",
-                "postgres",
-                "binsight",
-            ],
-            capture_output=True,
-        ).returncode:
+        ready = [*as_user, str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
+        while subprocess.run(ready, capture_output=True).returncode:
             assert time.monotonic() < deadline, (root / "log").read_text()
             time.sleep(0.3)
-        # The URL exactly as the README writes it (SQLAlchemy maps postgresql:// to psycopg 3).
-        yield f"postgresql://postgres@127.0.0.1:{port}/binsight"
+        yield PostgresServer(port, run, bindir)
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A database of its own for each test on the session's server: tests share the server, never a
+    study or a label store, whichever order (or pytest-xdist worker) they run in."""
+    name = f"binsight_{uuid.uuid4().hex[:12]}"
+    server = postgres_server
+    createdb = str(server.bindir / "createdb")
+    server.run(createdb, "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", name)
+    # The URL exactly as the README writes it (SQLAlchemy maps postgresql:// to psycopg 3).
+    return f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
