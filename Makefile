@@ -20,11 +20,13 @@ demo: $(STAMP)
 	$(BIN)/binsight demo --out runs/demo
 
 # Two pytest-xdist workers, each given whole files (a module's fixtures are built once) and half the
-# cores (tests/conftest.py): the suite waits on subprocesses and sockets about half of its time.
+# cores (tests/conftest.py): the suite waits on subprocesses and sockets about half of its time. Tests
+# marked `alone` judge whether the machine kept a schedule, so they run afterwards with nothing beside.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not alone"
+	$(BIN)/python -m pytest -q -m alone
 
 # The self-check and serving tests again on an AVX2-only CPU (no AVX-512, VNNI or bf16): PyTorch and
 # OpenVINO capped by their environment variables (what each cap does and does not emulate:
