@@ -254,8 +254,8 @@ def postgres_url(postgres_server: PostgresServer) -> str:
     """A database of its own for each test on the session's server: tests share the server, never a
     study or a label store, whichever order (or pytest-xdist worker) they run in."""
     name = f"binsight_{uuid.uuid4().hex[:12]}"
-    server = postgres_server
-    createdb = str(server.bindir / "createdb")
-    server.run(createdb, "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", name)
+    port = str(postgres_server.port)
+    createdb = str(postgres_server.bindir / "createdb")
+    postgres_server.run(createdb, "-h", "127.0.0.1", "-p", port, "-U", "postgres", name)
     # The URL exactly as the README writes it (SQLAlchemy maps postgresql:// to psycopg 3).
-    return f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
+    return f"postgresql://postgres@127.0.0.1:{port}/{name}"

@@ -19,6 +19,7 @@ from binsight.inference.runtime import load_counter
 from binsight.models import dinov2
 from binsight.models.dinov2 import Dinov2Backbone, build_dinov2_small, packaged_file
 from binsight.models.heads import CountHead
+from binsight.training.cached import CACHE_CHUNK
 from binsight.training.checkpoint import load_checkpoint
 from binsight.training.config import TrainConfig
 from binsight.training.engine import train
@@ -126,7 +127,7 @@ def test_an_interrupted_feature_cache_resumes_to_the_same_features(
     )
     complete = np.array(np.load(folder / "o.npy"))
     progress = json.loads((folder / "progress.json").read_text())
-    half = progress["o"] // 2 // 32 * 32  # a killed build's progress ends on a chunk (32 photos)
+    half = progress["o"] // 2 // CACHE_CHUNK * CACHE_CHUNK  # a killed build's progress ends on a chunk
     corrupted = np.lib.format.open_memmap(folder / "o.npy", mode="r+")
     corrupted[half:] = 0  # as if the build had been killed half way
     corrupted.flush()

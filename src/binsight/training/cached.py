@@ -42,6 +42,8 @@ VIEWS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "v": lambda pixels: pixels[:, ::-1],
     "hv": lambda pixels: pixels[:, ::-1, ::-1],
 }
+# Photos per chunk of a feature-cache build; its progress is saved after each chunk.
+CACHE_CHUNK = 32
 
 
 class SplitBackbone(Protocol):
@@ -129,7 +131,7 @@ def feature_cache(
     rows: list[dict[str, str]],
     views: list[str],
     precision: Precision,
-    batch_size: int = 32,
+    batch_size: int = CACHE_CHUNK,
 ) -> dict[str, np.ndarray]:
     """Per view, the frozen blocks' output for every photo of `rows` (fp16, memory-mapped). Built in
     chunks with the progress saved after each, so an interrupted build resumes where it stopped."""
