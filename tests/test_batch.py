@@ -22,6 +22,7 @@ from PIL import Image
 
 from binsight.batch.run import read_results
 from binsight.cli import main
+from binsight.errors import BinsightError
 from binsight.imaging import Preprocess
 from binsight.inference.runtime import load_counter
 from binsight.utils.io import read_csv
@@ -101,6 +102,20 @@ def test_predict_over_a_prefix_matches_the_server_path_and_resumes(
     run = json.loads((out / "run.json").read_text())
     assert (run["shards_resumed"], run["photos_scored"]) == (4, 5)
     assert {p.name: p.stat().st_mtime_ns for p in shards if p.name in before} == before
+    _assert_same_results(read_results(out), table)
+
+    # A shard damaged on disk (cut short) or edited (rows lost) is not trusted: readers name it, and
+    # the same command scores those photos again.
+    damaged, short = out / "shards" / "part-000003.parquet", out / "shards" / "part-000001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    pq.write_table(pq.read_table(short).slice(0, 2), short)
+    with pytest.raises(BinsightError, match=f"{damaged} is not a readable Parquet file"):
+        read_results(out)
+    storage = f"sqlite:///{tmp_path / 'labels.db'}"
+    assert main(["recheck", "load", "--predictions", str(out), "--budget", "3", "--storage", storage]) == 2
+    assert _predict([*args, "--shard-size", "5", "--batch-size", "4"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert (run["shards_resumed"], run["photos_scored"]) == (3, 10)
     _assert_same_results(read_results(out), table)
 
     # Another model, or other shards, into the same folder would mix two runs: refused, unless asked.

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 from pydantic import BaseModel, ValidationError
 
 from binsight.errors import BinsightError, invalid_settings
+from binsight.utils.io import read_json_object
 
 Config = TypeVar("Config", bound=BaseModel)
 _SCALARS: dict[Any, Any] = {int: int, float: float, str: str, Path: Path}
@@ -164,10 +165,7 @@ def dispatch(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace, model: type[Config], **fixed: Any) -> Config:
     values: dict[str, Any] = {}
     if getattr(args, "config", None) is not None:
-        try:
-            values.update(json.loads(Path(args.config).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise BinsightError(f"cannot read settings from {args.config}: {exc}") from None
+        values.update(read_json_object(args.config, "settings file"))
     for name in model.model_fields:
         value = getattr(args, name, None)
         if value is not None:

@@ -28,7 +28,7 @@ from binsight.batch.stages import Batch, DecodeSettings, Scorer, ScorerSettings,
 from binsight.errors import BinsightError
 from binsight.imaging import Preprocess
 from binsight.inference.runtime import LoadedModel, model_info
-from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder
+from binsight.utils.io import atomic_write_bytes, atomic_write_json, exclusive_folder, read_shards
 from binsight.utils.progress import bar
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,22 @@ def write_parquet(table: pa.Table, path: Path) -> None:
 
 def shard_path(out: Path, shard: int) -> Path:
     return out / SHARDS / f"part-{shard:06d}.parquet"
+
+
+def _finished(out: Path, shard: int, rows: int) -> bool:
+    """Whether a shard is done: its footer reads and it holds all its rows. Shards are written
+    atomically, so anything else is disk damage or a hand edit, scored again rather than trusted."""
+    path = shard_path(out, shard)
+    if not path.is_file():
+        return False
+    try:
+        found: int = pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("%s is damaged (%s): scoring its photos again", path, exc)
+        return False
+    if found != rows:
+        log.warning("%s holds %d rows, not %d: scoring its photos again", path, found, rows)
+    return found == rows
 
 
 def _source(config: BatchConfig, out: Path) -> str:
@@ -274,7 +290,8 @@ def run_batch(config: BatchConfig, model: Path, settings: ScorerSettings) -> Bat
         manifest = _list(source, config, out, settings.judge)
         check_plan(out, make_plan(source, config, manifest, model, settings), config.restart)
         shards = -(-len(manifest) // config.shard_size)
-        done = {s for s in range(shards) if shard_path(out, s).is_file()}
+        rows_of = [min(config.shard_size, len(manifest) - s * config.shard_size) for s in range(shards)]
+        done = {s for s in range(shards) if _finished(out, s, rows_of[s])}
         table = manifest.table()
         shard_of_row = np.arange(len(manifest)) // config.shard_size
         pending = table.filter(pa.array(~np.isin(shard_of_row, list(done))))
@@ -330,7 +347,7 @@ def read_results(out: Path) -> pa.Table:
     files = sorted((out / SHARDS).glob("part-*.parquet"))
     if not files:
         raise BinsightError(f"no results under {out / SHARDS}")
-    return pa.concat_tables(pq.read_table(f) for f in files)
+    return read_shards(files)
 
 
 def model_file(config: BatchConfig) -> tuple[Path, str | None]:

@@ -19,9 +19,10 @@ from typing import Any
 import pyarrow as pa
 
 from binsight.errors import BinsightError
-from binsight.utils.io import read_csv
+from binsight.utils.io import read_csv, read_text
 from binsight.utils.progress import bar
 from binsight.utils.s3 import S3AllowList, S3Uri, parse_s3_uri, s3_client
+from binsight.utils.text import whole_number
 
 IMAGE_COLUMNS = ("image", "image_path", "path", "s3_uri", "uri")
 QUANTITY_COLUMNS = ("recorded_quantity", "recorded", "quantity", "expected_quantity", "expected_count")
@@ -76,8 +77,8 @@ def _rows_from_csv(rows: list[dict[str, str]], where: str, need_quantity: bool) 
     for line, row in enumerate(rows, start=2):
         image = (row.get(image_column) or "").strip()
         quantity = (row.get(quantity_column) or "").strip() if quantity_column else ""
-        good_quantity = quantity.isascii() and quantity.isdigit() and len(quantity) <= 9
-        if not image or (need_quantity and not good_quantity):
+        count = whole_number(quantity)
+        if not image or (need_quantity and count is None):
             rejected.append({"line": str(line), "image": image, "problem": f"bad row: quantity {quantity!r}"})
             continue
         if image in first_line:  # scored and ranked twice otherwise, and counted twice in the summary
@@ -87,7 +88,7 @@ def _rows_from_csv(rows: list[dict[str, str]], where: str, need_quantity: bool) 
             continue
         first_line[image] = line
         images.append(image)
-        recorded.append(int(quantity) if good_quantity else NO_RECORD)
+        recorded.append(NO_RECORD if count is None else count)
     if not images:
         examples = "; ".join(f"line {r['line']}: {r['problem']}" for r in rejected[:3])
         raise BinsightError(
@@ -105,7 +106,7 @@ def read_manifest_file(path: Path, need_quantity: bool) -> Manifest:
     if path.suffix.lower() == ".csv":
         manifest = _rows_from_csv(read_csv(path), str(path), need_quantity)
     else:
-        manifest = _lines(path.read_text(encoding="utf-8-sig"), str(path), need_quantity)
+        manifest = _lines(read_text(path), str(path), need_quantity)
     manifest.images = [
         image if image.startswith("s3://") or Path(image).is_absolute() else str(path.parent / image)
         for image in manifest.images

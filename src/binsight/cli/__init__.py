@@ -66,3 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        # A path the system refused (an output folder that is a file, a full disk, no permission):
+        # its own words name the problem; where in binsight it happened is for -v.
+        log.debug("the system refused a file operation", exc_info=True)
+        print(f"binsight: error: {redact(os_error_text(exc))}", file=sys.stderr)
+        print("  hint: run again with -v to see where", file=sys.stderr)
+        return 2
+
+
+def os_error_text(exc: OSError) -> str:
+    """`path: reason`, naming the path a person gave: a rename's target rather than its temporary file."""
+    path = exc.filename2 if exc.filename2 is not None else exc.filename
+    reason = exc.strerror or str(exc)
+    return f"{path}: {reason}" if path is not None else reason

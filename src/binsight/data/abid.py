@@ -16,6 +16,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from binsight.utils.text import MAX_COUNT, whole_number
+
 
 class MetadataError(ValueError):
     """A metadata document that cannot give a count."""
@@ -79,10 +81,17 @@ def _measure(value: object, units: dict[str, float]) -> float | None:
 
 
 def _int_quantity(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    # Python's JSON reads NaN and Infinity, which no count is (and `int` refuses).
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not value.is_integer())
+    ):
         raise MetadataError(f"{where} is {value!r}, not a whole number")
     if value < 0:
         raise MetadataError(f"{where} is negative ({value})")
+    if value > MAX_COUNT:
+        raise MetadataError(f"{where} is over {MAX_COUNT:,}, more than any bin holds")
     return int(value)
 
 
@@ -90,7 +99,7 @@ def parse_metadata(raw: bytes | str, image_id: str) -> BinRecord:
     """Parse one metadata document; raises MetadataError naming what is wrong."""
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MetadataError(f"not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise MetadataError(f"top level is {type(doc).__name__}, expected an object")
@@ -125,7 +134,8 @@ def parse_metadata(raw: bytes | str, image_id: str) -> BinRecord:
 
 def image_id_order(image_id: str) -> tuple[int, int | str]:
     """ABID ids are integers; sort them as numbers (2 before 10), and any other ids after them."""
-    return (0, int(image_id)) if image_id.isdigit() else (1, image_id)
+    number = whole_number(image_id, max_digits=18)  # longer digit strings sort as text, after
+    return (0, number) if number is not None else (1, image_id)
 
 
 def item_to_metadata(item: Item) -> dict[str, object]:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.data.abid import MetadataError, image_id_order, parse_metadata
 from binsight.errors import BinsightError
-from binsight.utils.io import atomic_write_bytes, atomic_write_text
+from binsight.utils.io import atomic_write_bytes, atomic_write_text, read_text
 from binsight.utils.progress import bar
 from binsight.utils.records import JsonRecord
 from binsight.utils.redact import SecretUrl
@@ -96,18 +96,21 @@ def _id_from_key(key: str) -> str:
 def read_file_list(path: Path) -> list[str]:
     """Ids from a file list: text lines, a JSON list, or the JSON object of the common ~10k
     "1-5 objects" subset, which maps each count to a list of ``metadata/<id>.json`` paths."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BinsightError(f"cannot read file list {path}: {exc.strerror}") from None
+    text = read_text(path, "file list")
     stripped = text.lstrip()
     entries: Iterable[Any]
     if stripped.startswith(("{", "[")):
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BinsightError(f"file list {path} is not valid JSON: {exc}") from None
-        entries = (e for group in doc.values() for e in group) if isinstance(doc, dict) else doc
+        groups = list(doc.values()) if isinstance(doc, dict) else [doc]
+        if not all(isinstance(group, list) for group in groups):
+            raise BinsightError(
+                f"file list {path} is neither a JSON list of ids nor an object of such lists",
+                hint='write ["523", "100313"] or {"1": ["metadata/523.json"]}',
+            )
+        entries = (entry for group in groups for entry in group)
     else:
         entries = (line for line in text.splitlines() if line.strip() and not line.startswith("#"))
     ids = [_id_from_key(str(entry)) for entry in entries]

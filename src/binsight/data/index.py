@@ -23,6 +23,7 @@ from binsight.data.layouts import Entry, Layout, discover
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_csv, atomic_write_json, read_csv
 from binsight.utils.progress import track
+from binsight.utils.text import whole_number
 
 INDEX_FILE = "index.csv"
 INDEX_FIELDS = (
@@ -194,13 +195,13 @@ def apply_recounts(rows: list[IndexRow], path: Path) -> int:
     """Set `count` from people's recounts (`id,count` CSV); returns how many photos changed source."""
     recounted: dict[str, int] = {}
     for line in read_csv(path):
-        text = (line.get("count") or "").strip()
-        if "id" not in line or not text.isdigit():
+        count = whole_number(line.get("count"))
+        if "id" not in line or count is None:
             raise BinsightError(
                 f"{path} is not a recount labels file (id,count)",
                 hint="write it with `binsight recheck export`",
             )
-        recounted[line["id"]] = int(text)
+        recounted[line["id"]] = count
     changed = 0
     for row in rows:
         if (count := recounted.get(str(row["id"]))) is not None:

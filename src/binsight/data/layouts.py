@@ -12,6 +12,7 @@ ABID ids are strings (``121`` and ``00121`` are different bins): they are never 
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Literal
 
 from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.errors import BinsightError
+from binsight.utils.io import read_text
+from binsight.utils.text import whole_number
 
 Layout = Literal["bucket", "labels-csv", "count-folders"]
 LABELS_FILE = "labels.csv"
@@ -54,32 +57,30 @@ def _metadata_path(root: Path, image_id: str) -> Path | None:
 
 
 def _from_labels(root: Path, labels: Path) -> Discovered:
+    reader = csv.DictReader(io.StringIO(read_text(labels), newline=""))
     try:
-        with labels.open(newline="", encoding="utf-8-sig") as stream:  # utf-8-sig: Excel's BOM
-            reader = csv.DictReader(stream)
-            columns = {c.strip().lower(): c for c in reader.fieldnames or []}
-            if not {"id", "count"} <= columns.keys():
-                raise BinsightError(
-                    f"{labels} needs columns id and count (it has {', '.join(columns) or 'none'})",
-                    hint="write one row per photo: id,count",
-                )
-            rows = [(row[columns["id"]].strip(), row[columns["count"]].strip()) for row in reader]
-    except UnicodeDecodeError:
-        raise BinsightError(f"{labels} is not UTF-8 text", hint="save it as CSV UTF-8") from None
-    except OSError as exc:
-        raise BinsightError(f"cannot read {labels}: {exc.strerror}") from None
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        if not {"id", "count"} <= columns.keys():
+            raise BinsightError(
+                f"{labels} needs columns id and count (it has {', '.join(columns) or 'none'})",
+                hint="write one row per photo: id,count",
+            )
+        # A short row leaves its missing cells None.
+        rows = [((row[columns["id"]] or "").strip(), row[columns["count"]] or "") for row in reader]
+    except csv.Error as exc:
+        raise BinsightError(f"{labels} is not a readable CSV: {exc}") from None
     images = _images_by_id(root / IMAGES_DIR) or _images_by_id(root)
     entries, problems = [], []
     seen: Counter[str] = Counter(image_id for image_id, _ in rows)
     for image_id, raw_count in rows:
         if seen[image_id] > 1:
             problems.append((image_id, f"id listed {seen[image_id]} times in {labels.name}"))
-        elif not raw_count.isdigit():
-            problems.append((image_id, f"count {raw_count!r} is not a whole number"))
+        elif (count := whole_number(raw_count)) is None:
+            problems.append((image_id, f"count {raw_count.strip()!r} is not a whole number"))
         elif image_id not in images:
             problems.append((image_id, "image file missing"))
         else:
-            entries.append(Entry(image_id, images[image_id], _metadata_path(root, image_id), int(raw_count)))
+            entries.append(Entry(image_id, images[image_id], _metadata_path(root, image_id), count))
     return Discovered("labels-csv", entries, problems)
 
 
@@ -94,11 +95,11 @@ def _from_bucket(root: Path) -> Discovered:
     return Discovered("bucket", entries, problems)
 
 
-def _from_count_folders(root: Path, folders: list[Path]) -> Discovered:
+def _from_count_folders(root: Path, folders: list[tuple[int, Path]]) -> Discovered:
     found: dict[str, list[tuple[int, Path]]] = {}
-    for folder in folders:
+    for count, folder in folders:  # `3/` and `03/` are both 3
         for image_id, path in _images_by_id(folder).items():
-            found.setdefault(image_id, []).append((int(folder.name), path))
+            found.setdefault(image_id, []).append((count, path))
     entries, problems = [], []
     for image_id, places in found.items():
         if len(places) > 1:
@@ -121,7 +122,9 @@ def discover(root: Path, labels: Path | None = None) -> Discovered:
         return _from_labels(root, labels or root / LABELS_FILE)
     if any((root / METADATA_DIR).glob("*.json")):
         return _from_bucket(root)
-    count_folders = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    count_folders = [
+        (count, p) for p in root.iterdir() if p.is_dir() and (count := whole_number(p.name)) is not None
+    ]
     if count_folders:
         return _from_count_folders(root, count_folders)
     raise BinsightError(

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from binsight.data.index import load_index
 from binsight.data.split import SPLIT_DIR, SPLITS
+from binsight.errors import BinsightError
 from binsight.utils.io import read_csv
 from binsight.utils.plots import bar_chart, histograms
 from binsight.utils.records import JsonRecord
@@ -63,6 +64,8 @@ def dataset_stats(
     data_dir = Path(data_dir)
     out = Path(out_dir) if out_dir else data_dir / "stats"
     rows = load_index(data_dir)
+    if not rows:
+        raise BinsightError(f"the index of {data_dir} lists no photos", hint="index some photos first")
     per_split: dict[str, Counter[int]] = {"all": Counter(int(r["count"]) for r in rows)}
     for name in SPLITS:
         split_file = data_dir / SPLIT_DIR / f"{name}.csv"

@@ -13,7 +13,7 @@ benchmarks/bench_recheck.py).
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,8 @@ from binsight.errors import BinsightError
 from binsight.inference.verdict import p_record_wrong
 from binsight.monitoring.capture_record import CaptureRecord
 from binsight.recheck.store import QueueEntry
-from binsight.utils.io import read_csv
+from binsight.utils.io import read_csv, read_json_object, read_shards, read_text
+from binsight.utils.text import whole_number
 
 MIDDLE = (2, 3, 4)  # the counts models learn worst on ABID (docs/benchmarks.md)
 
@@ -32,9 +33,16 @@ def photo_id_of(image: str) -> str:
     return Path(image.rstrip("/")).name.rsplit(".", 1)[0]
 
 
-def _int_or_none(text: str | None) -> int | None:
-    text = (text or "").strip()
-    return int(text) if text.isdigit() else None
+def _probability(text: str | None, what: str) -> float:
+    try:
+        value = float(text or 0.0)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN included
+        raise BinsightError(
+            f"{what} is {text!r}, not a probability", hint="use the audit.csv `binsight audit` wrote"
+        )
+    return value
 
 
 def from_audit(folder: Path, limit: int | None = None) -> list[QueueEntry]:
@@ -42,7 +50,8 @@ def from_audit(folder: Path, limit: int | None = None) -> list[QueueEntry]:
     ranked = folder / "audit.csv"
     if not ranked.is_file():
         raise BinsightError(f"no audit.csv in {folder}", hint="run `binsight audit BINS --out FOLDER` first")
-    summary = json.loads((folder / "audit.json").read_text()) if (folder / "audit.json").is_file() else {}
+    summary_file = folder / "audit.json"
+    summary = read_json_object(summary_file, "audit summary") if summary_file.is_file() else {}
     version = str(summary.get("model_version", ""))
     entries = []
     for row in read_csv(ranked):
@@ -55,9 +64,9 @@ def from_audit(folder: Path, limit: int | None = None) -> list[QueueEntry]:
                 image=image,
                 queue=f"audit:{folder.name}",
                 reason="suspicious",
-                priority=float(row.get("p_record_wrong") or 0.0),
-                recorded=_int_or_none(row.get("recorded_quantity")),
-                predicted=_int_or_none(row.get("predicted_count")),
+                priority=_probability(row.get("p_record_wrong"), f"p_record_wrong of {image} in {ranked}"),
+                recorded=whole_number(row.get("recorded_quantity")),
+                predicted=whole_number(row.get("predicted_count")),
                 model_version=version,
             )
         )
@@ -71,17 +80,22 @@ def from_list(path: Path, queue: str | None = None) -> list[QueueEntry]:
         rows = read_csv(path)
         images = [(r.get("image") or r.get("s3_uri") or "", r.get("recorded_quantity")) for r in rows]
     else:
-        images = [(line.strip(), None) for line in path.read_text().splitlines() if line.strip()]
+        images = [(line.strip(), None) for line in read_text(path).splitlines() if line.strip()]
     images = [(image, recorded) for image, recorded in images if image and not image.startswith("#")]
     if not images:
         raise BinsightError(f"{path} lists no images")
     name = queue or f"list:{path.name}"
-    return [
-        QueueEntry(
-            photo_id_of(image), image, name, "suspicious", float(len(images) - i), _int_or_none(recorded)
-        )
-        for i, (image, recorded) in enumerate(images)
-    ]
+    entries = []
+    for i, (image, recorded) in enumerate(images):
+        count = whole_number(recorded)
+        if count is None and (recorded or "").strip():
+            raise BinsightError(
+                f"recorded_quantity {recorded!r} of {image} in {path} is not a whole number",
+                hint="leave it empty where the record is unknown",
+            )
+        priority = float(len(images) - i)  # the list's order
+        entries.append(QueueEntry(photo_id_of(image), image, name, "suspicious", priority, count))
+    return entries
 
 
 def from_traffic(capture_dir: Path) -> list[QueueEntry]:
@@ -156,15 +170,12 @@ def split_budget(
 def from_predictions(folder: Path, k: int) -> list[QueueEntry]:
     """The `k` most informative photos of a `binsight predict ... --out FOLDER` run (its Parquet
     shards), for the informative budget."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     shards = sorted((folder / "shards").glob("part-*.parquet"))
     if not shards:
         raise BinsightError(
             f"no prediction shards under {folder}", hint="run `binsight predict SOURCE --out FOLDER`"
         )
-    table = pa.concat_tables(pq.read_table(s) for s in shards)
+    table = read_shards(shards)
     problems = table.column("problem").to_pylist()
     keep = [i for i, p in enumerate(problems) if not p]
     images = [table.column("image")[i].as_py() for i in keep]

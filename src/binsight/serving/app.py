@@ -48,6 +48,7 @@ from binsight.serving.inputs import FetchLedger, RequestError, overloaded
 from binsight.serving.metrics import ServerMetrics
 from binsight.serving.service import CountingService
 from binsight.serving.web import TrafficSummary, add_pages, traffic_summary
+from binsight.utils.text import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ _DIGITS = re.compile(r"[0-9]{1,7}")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and len(declared) < 20 and int(declared) > limit:
+    declared = whole_number(request.headers.get("content-length"), max_digits=19)
+    if declared is not None and declared > limit:
         raise RequestError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():

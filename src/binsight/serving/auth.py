@@ -46,6 +46,7 @@ from starlette.types import Scope as ASGIScope
 
 from binsight.errors import BinsightError
 from binsight.serving.api_schema import error_json
+from binsight.utils.io import read_text
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def issue_token(config: TokenConfig) -> IssuedToken:
     """A new token: its hash appended to the tokens file (created private), the token returned once."""
     token = new_token()
     line = token_line(config.name, config.scopes, token)
-    existing = config.file.read_text(encoding="utf-8") if config.file.exists() else ""
+    existing = read_text(config.file, "the tokens file") if config.file.exists() else ""
     if any(part.split()[:1] == [config.name] for part in existing.splitlines()):
         raise BinsightError(f"{config.file} already has a token named {config.name!r}")
     descriptor = os.open(config.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -173,11 +174,8 @@ class TokenStore:
         """From `path` and from $BINSIGHT_TOKENS (both, when both are given)."""
         entries: list[_Entry] = []
         if path is not None:
-            try:
-                text = path.read_text(encoding="utf-8")
-                mode = path.stat().st_mode
-            except OSError as exc:
-                raise BinsightError(f"cannot read the tokens file {path}: {exc.strerror}") from None
+            text = read_text(path, "the tokens file")
+            mode = path.stat().st_mode
             entries += _parse(text, str(path))
             if mode & (stat.S_IRWXG | stat.S_IRWXO) and any(
                 not _HASHED.match(line.split()[-1])

@@ -6,7 +6,6 @@ stored in every checkpoint, so `evaluate`, `export` and resume rebuild exactly t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ from binsight.imaging import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from binsight.models.backbones import TORCHVISION_BACKBONES, check_arch, normalisation
 from binsight.models.heads import HEADS
 from binsight.training.metrics import Metric
+from binsight.utils.io import read_json_object
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 DEFAULT_IMAGE_SIZE = 224
@@ -289,24 +289,12 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
 
 
-def _read_json_object(path: Path, what: str) -> dict[str, object]:
-    try:
-        values = json.loads(path.read_text())
-    except OSError as exc:
-        raise BinsightError(f"cannot read {what} {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise BinsightError(f"{what} {path} is not valid JSON: {exc}") from None
-    if not isinstance(values, dict):
-        raise BinsightError(f"{what} {path} must hold a JSON object of settings")
-    return {k: v for k, v in values.items() if not k.startswith("_")}  # "_about" documents a recipe
-
-
 def refit_settings(run: Path) -> dict[str, object]:
     """The settings of a finished, validated run, to train again on its training and validation photos
     and stop at the epoch its validation chose: the refit that puts every labelled photo but the test
     split to work (the learning curve gains 3-4 points per doubling of the photos, docs/benchmarks.md)."""
-    settings = _read_json_object(run / "config.json", "run settings")
-    history = _read_json_object(run / "history.json", "run summary (written when a run finishes)")
+    settings = read_json_object(run / "config.json", "run settings")
+    history = read_json_object(run / "history.json", "run summary (written when a run finishes)")
     best = history.get("best")
     epoch = best.get("epoch") if isinstance(best, dict) else None
     if settings.get("fit_on", "train") != "train":
@@ -340,9 +328,9 @@ def load_config(
             raise BinsightError(
                 f"unknown recipe {recipe!r}", hint=f"choose one of {', '.join(recipe_names())}"
             )
-        values.update(_read_json_object(RECIPES_DIR / f"{recipe}.json", "recipe"))
+        values.update(read_json_object(RECIPES_DIR / f"{recipe}.json", "recipe"))
     if path is not None:
-        values.update(_read_json_object(path, "config"))
+        values.update(read_json_object(path, "config"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainConfig.model_validate(values)

@@ -11,7 +11,10 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -58,20 +61,67 @@ def atomic_write_csv(
     atomic_write_text(path, buffer.getvalue())
 
 
+def read_text(path: str | os.PathLike[str], what: str = "") -> str:
+    """A UTF-8 text file a person wrote (a manifest, a list, labels, settings), its newlines as
+    written; a byte-order mark (Excel's "CSV UTF-8") is dropped. A missing or unreadable file, or one
+    in another encoding, is a BinsightError naming it (as `what`, where given)."""
+    from binsight.errors import BinsightError
+
+    name = f"{what} {path}" if what else str(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return handle.read()
+    except UnicodeDecodeError as exc:
+        raise BinsightError(
+            f"{name} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})",
+            hint="save it as UTF-8 (in Excel: Save As > CSV UTF-8)",
+        ) from None
+    except OSError as exc:
+        raise BinsightError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Rows of a UTF-8 CSV; a byte-order mark (Excel's "CSV UTF-8") is dropped, not read as a name."""
+    """Rows of a UTF-8 CSV (read as `read_text` reads)."""
     from binsight.errors import BinsightError
 
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            return list(csv.DictReader(handle))
-    except UnicodeDecodeError as exc:
-        raise BinsightError(
-            f"{path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})",
-            hint="save it as CSV UTF-8 (in Excel: Save As > CSV UTF-8)",
-        ) from None
+        return list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     except csv.Error as exc:
         raise BinsightError(f"{path} is not a readable CSV: {exc}") from None
+
+
+def read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """A JSON object of settings, without the keys that start with `_` (comments: a recipe's `_about`);
+    anything else is a BinsightError naming the file and what it holds."""
+    from binsight.errors import BinsightError
+
+    try:
+        values = json.loads(read_text(path, what))
+    except (ValueError, RecursionError) as exc:
+        raise BinsightError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise BinsightError(f"{what} {path} must hold a JSON object of settings, not {type(values).__name__}")
+    return {key: value for key, value in values.items() if not key.startswith("_")}
+
+
+def read_shards(files: Sequence[Path]) -> pa.Table:
+    """A batch run's Parquet shards as one table; a damaged one is a BinsightError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from binsight.errors import BinsightError
+
+    tables = []
+    for file in files:
+        try:
+            tables.append(pq.read_table(file))
+        except (OSError, pa.ArrowException) as exc:
+            raise BinsightError(
+                f"{file} is not a readable Parquet file: {exc}",
+                # a batch run trusts only shards that read whole (batch/run.py)
+                hint="run the same `binsight predict` or `audit` command again: it rescores damaged shards",
+            ) from None
+    return pa.concat_tables(tables)
 
 
 @contextlib.contextmanager

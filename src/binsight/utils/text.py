@@ -26,3 +26,18 @@ def spreadsheet_safe(text: str) -> str:
     """A cell a spreadsheet shows as text, never evaluates."""
     text = printable(text)
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+# The largest count read: more than any bin holds, and within the int64 arrays counts end up in.
+MAX_COUNT_DIGITS = 9
+MAX_COUNT = 10**MAX_COUNT_DIGITS - 1
+
+
+def whole_number(text: str | None, max_digits: int = MAX_COUNT_DIGITS) -> int | None:
+    """The count a cell or a name spells in ASCII digits (`" 12 "` is 12), else None.
+
+    `str.isdigit` is not the test: it accepts characters `int` refuses (`"²"`, `"①"`)."""
+    text = (text or "").strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= max_digits):
+        return None
+    return int(text)

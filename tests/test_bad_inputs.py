@@ -1,0 +1,261 @@
+"""Files people write (labels, count folders, metadata, manifests, lists, settings) never crash a command.
+
+Each case was a traceback before it was a test: `str.isdigit` accepts `"²"` and `"①"`, which `int`
+refuses; Python's JSON reads NaN, Infinity and arbitrarily deep nesting; a settings file can hold a
+list. A bad row is skipped and reported where the rest of the file is usable, and otherwise the
+command stops with a `binsight: error:` line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from binsight.cli import main
+from binsight.data.abid import BinRecord, MetadataError, image_id_order, parse_metadata
+from binsight.data.download import read_file_list
+from binsight.data.index import build_index
+from binsight.errors import BinsightError
+from binsight.serving.auth import TokenStore
+from binsight.utils.io import read_csv
+from binsight.utils.text import MAX_COUNT, whole_number
+from tests.test_real_photo_pieces import write_photos
+
+SIZES = {"a": (64, 48), "b": (40, 30), "c": (30, 41)}
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cell", ["²", "①", "٣", "9" * 40, "-1", "2.0", ""])
+def test_a_labels_cell_that_is_no_count_is_skipped_and_named(tmp_path: Path, cell: str) -> None:
+    write_photos(tmp_path / "images", SIZES)
+    (tmp_path / "labels.csv").write_text(f"id,count\na,{cell}\nb, 3 \nc\n", encoding="utf-8")
+    result = build_index(tmp_path, out=tmp_path / "work")
+    problems = {s["id"]: s["problem"] for s in result.skipped}
+    assert problems == {
+        "a": f"count {cell!r} is not a whole number",
+        "c": "count '' is not a whole number",  # a short row
+    }
+    assert [(r["id"], r["count"]) for r in read_csv(tmp_path / "work" / "index.csv")] == [("b", "3")]
+
+
+def test_only_ascii_digit_folders_are_count_folders(tmp_path: Path) -> None:
+    write_photos(tmp_path / "²", {"a": (64, 48)})
+    write_photos(tmp_path / "3", {"b": (40, 30)})
+    write_photos(tmp_path / "03", {"c": (30, 41)})  # also 3: both folders are read
+    result = build_index(tmp_path, out=tmp_path / "work")
+    assert result.layout == "count-folders"
+    assert sorted((r["id"], r["count"]) for r in result.rows) == [("b", 3), ("c", 3)]
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ('{"EXPECTED_QUANTITY": NaN}', "EXPECTED_QUANTITY is nan, not a whole number"),
+        ('{"EXPECTED_QUANTITY": -Infinity}', "EXPECTED_QUANTITY is -inf, not a whole number"),
+        ('{"BIN_FCSKU_DATA": {"A": {"quantity": Infinity}}}', "quantity of item 'A' is inf, not a whole"),
+        ('{"EXPECTED_QUANTITY": 1e300}', "EXPECTED_QUANTITY is over 999,999,999, more than any bin holds"),
+        ('{"EXPECTED_QUANTITY": ' + "9" * 400 + "}", "EXPECTED_QUANTITY is over 999,999,999"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON (maximum recursion depth exceeded"),
+    ],
+)
+def test_metadata_no_count_can_be_read_from_is_skipped_and_named(
+    tmp_path: Path, document: str, problem: str
+) -> None:
+    write_photos(tmp_path / "images", {"7": (64, 48), "8": (40, 30)})
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "7.json").write_text(document)
+    (tmp_path / "metadata" / "8.json").write_text('{"EXPECTED_QUANTITY": 2}')
+    result = build_index(tmp_path, out=tmp_path / "work")
+    assert [r["id"] for r in result.rows] == ["8"]
+    [skipped] = result.skipped
+    assert skipped["id"] == "7" and skipped["problem"].startswith(f"bad metadata: {problem}")
+
+
+def test_a_recount_file_that_is_missing_or_not_counts_stops_the_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_photos(tmp_path / "images", SIZES)
+    (tmp_path / "labels.csv").write_text("id,count\na,1\nb,2\nc,3\n")
+    recounts = tmp_path / "recounts.csv"
+    recounts.write_text("id,count\na,²\n")
+    code, err = run(["data", "index", str(tmp_path), "--recounts", str(recounts)], capsys)
+    assert code == 2 and f"{recounts} is not a recount labels file" in err
+    code, err = run(["data", "index", str(tmp_path), "--recounts", str(tmp_path / "none.csv")], capsys)
+    assert code == 2 and f"cannot read {tmp_path / 'none.csv'}: No such file or directory" in err
+    assert not (tmp_path / "index.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", "must hold a JSON object of settings, not list"),
+        ('"threads"', "must hold a JSON object of settings, not str"),
+        ("{broken", "is not valid JSON"),
+        (b"\xff\xfe{}", "is not UTF-8 text (byte 0 is 0xff)"),
+    ],
+)
+def test_a_settings_file_that_is_not_an_object_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | bytes, message: str
+) -> None:
+    config = tmp_path / "settings.json"
+    config.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = run(
+        ["predict", str(tmp_path), "--model", str(tmp_path / "m.onnx"), "--config", str(config)], capsys
+    )
+    assert code == 2 and f"settings file {config} {message}" in err and "Traceback" not in err
+
+
+def test_a_manifest_or_list_in_another_encoding_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    latin1 = tmp_path / "photos.txt"
+    latin1.write_bytes("/photos/bin-é.jpg\n".encode("latin-1"))
+    code, err = run(["predict", str(latin1), "--model", str(tmp_path / "m.onnx")], capsys)
+    assert code == 2 and f"{latin1} is not UTF-8 text (byte 12 is 0xe9)" in err
+    storage = f"sqlite:///{tmp_path / 'labels.db'}"
+    code, err = run(["recheck", "load", "--list", str(latin1), "--storage", storage], capsys)
+    assert code == 2 and f"{latin1} is not UTF-8 text" in err
+    code, err = run(["recheck", "load", "--list", str(tmp_path / "none.txt"), "--storage", storage], capsys)
+    assert code == 2 and "No such file or directory" in err
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes("ops-é sha256:00\n".encode("latin-1"))
+    code, err = run(["token", "new", "--name", "ci", "--scopes", "invoke", "--file", str(tokens)], capsys)
+    assert code == 2 and f"the tokens file {tokens} is not UTF-8 text (byte 4 is 0xe9)" in err
+    assert tokens.read_bytes() == "ops-é sha256:00\n".encode("latin-1")  # nothing appended
+    with pytest.raises(BinsightError, match="is not UTF-8 text"):
+        TokenStore.load(tokens)
+
+
+def test_recheck_load_names_what_is_wrong_in_its_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'labels.db'}"
+    listed = tmp_path / "bins.csv"
+    listed.write_text("image,recorded_quantity\na.jpg,3\nb.jpg,²\n")
+    code, err = run(["recheck", "load", "--list", str(listed), "--storage", storage], capsys)
+    assert code == 2 and f"recorded_quantity '²' of b.jpg in {listed} is not a whole number" in err
+
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    header = "rank,image,recorded_quantity,predicted_count,p_record_wrong,verdict,problem\n"
+    (audit / "audit.csv").write_text(header + "1,a.jpg,3,4,0.9,mismatch,\n")
+    (audit / "audit.json").write_text("{broken")
+    code, err = run(["recheck", "load", "--audit", str(audit), "--storage", storage], capsys)
+    assert code == 2 and f"audit summary {audit / 'audit.json'} is not valid JSON" in err
+    (audit / "audit.json").write_text('{"model_version": "v1"}')
+    (audit / "audit.csv").write_text(header + "1,a.jpg,3,4,NaN,mismatch,\n")
+    code, err = run(["recheck", "load", "--audit", str(audit), "--storage", storage], capsys)
+    assert code == 2 and "p_record_wrong of a.jpg" in err and "is 'NaN', not a probability" in err
+    (audit / "audit.csv").write_text(header + "1,a.jpg,3,4,0.9,mismatch,\n")
+    code, err = run(["recheck", "load", "--audit", str(audit), "--storage", storage], capsys)
+    assert code == 0, err  # the same folder, mended, loads
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"1": 5}', "is neither a JSON list of ids nor an object of such lists"),
+        (b'{"1": "metadata/523.json"}', "is neither a JSON list of ids nor an object of such lists"),
+        (b"[" * 100_000, "is not valid JSON"),
+        (b"523\n\xe9\n", "is not UTF-8 text"),
+    ],
+)
+def test_a_file_list_that_names_no_ids_is_named(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "file_list.json"
+    path.write_bytes(content)
+    with pytest.raises(BinsightError, match=message):
+        read_file_list(path)
+
+
+@given(st.text(max_size=12) | st.text(alphabet=string.digits + " ", max_size=12))
+def test_whole_number_reads_ascii_digits_and_nothing_else(text: str) -> None:
+    number = whole_number(text)
+    digits = text.strip()
+    if digits.isascii() and digits.isdigit() and len(digits) <= 9:
+        assert number == int(digits)
+    else:
+        assert number is None
+    assert number is None or 0 <= number <= MAX_COUNT
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=12,
+)
+COUNTS = st.integers() | st.floats() | JSON_VALUES  # NaN, infinities and huge numbers included
+DOCUMENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "EXPECTED_QUANTITY": COUNTS,
+        "BIN_FCSKU_DATA": st.dictionaries(
+            st.text(max_size=4),
+            st.fixed_dictionaries({}, optional={"quantity": COUNTS, "length": JSON_VALUES}) | JSON_VALUES,
+            max_size=3,
+        ),
+    },
+)
+
+
+@settings(max_examples=300)
+@given(DOCUMENTS | JSON_VALUES)
+def test_any_metadata_document_gives_a_count_or_a_metadata_error(document: object) -> None:
+    try:
+        record = parse_metadata(json.dumps(document), "7")
+    except MetadataError:
+        return
+    # Each item's quantity is at most MAX_COUNT, so even their sum fits the index's int64 column.
+    assert isinstance(record, BinRecord) and 0 <= record.count < 2**63
+
+
+@given(st.lists(st.text(max_size=25) | st.text(alphabet=string.digits, min_size=1, max_size=25)))
+def test_any_ids_sort_numbers_first_then_text(ids: list[str]) -> None:
+    ordered = sorted(ids, key=image_id_order)
+    numeric = [i for i in ordered if i.isascii() and i.isdigit() and len(i) <= 18]
+    assert ordered[: len(numeric)] == numeric
+    assert [int(i) for i in numeric] == sorted(int(i) for i in numeric)
+
+
+def test_an_output_path_the_system_refuses_is_named_not_traced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    a_file, a_folder = tmp_path / "notes.txt", tmp_path / "labels"
+    a_file.write_text("keep me")
+    a_folder.mkdir()
+    storage = f"sqlite:///{tmp_path / 'labels.db'}"
+    code, err = run(["recheck", "export", "--out", str(a_folder), "--storage", storage], capsys)
+    assert code == 2 and f"binsight: error: {a_folder}: Is a directory" in err and "Traceback" not in err
+    code, err = run(["data", "synth", str(a_file), "--n-images", "3"], capsys)
+    assert code == 2 and f"binsight: error: {a_file / 'images'}: Not a directory" in err
+    assert a_file.read_text() == "keep me" and not any(a_folder.iterdir())
+    caplog.set_level(logging.DEBUG, logger="binsight")
+    code, err = run(["-v", "data", "synth", str(a_file), "--n-images", "3"], capsys)
+    # -v logs the traceback (rendered into the message by the redacting filter)
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    [where] = [message for message in logged if "Traceback" in message]
+    assert code == 2 and "NotADirectoryError" in where and "synth" in where
+
+
+def test_stats_of_an_index_without_photos_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "index.csv").write_text("id,image,count\n")
+    code, err = run(["data", "stats", str(tmp_path)], capsys)
+    assert code == 2 and f"the index of {tmp_path} lists no photos" in err
+
+
+def test_a_settings_file_may_carry_comments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "recheck.json"
+    storage = f"sqlite:///{tmp_path / 'labels.db'}"
+    config.write_text(json.dumps({"_about": "the team's label store", "storage": storage}))
+    code, err = run(["recheck", "status", "--config", str(config)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "labels.db").is_file()
