@@ -22,6 +22,7 @@ from binsight.data.abid import BinRecord, MetadataError, image_id_order, parse_m
 from binsight.data.download import read_file_list
 from binsight.data.index import build_index
 from binsight.errors import BinsightError
+from binsight.monitoring.capture_record import CaptureRecord
 from binsight.serving.auth import TokenStore
 from binsight.utils.io import read_csv
 from binsight.utils.text import MAX_COUNT, whole_number
@@ -31,8 +32,10 @@ SIZES = {"a": (64, 48), "b": (40, 30), "c": (30, 41)}
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The exit status, and what the command printed (errors go to stderr, results to stdout)."""
     code = main(argv)
-    return code, capsys.readouterr().err
+    printed = capsys.readouterr()
+    return code, printed.out + printed.err
 
 
 @pytest.mark.parametrize("cell", ["²", "①", "٣", "9" * 40, "-1", "2.0", ""])
@@ -259,3 +262,55 @@ def test_a_settings_file_may_carry_comments(tmp_path: Path, capsys: pytest.Captu
     code, err = run(["recheck", "status", "--config", str(config)], capsys)
     assert code == 0, err
     assert (tmp_path / "labels.db").is_file()
+
+
+def test_a_hand_edited_index_or_split_is_refused_by_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_photos(tmp_path / "images", {f"p{i}": (40 + i, 30) for i in range(6)})
+    (tmp_path / "labels.csv").write_text("id,count\n" + "".join(f"p{i},{i % 3}\n" for i in range(6)))
+    assert run(["data", "index", str(tmp_path)], capsys)[0] == 0
+    assert run(["data", "split", str(tmp_path)], capsys)[0] == 0
+    train = tmp_path / "splits" / "train.csv"
+    lines = train.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[1].split(",")
+    cells[header.index("count")] = "two"
+    train.write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    code, err = run(["data", "stats", str(tmp_path)], capsys)
+    assert code == 2 and f"{train} line 2: count 'two' is not a whole number" in err
+    out = tmp_path / "run"
+    code, err = run(["train", "--data", str(tmp_path), "--out", str(out), "--epochs", "1"], capsys)
+    assert code == 2 and f"{train} line 2: count 'two' is not a whole number" in err
+
+
+@pytest.mark.parametrize("image_id", ["../outside", "..", ".", "a/b", "/etc/passwd", "bin\x00"])
+def test_download_ids_cannot_name_a_path_outside_the_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], image_id: str
+) -> None:
+    out = tmp_path / "abid"
+    # An unreachable endpoint: the ids are refused before anything is asked of it.
+    argv = ["data", "download", str(out), "--ids", f"523,{image_id}", "--endpoint-url", "http://127.0.0.1:9"]
+    code, err = run(argv, capsys)
+    assert code == 2 and f"{image_id!r} is not an image id" in err
+    assert not out.exists() and not (tmp_path / "outside.jpg").exists()
+
+
+def test_capture_lines_someone_else_wrote_are_skipped_not_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = CaptureRecord(
+        time="2026-12-08T00:00:00Z", source="s3://bins/site-7/1.jpg", image_sha256="0" * 64, bytes=10,
+        width=40, height=30, count=2, confidence=0.4, model_version="v1", latency_ms=3.0,
+        probabilities=[0.05, 0.2, 0.4, 0.2, 0.1, 0.03, 0.02], signals={}, embedding=[],
+        expected_count=4, verdict="mismatch",
+    )  # fmt: skip
+    lines = [good.line()]
+    for i, bad in enumerate([{"expected_count": 10**30}, {"expected_count": -5}, {"count": 2**70}]):
+        lines.append(json.dumps({**json.loads(good.line()), "source": f"s3://bins/site-7/x{i}.jpg", **bad}))
+    (tmp_path / "capture").mkdir()
+    (tmp_path / "capture" / "capture-1.jsonl").write_text("\n".join(lines) + "\n")
+    storage = f"sqlite:///{tmp_path / 'labels.db'}"
+    argv = ["recheck", "load", "--traffic", str(tmp_path / "capture"), "--storage", storage]
+    code, printed = run(argv, capsys)
+    assert code == 0 and "recheck: 1 bins queued (1 suspicious)" in printed, printed

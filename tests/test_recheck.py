@@ -233,6 +233,16 @@ def test_a_day_of_the_loop_from_audit_to_labels(
         assert seen == {i.id for i in waiting}
         bad = call("cam", "POST", f"/v1/recheck/{queued[0].id}", json={"count": -1})
         assert bad.status_code == 400
+        # A recount is a few bytes: a large or deeply nested body is refused, not read whole or parsed.
+        padded = b'{"count": 3, "note": "' + b"a" * 8000 + b'"}'
+        huge = call("cam", "POST", f"/v1/recheck/{queued[0].id}", content=padded)
+        assert (huge.status_code, huge.json()["error"]["code"]) == (413, "body_too_large")
+        deep = call("cam", "POST", f"/v1/recheck/{queued[0].id}", content=b"[" * 3000)
+        assert (deep.status_code, deep.json()["error"]["code"]) == (400, "bad_json")
+        for beyond in (2**70, 0):  # past the database's integers, or before its first row: no such bin
+            missing = call("cam", "POST", f"/v1/recheck/{beyond}", json={"count": 3})
+            assert (missing.status_code, missing.json()["error"]["code"]) == (404, "no_such_bin")
+            assert call("cam", "GET", f"/v1/recheck/photo/{beyond}").status_code == 404
     out = tmp_path / "recounts.csv"
     assert main(["recheck", "export", "--storage", storage, "--out", str(out)]) == 0
     exported = {r["id"]: int(r["count"]) for r in read_csv(out)}

@@ -32,7 +32,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from binsight.data import IMAGES_DIR, METADATA_DIR
 from binsight.data.abid import MetadataError, image_id_order, parse_metadata
@@ -77,6 +77,15 @@ class DownloadConfig(BaseModel):
     seed: int = Field(0, description="seed of the random selection order")
     workers: int = Field(16, ge=1, le=256, description="parallel connections")
     retries: int = Field(5, ge=0, le=20, description="retries per object")
+
+    @field_validator("ids")
+    @classmethod
+    def _plain_ids(cls, ids: list[str] | None) -> list[str] | None:
+        # An id names the files written under the dataset directory: `../x` would write outside it.
+        for image_id in ids or ():
+            if Path(image_id).name != image_id or image_id in ("", "..") or not image_id.isprintable():
+                raise ValueError(f"{image_id!r} is not an image id (a file name without folders)")
+        return ids
 
     @model_validator(mode="after")
     def _coherent(self) -> DownloadConfig:

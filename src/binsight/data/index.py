@@ -217,8 +217,19 @@ def load_index(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         path = path / INDEX_FILE
     if not path.exists():
         raise BinsightError(f"no index at {path}", hint="run `binsight data index DATA_DIR` first")
-    rows = read_csv(path)
+    return checked_rows(read_csv(path), path)
+
+
+def checked_rows(rows: list[dict[str, str]], path: Path) -> list[dict[str, str]]:
+    """`rows` of an index or split file, refused whole if any lacks a column or a count: every stage
+    after this one reads `count` as a number."""
     missing = {"id", "image", "count"} - set(rows[0].keys() if rows else INDEX_FIELDS)
     if missing:
         raise BinsightError(f"{path} is not a binsight index (missing columns {sorted(missing)})")
+    for line, row in enumerate(rows, start=2):
+        if whole_number(row["count"]) is None:
+            raise BinsightError(
+                f"{path} line {line}: count {row['count']!r} is not a whole number",
+                hint="index the photos again (`binsight data index`) rather than editing the file",
+            )
     return rows

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from binsight.data.index import INDEX_FIELDS, load_index
+from binsight.data.index import INDEX_FIELDS, checked_rows, load_index
 from binsight.errors import BinsightError
 from binsight.utils.io import atomic_write_csv, read_csv
 from binsight.utils.records import JsonRecord
@@ -139,4 +139,4 @@ def load_split(data_dir: Path, split: str) -> list[dict[str, str]]:
     rows = read_csv(path)
     if not rows:
         raise BinsightError(f"the {split} split at {path} is empty", hint="add data or change the fractions")
-    return rows
+    return checked_rows(rows, path)

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from binsight.data.index import load_index
 from binsight.data.split import SPLIT_DIR, SPLITS
 from binsight.errors import BinsightError
-from binsight.utils.io import read_csv
 from binsight.utils.plots import bar_chart, histograms
 from binsight.utils.records import JsonRecord
 
@@ -70,7 +69,7 @@ def dataset_stats(
     for name in SPLITS:
         split_file = data_dir / SPLIT_DIR / f"{name}.csv"
         if split_file.exists():
-            per_split[name] = Counter(int(r["count"]) for r in read_csv(split_file))
+            per_split[name] = Counter(int(r["count"]) for r in load_index(split_file))
 
     counts = np.array([int(r["count"]) for r in rows])
     majority_class, majority_n = per_split["all"].most_common(1)[0]

@@ -4,7 +4,15 @@ queue read it back, each through this one definition."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ValidationError
+from typing import Annotated
+
+from pydantic import BaseModel, Field, ValidationError
+
+from binsight.utils.text import MAX_COUNT
+
+# Bounded like every count binsight reads: a line someone else wrote must not overflow the int64 and
+# SQLite integers the re-check queue stores it in.
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class CaptureRecord(BaseModel):
@@ -14,14 +22,14 @@ class CaptureRecord(BaseModel):
     bytes: int
     width: int
     height: int
-    count: int
+    count: Count
     confidence: float
     model_version: str
     latency_ms: float
     probabilities: list[float]
     signals: dict[str, float]
     embedding: list[float]
-    expected_count: int | None = None  # the recorded quantity, when the request gave one
+    expected_count: Count | None = None  # the recorded quantity, when the request gave one
     verdict: str | None = None
 
     def line(self) -> str:

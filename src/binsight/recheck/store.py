@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 OUTCOMES = ("counted", "skip", "cant_tell", "not_found")
+# Row ids are 64-bit signed integers in SQLite and PostgreSQL alike.
+_LARGEST_ID = 2**63 - 1
 
 metadata = sa.MetaData()
 schema_table = sa.Table("binsight_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
@@ -204,6 +206,8 @@ class LabelStore:
         return [_item(row) for row in rows]
 
     def item(self, item_id: int) -> Item | None:
+        if not 1 <= item_id <= _LARGEST_ID:  # a URL's id past the database's integers: no such bin
+            return None
         with self.engine.connect() as connection:
             row = connection.execute(sa.select(items).where(items.c.id == item_id)).first()
         return _item(row) if row else None

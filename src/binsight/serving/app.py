@@ -21,7 +21,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import re
 import time
@@ -44,30 +43,16 @@ from binsight.serving.api_schema import (
 )
 from binsight.serving.auth import AccessControl, access_policy, route_scope
 from binsight.serving.config import ServeConfig
-from binsight.serving.inputs import FetchLedger, RequestError, overloaded
+from binsight.serving.inputs import FetchLedger, RequestError, overloaded, parse_json_object, read_body
 from binsight.serving.metrics import ServerMetrics
 from binsight.serving.service import CountingService
 from binsight.serving.web import TrafficSummary, add_pages, traffic_summary
-from binsight.utils.text import whole_number
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/x-image", "image/webp"}
 MAX_EXPECTED_COUNT = 1_000_000
 _DIGITS = re.compile(r"[0-9]{1,7}")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = whole_number(request.headers.get("content-length"), max_digits=19)
-    if declared is not None and declared > limit:
-        raise RequestError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _bad_expected(got: str) -> RequestError:
@@ -124,18 +109,6 @@ async def _instance_bytes(service: CountingService, instance: Any, ledger: Fetch
     raise RequestError(400, "missing_image", "give 'image' (base64) or 's3_uri'")
 
 
-def _parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints over 4,300 digits
-        raise RequestError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
-    except RecursionError:
-        raise RequestError(400, "bad_json", "the JSON body is nested too deeply") from None
-    if not isinstance(document, dict):
-        raise RequestError(400, "bad_json", "the JSON body must be an object")
-    return document
-
-
 async def _predict_request(service: CountingService, request: Request) -> tuple[list[Prediction], bool]:
     """All predictions in the request, and whether it asked for several (JSON instances)."""
     config = service.config
@@ -153,7 +126,7 @@ async def _predict_request(service: CountingService, request: Request) -> tuple[
             f"content type {content_type[:100] or '(none)'!r} is not supported; send image/jpeg, "
             "image/png, application/x-image or application/json",
         )
-    document = _parse_json(body)
+    document = parse_json_object(body)
     many = "instances" in document
     instances = document["instances"] if many else [document]
     if not isinstance(instances, list) or not instances:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -21,8 +22,11 @@ from binsight.inference.runtime import LoadedModel
 from binsight.monitoring.baseline import observe_photo
 from binsight.utils.redact import redact
 from binsight.utils.s3 import BadS3Uri, S3AllowList, S3Uri, parse_s3_uri, s3_client
+from binsight.utils.text import whole_number
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+
     from binsight.serving.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,31 @@ class RequestError(Exception):
 
 def overloaded() -> RequestError:
     return RequestError(503, "overloaded", "the server is at capacity; retry shortly", {"Retry-After": "1"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = whole_number(request.headers.get("content-length"), max_digits=19)
+    if declared is not None and declared > limit:
+        raise RequestError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints over 4,300 digits
+        raise RequestError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise RequestError(400, "bad_json", "the JSON body is nested too deeply") from None
+    if not isinstance(document, dict):
+        raise RequestError(400, "bad_json", "the JSON body must be an object")
+    return document
 
 
 @dataclass

@@ -27,12 +27,14 @@ from binsight.recheck.resolve import next_item, resolve
 from binsight.recheck.store import OUTCOMES, LabelStore, storage_url
 from binsight.serving.auth import AccessPolicy, bearer_token
 from binsight.serving.config import ServeConfig
-from binsight.serving.inputs import RequestError
+from binsight.serving.inputs import RequestError, parse_json_object, read_body
 from binsight.serving.web import static_file
 from binsight.utils.reading import read_source
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@ -]{0,63}$")
 _MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# A recount is `{"count": 3}`; anything much larger is not one, and is refused before it is read whole.
+RECOUNT_BODY_BYTES = 4096
 
 
 def _caller(request: Request, policy: AccessPolicy) -> str:
@@ -113,12 +115,7 @@ def add_recheck_routes(app: FastAPI, config: ServeConfig, policy: AccessPolicy) 
     @app.post("/v1/recheck/{item_id}")
     async def recount(item_id: int, request: Request) -> RecountAnswer:
         who = _caller(request, policy)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise RequestError(400, "bad_json", 'send {"count": N} or {"outcome": ...}') from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "bad_json", 'send {"count": N} or {"outcome": ...}')
+        body = parse_json_object(await read_body(request, RECOUNT_BODY_BYTES))
         count = body.get("count")
         outcome = body.get("outcome", "counted" if count is not None else None)
         valid_count = isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= 100_000
