@@ -22,6 +22,7 @@ from binsight.data.abid import BinRecord, MetadataError, image_id_order, parse_m
 from binsight.data.download import read_file_list
 from binsight.data.index import build_index
 from binsight.errors import BinsightError
+from binsight.inference.runtime import META_PREFIX, read_info
 from binsight.monitoring.capture_record import CaptureRecord
 from binsight.serving.auth import TokenStore
 from binsight.utils.io import read_csv
@@ -314,3 +315,19 @@ def test_capture_lines_someone_else_wrote_are_skipped_not_stored(
     argv = ["recheck", "load", "--traffic", str(tmp_path / "capture"), "--storage", storage]
     code, printed = run(argv, capsys)
     assert code == 0 and "recheck: 1 bins queued (1 suspicious)" in printed, printed
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"image_size": "224", "mean": "[0.5, 0.5, 0.5]", "std": "[0.5, 0.5, 0.5]", "classes": "5"},
+        {"image_size": "tall", "mean": "[0.5]", "std": "[0.5]", "classes": "[0, 1]"},
+        {"card": "[1, 2]"},
+        {"card": '{"input_height": "x"}'},
+    ],
+)
+def test_an_onnx_file_without_binsight_metadata_is_named(fields: dict[str, str]) -> None:
+    metadata = {META_PREFIX + key: value for key, value in fields.items()}
+    with pytest.raises(BinsightError, match="lacks binsight metadata"):
+        read_info(metadata, "0" * 64)

@@ -170,7 +170,7 @@ def read_info(metadata: dict[str, str], file_digest: str) -> ModelInfo:
             reference=metadata.get(META_PREFIX + "reference") or None,
             not_for_serving=metadata.get(META_PREFIX + "not_for_serving") or None,
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:  # TypeError: a legacy field of the wrong JSON type
         raise BinsightError(
             f"the ONNX file lacks binsight metadata ({exc})", hint="export it with `binsight export`"
         ) from None
