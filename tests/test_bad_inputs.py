@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader, Dataset
 
 from binsight.cli import main
 from binsight.data.abid import BinRecord, MetadataError, image_id_order, parse_metadata
@@ -331,3 +332,84 @@ def test_an_onnx_file_without_binsight_metadata_is_named(fields: dict[str, str])
     metadata = {META_PREFIX + key: value for key, value in fields.items()}
     with pytest.raises(BinsightError, match="lacks binsight metadata"):
         read_info(metadata, "0" * 64)
+
+
+def test_an_s3_call_without_credentials_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask for either
+    # The endpoint is never reached: botocore finds no credentials to sign with first.
+    argv = ["models", "list", "--registry", "s3://bins/registry", "--s3-endpoint-url", "http://127.0.0.1:9"]
+    code, printed = run(argv, capsys)
+    assert code == 2 and "binsight: error: S3: Unable to locate credentials" in printed
+    assert "hint: check the credentials" in printed and "Traceback" not in printed
+
+
+def test_serve_refuses_a_capture_folder_that_is_a_file_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notes = tmp_path / "notes"
+    notes.write_text("not a folder")
+    code, printed = run(["serve", "--model", str(tmp_path / "m.onnx"), "--capture-dir", str(notes)], capsys)
+    assert code == 2 and f"--capture-dir: Value error, {notes} is a file; give a folder" in printed
+    assert notes.read_text() == "not a folder"
+
+
+class _PhotoGone(Dataset[int]):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        if index == 2:
+            raise BinsightError("cannot decode images/2.jpg: gone", hint="re-run `binsight data index`")
+        return index
+
+
+def test_an_error_in_a_loader_worker_reads_as_it_was_raised() -> None:
+    # PyTorch rebuilds a worker's error in the main process from its whole traceback as one string.
+    loader = DataLoader(_PhotoGone(), batch_size=1, num_workers=1)
+    with pytest.raises(BinsightError) as caught:
+        list(loader)
+    assert caught.value.message == "cannot decode images/2.jpg: gone"
+    assert caught.value.hint == "re-run `binsight data index`"
+    assert str(caught.value) == "cannot decode images/2.jpg: gone\n  hint: re-run `binsight data index`"
+
+
+def test_tune_stops_on_what_would_fail_every_trial(
+    synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    assert run(["data", "index", str(synth_dir), "--out", str(data)], capsys)[0] == 0
+    # Before any trial: a dataset without splits, a base config that is not one.
+    # (--timeout-s bounds each command should a regression loop over failing trials again)
+    bounded = ["--timeout-s", "60"]
+    code, printed = run(["tune", "--data", str(data), "--out", str(tmp_path / "a"), *bounded], capsys)
+    assert code == 2 and "no train split" in printed and not (tmp_path / "a").exists()
+    assert run(["data", "split", str(data)], capsys)[0] == 0
+    listed = tmp_path / "base.json"
+    listed.write_text("[]")
+    code, printed = run(
+        ["tune", "--data", str(data), "--out", str(tmp_path / "b"), "--base-config", str(listed), *bounded],
+        capsys,
+    )
+    assert code == 2 and "must hold a JSON object of settings, not list" in printed
+
+    # A cause only a trial meets (ImageNet weights nobody fetched): three failures, then a stop
+    # naming it, instead of failed trials until the timeout.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    out = tmp_path / "c"
+    code, printed = run(
+        ["tune", "--data", str(data), "--out", str(out), "--archs", "resnet18", "--n-trials", "2", *bounded],
+        capsys,
+    )
+    assert (
+        code == 2
+        and "3 trials in a row failed, so this worker stopped; the last: ImageNet weights for resnet18"
+        in printed
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["trials"], summary["states"]) == (3, {"FAIL": 3})

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from binsight import __version__
@@ -72,6 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("the system refused a file operation", exc_info=True)
         print(f"binsight: error: {redact(os_error_text(exc))}", file=sys.stderr)
         print("  hint: run again with -v to see where", file=sys.stderr)
+        return 2
+    except (BotoCoreError, ClientError) as exc:
+        # An S3 call that the stage itself does not expect to fail (no credentials, no endpoint,
+        # access denied): botocore's words name it.
+        log.debug("an S3 call failed", exc_info=True)
+        print(f"binsight: error: S3: {redact(str(exc))}", file=sys.stderr)
+        print(
+            "  hint: check the credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID), bucket and --s3-endpoint-url",
+            file=sys.stderr,
+        )
         return 2
 
 

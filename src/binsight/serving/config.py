@@ -105,6 +105,14 @@ class ServeConfig(VerdictSettings):
             raise ValueError("give either model (an ONNX file) or registry (with alias)")
         return self
 
+    @field_validator("capture_dir")
+    @classmethod
+    def _a_folder(cls, folder: Path | None) -> Path | None:
+        # Checked here, not when the first worker starts: there it would end the server with a traceback.
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file; give a folder (it is created if missing)")
+        return folder
+
     @field_validator("s3_allow")
     @classmethod
     def _prefixes(cls, prefixes: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from binsight.data.split import load_split
 from binsight.errors import BinsightError
 from binsight.reporting.html import HtmlReport
 from binsight.training.config import TrainConfig, load_config
@@ -51,8 +52,10 @@ class TuneConfig(BaseModel):
     lr: tuple[float, float] = Field((1e-4, 1e-1), description="learning-rate range (searched on a log scale)")
     batch_sizes: list[int] = Field(default_factory=lambda: [64, 128, 256], description="batch sizes to try")
     epochs: tuple[int, int] = Field((3, 15), description="range of epochs")
+    # The backbones whose ImageNet weights install with binsight: a default search must run offline
+    # (torchvision's need their weights fetched by hand first).
     archs: list[str] = Field(
-        default_factory=lambda: ["resnet18", "mobilenet_v3_large", "efficientnet_b0"],
+        default_factory=lambda: ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
         description="backbones to try",
     )
     augment: tuple[float, float] = Field((0.0, 2.0), description="range of augmentation strength")
@@ -149,7 +152,11 @@ def objective(config: TuneConfig) -> Any:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {record.epoch}: val_{config.metric} {value:.4f}")
 
-        summary = train(train_config, on_epoch_end=report)
+        try:
+            summary = train(train_config, on_epoch_end=report)
+        except BinsightError as exc:  # kept for the failure streak's message (Optuna keeps no reason)
+            trial.set_user_attr("error", str(exc)[:1000])
+            raise
         if summary.best.value is None:
             raise optuna.TrialPruned("the trial ended before its first epoch")
         return summary.best.value
@@ -201,20 +208,63 @@ class TuneSummary(JsonRecord):
     best_config: str | None = None
 
 
+def preflight(config: TuneConfig) -> None:
+    """What would fail every trial, found before the first: settings that do not make a training
+    config (a base config or `--fixed` of the wrong shape), and a dataset without its splits."""
+    first = {
+        "lr": config.lr[0],
+        "batch_size": config.batch_sizes[0],
+        "epochs": config.epochs[0],
+        "arch": config.archs[0],
+        "augment": config.augment[0],
+    }
+    config_from_params(first, 0, config)
+    for split in ("train", "val"):
+        load_split(config.data, split)
+
+
+# Trials failed in a row after which a worker stops: the same cause (a photo deleted, a disk full)
+# would fail every later trial too, and fill a shared study with failures until the timeout.
+FAILURES_IN_A_ROW = 3
+
+
+class _FailureStreak:
+    def __init__(self) -> None:
+        self.length = 0
+        self.last_error = ""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            self.length = 0
+            return
+        self.length += 1
+        self.last_error = str(trial.user_attrs.get("error", "see the log above"))
+        if self.length >= FAILURES_IN_A_ROW:
+            study.stop()
+
+
 def tune(config: TuneConfig) -> TuneSummary:
+    preflight(config)
     config.out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(config)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=done))
+    streak = _FailureStreak()
     if remaining > 0:
         study.optimize(
             objective(config),
             timeout=config.timeout_s,
-            callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=done)],
+            callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=done), streak],
             catch=(BinsightError,),
         )
-    return write_results(study, config)
+    summary = write_results(study, config)
+    if streak.length >= FAILURES_IN_A_ROW:
+        raise BinsightError(
+            f"{streak.length} trials in a row failed, so this worker stopped; the last: {streak.last_error}",
+            hint="fix that and run the same command again: the study keeps its finished trials",
+        )
+    return summary
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
