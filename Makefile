@@ -22,10 +22,12 @@ demo: $(STAMP)
 # Two pytest-xdist workers, each given whole files (a module's fixtures are built once) and half the
 # cores (tests/conftest.py): the suite waits on subprocesses and sockets about half of its time. Tests
 # marked `alone` judge whether the machine kept a schedule, so they run afterwards with nothing beside.
+# A worker that dies is not replaced: with whole files per worker, pytest-xdist 3.8 can wait forever for
+# its replacement (pytest-xdist#784); this way the run fails at once, naming the test it died in.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not alone"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 -m "not alone"
 	$(BIN)/python -m pytest -q -m alone
 
 # The self-check and serving tests again on an AVX2-only CPU (no AVX-512, VNNI or bf16): PyTorch and
